@@ -1,0 +1,82 @@
+"""Checkpoints that survive a kill mid-write, and clear errors when one is damaged anyway.
+
+Every checkpoint is written to ``<name>.tmp`` and renamed over the target in one ``os.replace``,
+so the file under the real name is always either the old complete one or the new complete one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO that writes to a temporary file, fsyncs it and renames it into place."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return load_checkpoint(path, map_location=map_location)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict[str, Any]:
+    """torch.load with an error that names the file and what to do when it is missing or damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:
+        others = [p for p in older_checkpoints(path.parent) if p != path]
+        hint = (
+            f" An intact older checkpoint is {others[0]}: resume from it with resume={others[0]}"
+            if others
+            else " There is no other checkpoint in that folder; start over with resume=never."
+        )
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error}).{hint}"
+        ) from error
+
+
+def older_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints in ``folder`` other than last.ckpt, newest first, that load cleanly."""
+    found = []
+    for p in sorted(Path(folder).glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if p.name == "last.ckpt":
+            continue
+        try:
+            torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:
+            continue
+        found.append(p)
+    return found
+
+
+def resume_path(run_dir: Path, resume: str) -> str | None:
+    """The checkpoint to resume from for ``resume`` = auto | never | <path>, checked before training."""
+    if resume in ("never", "none", "null", "false", "", None):
+        return None
+    if resume != "auto":
+        load_checkpoint(resume)  # fail early, with a clear message, before any process starts
+        return str(resume)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return None
+    load_checkpoint(last)
+    return str(last)

@@ -1,0 +1,401 @@
+"""Load, compose, validate and print OmegaConf configs (no Hydra, on purpose: see ARCHITECTURE.md).
+
+Composition order, each step overriding the one before:
+
+1. ``conf/config.yaml`` (root keys and the ``defaults:`` list of group options);
+2. the experiment's own ``defaults:`` (``experiment=NAME`` picks ``conf/experiment/NAME.yaml``);
+3. group selections on the command line (``data=cifar10``);
+4. the chosen group files (``conf/<group>/<option>.yaml``) are loaded under their group key;
+5. the experiment's body (everything but its ``defaults:``), merged at the root;
+6. dotted overrides from the command line (``method.lr=0.1``).
+
+Every section is then checked against its dataclass schema: the root, ``trainer``, ``logger`` and
+``cluster`` have fixed schemas here; ``method``, ``data`` and each ``callbacks.<name>`` section are
+checked against the schema registered under their name. Unknown keys and wrong types are errors
+that name the full path, the expected type and the valid keys, with a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+GROUPS = ("method", "data", "trainer", "logger", "cluster")
+SELECTABLE = (*GROUPS, "experiment")
+
+
+class ConfigError(ValueError):
+    """A config that does not compose or validate. The message says what to change."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schemas of the fixed sections. Method, data and callback schemas live next to their classes.
+# --------------------------------------------------------------------------------------------
+
+
+def choice(default: str, *options: str, help: str = "") -> Any:
+    """A string field restricted to ``options`` (checked with a did-you-mean)."""
+    return field(default=default, metadata={"choices": options, "help": help})
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1  # int, list of ids, or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # "auto" becomes ddp when more than one process trains
+    precision: str = "auto"  # "auto": bf16-mixed where the hardware has fast bf16, else 32-true
+    channels_last: bool = True  # memory format for conv nets (ignored by methods without convs)
+    max_epochs: int = 10
+    max_steps: int = -1
+    max_time: str | None = None  # "DD:HH:MM:SS"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str = choice("norm", "norm", "value")
+    check_val_every_n_epoch: int = 1
+    val_check_interval: float | None = None
+    limit_train_batches: float | None = None
+    limit_val_batches: float | None = None
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int | None = None  # besides the checkpoint at every epoch end
+    keep_best: int = 1  # best checkpoints kept by the method's monitored metric
+    sync_batchnorm: bool = False
+    deterministic: bool = False
+    benchmark: bool | None = None
+    enable_progress_bar: bool = True
+    num_sanity_val_steps: int = 0
+    detect_anomaly: bool = False
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: str = choice("auto", "auto", "online", "offline", "disabled")
+    project: str = "lightning_gen"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_model: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    csv: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    """How `lgen submit` asks SLURM for resources (ignored by `lgen train`)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: a CPU job; else ntasks-per-node = gpus_per_node
+    tasks_per_node: int | None = None  # CPU jobs: DDP processes per node (default: trainer.devices)
+    cpus_per_task: int = 4
+    mem: str | None = "16G"
+    time: str = "01:00:00"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    signal_grace_s: int = 120  # --signal=SIGUSR1@<grace>: time to checkpoint before the kill
+    requeue: bool = True
+    setup: list[str] = field(default_factory=list)  # e.g. ["module load cuda", "source .venv/bin/activate"]
+    extra_sbatch: list[str] = field(default_factory=list)  # extra "#SBATCH ..." lines, without the prefix
+    template: str = "slurm/job.sbatch"
+
+
+@dataclass
+class RootConfig:
+    experiment: str | None = None  # name of the experiment; the run directory is runs/<experiment>/<run_id>
+    seed: int = 0
+    run_id: str | None = None  # given, or $SLURM_JOB_ID, or generated
+    resume: str = "auto"  # "auto": newest checkpoint of this run id; "never"; or a checkpoint path
+    runs_dir: str = "runs"
+    method: Any = None
+    data: Any = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    callbacks: Any = None  # name -> section, each checked against its registered schema
+
+
+# --------------------------------------------------------------------------------------------
+# Finding config files
+# --------------------------------------------------------------------------------------------
+
+
+def conf_dir() -> Path:
+    """``$LGEN_CONF_DIR``, else ``./conf`` if it has a config.yaml, else the one in this repository."""
+    candidates = [os.environ.get("LGEN_CONF_DIR"), "conf", Path(__file__).resolve().parents[1] / "conf"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "config.yaml").is_file():
+            return Path(candidate)
+    raise ConfigError(
+        "no config directory found: set LGEN_CONF_DIR to a folder with config.yaml, "
+        "or run from the repository root"
+    )
+
+
+def options(group: str) -> list[str]:
+    folder = conf_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def did_you_mean(word: str, candidates) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        node = OmegaConf.load(path)
+    except Exception as error:  # yaml syntax errors carry line numbers; keep them
+        raise ConfigError(f"cannot parse {path}: {error}") from error
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return node
+
+
+def _load_option(group: str, option: str) -> DictConfig:
+    path = conf_dir() / group / f"{option}.yaml"
+    if not path.is_file():
+        available = options(group)
+        raise ConfigError(
+            f"unknown {group} option {option!r}{did_you_mean(option, available)}. "
+            f"Available in {path.parent}: {', '.join(available) or '(none)'}"
+        )
+    return _load_yaml(path)
+
+
+def _split_defaults(node: DictConfig, where: str) -> tuple[dict[str, str | None], DictConfig]:
+    """Separate a file's ``defaults:`` list (group -> option) from the rest of its body."""
+    selections: dict[str, str | None] = {}
+    body = OmegaConf.masked_copy(node, [k for k in node if k != "defaults"])
+    for item in node.get("defaults", []) or []:
+        if item == "_self_":
+            continue
+        if not isinstance(item, DictConfig) or len(item) != 1:
+            raise ConfigError(f"{where}: each defaults entry must be 'group: option', got {item!r}")
+        (group, option), = item.items()
+        if group not in SELECTABLE:
+            raise ConfigError(
+                f"{where}: unknown group {group!r} in defaults{did_you_mean(group, SELECTABLE)}; "
+                f"groups are {', '.join(SELECTABLE)}"
+            )
+        selections[str(group)] = None if option is None else str(option)
+    return selections, body
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing the command line
+# --------------------------------------------------------------------------------------------
+
+
+def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Split ``group=option`` selections from dotted ``key=value`` overrides."""
+    selections: dict[str, str] = {}
+    dotted: list[str] = []
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(
+                f"cannot read argument {arg!r}: overrides look like group=option (e.g. data=cifar10) "
+                f"or key=value (e.g. method.lr=0.1)"
+            )
+        key, value = arg.split("=", 1)
+        if "." not in key and key in SELECTABLE:
+            selections[key] = value
+        else:
+            dotted.append(arg)
+    return selections, dotted
+
+
+# --------------------------------------------------------------------------------------------
+# Composition
+# --------------------------------------------------------------------------------------------
+
+
+def compose(args: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose and validate the config for command-line overrides ``args``."""
+    cli_selections, dotted = parse_overrides(list(args))
+    root_path = conf_dir() / "config.yaml"
+    selections, cfg = _split_defaults(_load_yaml(root_path), str(root_path))
+
+    experiment = cli_selections.get("experiment", selections.get("experiment"))
+    experiment_body = OmegaConf.create({})
+    if experiment not in (None, "null", "none"):
+        exp_selections, experiment_body = _split_defaults(
+            _load_option("experiment", experiment), f"experiment {experiment!r}"
+        )
+        exp_selections.pop("experiment", None)
+        selections.update(exp_selections)
+    else:
+        experiment = None
+    selections.update({k: v for k, v in cli_selections.items() if k != "experiment"})
+
+    for group in GROUPS:
+        option = selections.get(group)
+        if option is None:
+            cfg[group] = {}
+            continue
+        cfg[group] = _load_option(group, option)
+        if group in ("method", "data") and "name" not in cfg[group]:
+            cfg[group]["name"] = option
+
+    cfg = OmegaConf.merge(cfg, experiment_body)
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"cannot read overrides {dotted}: {error}") from error
+    if cfg.get("experiment") is None:
+        cfg.experiment = experiment or f"{cfg.method.get('name', 'method')}_{cfg.data.get('name', 'data')}"
+    return validate(cfg)
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Check ``cfg`` against all schemas and return it as a typed (structured) config."""
+    from lightning_gen import registry
+
+    _check_keys(cfg, RootConfig, "", skip={"method", "data", "callbacks"})
+    typed = _typed(cfg, RootConfig, "", skip={"method", "data", "callbacks"})
+    for kind in ("method", "data"):
+        section = cfg.get(kind) or OmegaConf.create({})
+        if "name" not in section:
+            raise ConfigError(f"{kind}.name is missing: choose one with {kind}=<option>, see `lgen list`")
+        schema = registry.get(kind, section.name).config
+        _check_keys(section, schema, kind)
+        typed[kind] = _typed(section, schema, kind)
+    callbacks = cfg.get("callbacks") or OmegaConf.create({})
+    known = registry.entries("callback")
+    typed.callbacks = OmegaConf.create({})
+    for name, section in callbacks.items():
+        if name not in known:
+            raise ConfigError(
+                f"unknown callback callbacks.{name}{did_you_mean(name, known)}; "
+                f"valid callbacks: {', '.join(known) or '(none)'}"
+            )
+        _check_keys(section, known[name].config, f"callbacks.{name}")
+        typed.callbacks[name] = _typed(section, known[name].config, f"callbacks.{name}")
+    return typed
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _all_leaf_paths(schema: type, prefix: str = "") -> list[str]:
+    paths = []
+    for f in dataclasses.fields(schema):
+        kind = _field_type(schema, f.name)
+        if dataclasses.is_dataclass(kind):
+            paths += _all_leaf_paths(kind, _join(prefix, f.name))
+        else:
+            paths.append(_join(prefix, f.name))
+    return paths
+
+
+def _field_type(schema: type, name: str):
+    hints = typing.get_type_hints(schema)
+    return hints.get(name, Any)
+
+
+def _check_keys(node: Any, schema: type, path: str, skip=frozenset()) -> None:
+    if not isinstance(node, DictConfig):
+        raise ConfigError(
+            f"{path or 'config'} must be a mapping of keys to values, got {node!r}; "
+            f"valid keys: {', '.join(f.name for f in dataclasses.fields(schema))}"
+        )
+    valid = [f.name for f in dataclasses.fields(schema)]
+    for key in node:
+        if key in skip:
+            continue
+        if key not in valid:
+            hint = did_you_mean(key, valid)
+            if not hint and not path:  # a leaf written without its section, e.g. lr=0.1
+                nested = [p for p in _all_leaf_paths(schema) if p.endswith(f".{key}")]
+                hint = f" (did you mean {nested[0]!r}?)" if nested else ""
+            where = f"{_join(path, key)}" if path else f"{key} (at the top level)"
+            raise ConfigError(f"unknown config key {where}{hint}. Valid keys here: {', '.join(valid)}")
+        kind = _field_type(schema, key)
+        if dataclasses.is_dataclass(kind) and node[key] is not None:
+            _check_keys(node[key], kind, _join(path, key))
+        choices = _choices(schema, key)
+        value = node._get_node(key)._value() if hasattr(node._get_node(key), "_value") else None
+        if choices and isinstance(value, str) and value not in choices and not value.startswith("${"):
+            raise ConfigError(
+                f"invalid value {value!r} for {_join(path, key)}{did_you_mean(value, choices)}; "
+                f"expected one of: {', '.join(choices)}"
+            )
+
+
+def _choices(schema: type, key: str) -> tuple[str, ...]:
+    for f in dataclasses.fields(schema):
+        if f.name == key:
+            return tuple(f.metadata.get("choices", ()))
+    return ()
+
+
+def _type_name(kind: Any) -> str:
+    origin = typing.get_origin(kind)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return " or ".join(_type_name(a) for a in typing.get_args(kind))
+    if kind is type(None):
+        return "null"
+    return getattr(kind, "__name__", str(kind))
+
+
+def _typed(node: DictConfig, schema: type, path: str, skip=frozenset()) -> DictConfig:
+    structured = OmegaConf.structured(schema)
+    body = OmegaConf.masked_copy(node, [k for k in node if k not in skip])
+    try:
+        merged = OmegaConf.merge(structured, body)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or ""
+        full = _join(path, key)
+        owner: Any = schema
+        for part in key.split(".")[:-1]:
+            owner = _field_type(owner, part) if dataclasses.is_dataclass(owner) else Any
+        leaf = key.split(".")[-1]
+        expected = _type_name(_field_type(owner, leaf)) if dataclasses.is_dataclass(owner) else "?"
+        try:
+            value = OmegaConf.select(body, key, throw_on_missing=False)
+        except OmegaConfBaseException:
+            value = "?"
+        raise ConfigError(
+            f"wrong type for {full}: expected {expected}, got {value!r} ({type(value).__name__})"
+        ) from error
+    for key in skip:
+        if key in node:
+            merged[key] = node[key] if key != "callbacks" else None
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# Using a composed config
+# --------------------------------------------------------------------------------------------
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def section_object(section: DictConfig):
+    """The dataclass instance behind a validated section (what methods and DataModules receive)."""
+    return OmegaConf.to_object(section)
+
+
+def to_dict(cfg: DictConfig | ListConfig) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def from_saved(path: str | Path) -> DictConfig:
+    """Re-validate a config.yaml written into a run directory."""
+    return validate(_load_yaml(Path(path)))

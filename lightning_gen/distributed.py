@@ -1,0 +1,86 @@
+"""Cross-process helpers that are correct on 1 process and on N (rank-safe, differentiable where needed)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends each rank the summed gradient of its own slice.
+
+    The loss on every rank depends on every rank's features, so the gradient w.r.t. the local
+    slice is the sum over ranks of d(loss_r)/d(slice): an all-reduce of the gathered gradient.
+    With DDP averaging gradients over ranks, this reproduces the single-process gradient of the
+    mean loss on the concatenated batch exactly.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack(grads)
+        dist.all_reduce(stacked)
+        return stacked[dist.get_rank()]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (same shape on every rank) over ranks along dim 0, keeping gradients."""
+    if not is_distributed():
+        return x
+    return torch.cat(_GatherWithGrad.apply(x), dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (same shape on every rank) over ranks along dim 0, without gradients."""
+    if not is_distributed():
+        return x
+    out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def gather_variable(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensors whose first dimension differs between ranks (padded, then trimmed)."""
+    if not is_distributed():
+        return x
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = gather_no_grad(size).tolist()
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    chunks = gather_no_grad(padded).split(max(sizes))
+    return torch.cat([c[:n] for c, n in zip(chunks, sizes)], dim=0)
+
+
+@torch.no_grad()
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
+
+
+@torch.no_grad()
+def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    if is_distributed():
+        dist.broadcast(x, src)
+    return x

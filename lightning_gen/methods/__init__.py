@@ -1,0 +1,1 @@
+"""Methods: one LightningModule per file under ssl/ and generative/, registered by name."""

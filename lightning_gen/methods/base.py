@@ -1,0 +1,250 @@
+"""Shared machinery of every method: config, optimizer groups, LR scaling and schedules, online probe.
+
+A method subclasses ``Method``, declares its config dataclass (subclass of ``MethodConfig``) and
+registers both with ``@register_method``. What a method file then has to write is only what its
+paper says: the networks, ``training_step`` and ``embed`` (representations) or ``sample``
+(generators).
+
+Images arrive as uint8 tensors (N, C, H, W) straight from the DataModule; ``to_float`` moves them
+to the method's value range on the device, where augmentations run batched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_gen import schedules
+from lightning_gen.config import choice
+
+
+@dataclass
+class DataInfo:
+    """What a method needs to know about its data before seeing a batch."""
+
+    name: str = "digits"
+    channels: int = 1
+    image_size: int = 32
+    num_classes: int = 10
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    batch_size: int = 128  # per device
+
+
+@dataclass
+class MethodConfig:
+    name: str = ""
+    optimizer: str = choice("adamw", "adam", "adamw", "sgd", "lars")
+    lr: float = 1e-3  # at the reference batch size `base_batch_size` when `lr_scaling` is not "none"
+    lr_scaling: str = choice("none", "none", "linear", "sqrt")  # against the *global* batch
+    base_batch_size: int = 256
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # SGD / LARS momentum
+    betas: tuple[float, float] = (0.9, 0.999)
+    exclude_bias_norm: bool = True  # no weight decay (and no LARS adaptation) on biases and norms
+    schedule: str = choice("cosine", "cosine", "constant")
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0
+    online_probe: bool = True  # linear classifier on detached features, trained alongside
+    probe_lr: float = 1e-2
+
+
+class Method(L.LightningModule):
+    """Base LightningModule of all methods (not registered itself)."""
+
+    config_class: type[MethodConfig] = MethodConfig
+    monitor: tuple[str, str] = ("val/loss", "min")  # metric and mode the best checkpoint is chosen by
+    is_generative: bool = False
+
+    def __init__(self, cfg: MethodConfig, data: DataInfo | None = None):
+        super().__init__()
+        if isinstance(cfg, dict):
+            cfg = _dataclass_from_dict(self.config_class, cfg)
+        if isinstance(data, dict):
+            data = _dataclass_from_dict(DataInfo, data)
+        self.cfg = cfg
+        self.data_info = data or DataInfo()
+        # Plain dicts in the checkpoint: `load_method` rebuilds the exact method from them alone.
+        self.save_hyperparameters(
+            {"method": self.registry_name, "cfg": dataclasses.asdict(cfg), "data": dataclasses.asdict(self.data_info)}
+        )
+        self.online_probe: nn.Module | None = None
+
+    # ---------------------------------------------------------------- data in
+    def to_float(self, images: torch.Tensor, value_range: str = "unit") -> torch.Tensor:
+        """uint8 (N, C, H, W) -> float. ``unit``: [0, 1]; ``symmetric``: [-1, 1]; ``standard``: mean/std."""
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        if value_range == "symmetric":
+            x = x * 2.0 - 1.0
+        elif value_range == "standard":
+            mean = torch.tensor(self.data_info.mean, device=x.device).view(1, -1, 1, 1)
+            std = torch.tensor(self.data_info.std, device=x.device).view(1, -1, 1, 1)
+            x = (x - mean) / std
+        if self._use_channels_last():
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _use_channels_last(self) -> bool:
+        trainer = self._trainer
+        return bool(trainer is not None and getattr(trainer, "lgen_channels_last", False))
+
+    # ---------------------------------------------------------------- what evaluation uses
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Representation (N, D) of float images as produced by ``to_float``. Representation methods override."""
+        raise NotImplementedError(f"method {self.registry_name!r} does not expose embed(x): it learns no encoder")
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Representation of uint8 images, with this method's own preprocessing."""
+        return self.embed(self.to_float(images, self.embed_value_range))
+
+    embed_value_range = "standard"
+
+    def sample(self, n: int, cond: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """``n`` images in [0, 1], shape (n, C, H, W). Generative methods override."""
+        raise NotImplementedError(f"method {self.registry_name!r} is not a generator: it cannot sample")
+
+    def images_for_logging(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Named image batches in [0, 1] that the image-grid callback saves (reconstructions, samples...)."""
+        return {}
+
+    # ---------------------------------------------------------------- online linear probe
+    def setup_online_probe(self, feature_dim: int) -> None:
+        """Call in ``__init__`` of representation methods: a linear head on detached features."""
+        if self.cfg.online_probe and self.data_info.num_classes > 0:
+            self.online_probe = nn.Linear(feature_dim, self.data_info.num_classes)
+
+    def probe_loss(self, features: torch.Tensor, labels: torch.Tensor, stage: str) -> torch.Tensor:
+        """Cross-entropy of the online probe on *detached* features (unlabeled samples have label -1).
+
+        The probe is a parameter group of the method's own optimizer, so it needs no second
+        optimizer and no second DDP wrapper; detaching keeps its gradient out of the backbone.
+        """
+        if self.online_probe is None:
+            return features.new_zeros(())
+        logits = self.online_probe(features.detach().float())
+        labeled = labels >= 0
+        if not labeled.any():
+            return logits.sum() * 0.0
+        loss = F.cross_entropy(logits[labeled], labels[labeled])
+        acc = (logits[labeled].argmax(1) == labels[labeled]).float().mean()
+        on_step = stage == "train"
+        self.log(f"{stage}/probe_acc", acc, on_step=on_step, on_epoch=True, sync_dist=not on_step, prog_bar=stage == "val")
+        self.log(f"{stage}/probe_loss", loss, on_step=on_step, on_epoch=True, sync_dist=not on_step)
+        return loss
+
+    # ---------------------------------------------------------------- optimisation
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    @property
+    def global_batch_size(self) -> int:
+        """Images per optimizer step over all processes: per-device batch x devices x nodes x accumulation."""
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return self.data_info.batch_size * self.world_size * accumulate
+
+    def scaled_lr(self, lr: float | None = None) -> float:
+        lr = self.cfg.lr if lr is None else lr
+        ratio = self.global_batch_size / self.cfg.base_batch_size
+        return {"none": lr, "linear": lr * ratio, "sqrt": lr * math.sqrt(ratio)}[self.cfg.lr_scaling]
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Modules the main optimizer trains (momentum/EMA copies and the probe excluded)."""
+        skip = {"online_probe", *self.frozen_module_names()}
+        return {name: m for name, m in self.named_children() if name not in skip}
+
+    def frozen_module_names(self) -> set[str]:
+        """Children updated without gradients (momentum encoders, EMA copies)."""
+        return set()
+
+    def parameter_groups(self, modules: dict[str, nn.Module], lr: float, weight_decay: float) -> list[dict]:
+        decay, no_decay = [], []
+        for module in modules.values():
+            for name, p in module.named_parameters():
+                if not p.requires_grad:
+                    continue
+                is_bias_or_norm = p.ndim <= 1 or name.endswith(".bias")
+                (no_decay if self.cfg.exclude_bias_norm and is_bias_or_norm else decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay, "base_lr": lr}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0, "base_lr": lr, "exclude_lars": True})
+        return [g for g in groups if g["params"]]
+
+    def build_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        from lightning_gen.optim import build_optimizer
+
+        return build_optimizer(self.cfg, groups)
+
+    def configure_optimizers(self):
+        groups = self.parameter_groups(self.trainable_modules(), self.scaled_lr(), self.cfg.weight_decay)
+        if self.online_probe is not None:
+            groups.append(
+                {"params": list(self.online_probe.parameters()), "weight_decay": 0.0,
+                 "base_lr": self.cfg.probe_lr, "exclude_lars": True, "fixed_lr": True}
+            )
+        return self.build_optimizer(groups)
+
+    def lr_factor(self, step: int) -> float:
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        steps_per_epoch = max(total / max(self.trainer.max_epochs or 1, 1), 1)
+        warmup = int(round(self.cfg.warmup_epochs * steps_per_epoch))
+        return schedules.LR_SCHEDULES[self.cfg.schedule](step, total, warmup, self.cfg.min_lr_ratio)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # Stateless LR: a function of global_step, so a resumed run lands on the same values.
+        factor = self.lr_factor(self.global_step)
+        for optimizer in self._optimizers():
+            for group in optimizer.param_groups:
+                base = group.setdefault("base_lr", group["lr"])
+                group["lr"] = base if group.get("fixed_lr") else base * factor
+        self.log("lr", self._optimizers()[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        optimizers = self.optimizers(use_pl_optimizer=False)
+        return optimizers if isinstance(optimizers, list) else [optimizers]
+
+
+def _dataclass_from_dict(cls: type, values: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
+    return cls(**kwargs)
+
+
+def load_method(checkpoint_path: str, map_location: str = "cpu") -> Method:
+    """Rebuild a method from a checkpoint written by `lgen train` (any method, no config needed)."""
+    from lightning_gen import registry
+    from lightning_gen.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(checkpoint_path, map_location=map_location)
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "method" not in hparams:
+        raise ValueError(f"{checkpoint_path} was not written by lightning_gen: it has no method name in its hyperparameters")
+    entry = registry.get("method", hparams["method"])
+    model = entry.cls(hparams["cfg"], hparams["data"])
+    model.load_state_dict(checkpoint["state_dict"])
+    if hasattr(model, "on_load_checkpoint"):
+        model.on_load_checkpoint(checkpoint)
+    return model.eval()
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * source, parameters and float buffers alike.
+
+    Used by momentum encoders (MoCo's key encoder and head, DINO's teacher) and EMA weights of
+    generators. Integer buffers (BatchNorm's num_batches_tracked) are copied.
+    """
+    for t, s in zip(target.parameters(), source.parameters()):
+        t.lerp_(s.detach(), 1.0 - momentum)
+    for t, s in zip(target.buffers(), source.buffers()):
+        if t.dtype.is_floating_point:
+            t.lerp_(s.detach(), 1.0 - momentum)
+        else:
+            t.copy_(s)

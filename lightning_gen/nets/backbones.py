@@ -1,0 +1,76 @@
+"""Backbones for representation learning, built by name: ResNet-18/50 (optional CIFAR stem), ViT, small conv.
+
+Every backbone maps float images (N, C, H, W) to features (N, out_dim) and exposes ``out_dim``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+
+from lightning_gen.config import choice
+from lightning_gen.nets.conv import ConvEncoder
+from lightning_gen.nets.vit import VisionTransformer
+
+
+@dataclass
+class BackboneConfig:
+    name: str = choice("resnet18", "resnet18", "resnet50", "vit", "conv")
+    cifar_stem: bool | None = None  # 3x3 stride-1 first conv, no max-pool; None: on for images <= 64 px
+    zero_init_residual: bool = True
+    # ViT
+    patch_size: int = 4
+    depth: int = 6
+    width: int = 192
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    # small conv encoder
+    conv_width: int = 32
+    conv_dim: int = 256
+
+
+class ResNetBackbone(nn.Module):
+    """torchvision ResNet without its classifier; the CIFAR stem keeps 32x32 inputs from collapsing."""
+
+    def __init__(self, depth: int, in_channels: int, cifar_stem: bool, zero_init_residual: bool):
+        super().__init__()
+        factory = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}[depth]
+        net = factory(weights=None, zero_init_residual=zero_init_residual)
+        if cifar_stem:
+            net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        elif in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.out_dim = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvBackbone(nn.Module):
+    def __init__(self, in_channels: int, image_size: int, width: int, out_dim: int):
+        super().__init__()
+        self.encoder = ConvEncoder(in_channels, image_size, out_dim, width=width)
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+
+def build_backbone(cfg: BackboneConfig, in_channels: int, image_size: int) -> nn.Module:
+    if cfg.name in ("resnet18", "resnet50"):
+        stem = cfg.cifar_stem if cfg.cifar_stem is not None else image_size <= 64
+        return ResNetBackbone(int(cfg.name[6:]), in_channels, stem, cfg.zero_init_residual)
+    if cfg.name == "vit":
+        return VisionTransformer(
+            image_size=image_size, patch_size=cfg.patch_size, in_channels=in_channels,
+            width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+        )
+    if cfg.name == "conv":
+        return ConvBackbone(in_channels, image_size, cfg.conv_width, cfg.conv_dim)
+    raise ValueError(f"unknown backbone {cfg.name!r}: resnet18, resnet50, vit or conv")

@@ -1,0 +1,306 @@
+"""Build DataModule, method, callbacks, loggers and Trainer from a config, and train.
+
+A run lives in ``runs/<experiment>/<run_id>/``::
+
+    config.yaml        the resolved config (an older differing one is kept as config.<time>.yaml)
+    checkpoints/       last.ckpt, the best by the method's monitored metric, periodic step checkpoints
+    metrics.csv        every logged metric (CSV logger), hparams.yaml
+    wandb/             the W&B run directory (offline runs: `wandb sync` uploads it)
+    wandb_id           the W&B run id, reused when the run resumes (SLURM requeue included)
+    samples/           image grids, where the method makes images
+
+The run id is ``run_id=...`` if given, else ``$SLURM_JOB_ID`` (array tasks: ``<array job>_<task>``),
+else generated. The DDP processes that Lightning launches inherit it through ``$LGEN_RUN_ID``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from omegaconf import DictConfig
+
+from lightning_gen import registry
+from lightning_gen.checkpoint import AtomicCheckpointIO, resume_path
+from lightning_gen.config import section_object, to_dict, to_yaml
+from lightning_gen.methods.base import Method
+
+RUN_ID_ENV = "LGEN_RUN_ID"
+
+
+@dataclass
+class Run:
+    """Everything ``train`` built, for callers that want to look inside (notebooks, tests)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    datamodule: Any
+    method: Method
+    trainer: L.Trainer
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ run identity
+
+
+def slurm_run_id() -> str | None:
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def resolve_run_id(cfg: DictConfig) -> str:
+    return (
+        cfg.run_id
+        or os.environ.get(RUN_ID_ENV)
+        or slurm_run_id()
+        or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+    )
+
+
+def run_directory(cfg: DictConfig, run_id: str) -> Path:
+    return Path(cfg.runs_dir) / cfg.experiment / run_id
+
+
+# ------------------------------------------------------------------------------ builders
+
+
+def build_datamodule(cfg: DictConfig):
+    return registry.build("data", section_object(cfg.data))
+
+
+def build_method(cfg: DictConfig, datamodule) -> Method:
+    method = registry.build("method", section_object(cfg.method), data=datamodule.info)
+    if cfg.trainer.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    return method
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``auto``: bf16-mixed where the hardware runs bf16 natively, else 32-true."""
+    if precision != "auto":
+        return precision
+    use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    cpu_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16-mixed" if (cpu_bf16 or cpu_amx) else "32-true"
+
+
+def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: bool) -> list[L.Callback]:
+    from lightning_gen.callbacks.guards import NonFiniteLossGuard
+
+    ckpt_dir = run_dir / "checkpoints"
+    monitor, mode = method.monitor
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="epoch{epoch:03d}-step{step:06d}",
+            monitor=monitor if validates else None,
+            mode=mode,
+            save_top_k=cfg.trainer.keep_best if validates else 1,
+            save_last=True,
+            auto_insert_metric_name=False,
+        ),
+        NonFiniteLossGuard(ckpt_dir),
+    ]
+    if cfg.trainer.checkpoint_every_n_steps:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir, filename="step{step:06d}", every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
+                save_top_k=1, monitor="step", mode="max", save_last=True, auto_insert_metric_name=False,
+            )
+        )
+    for name, section in (cfg.callbacks or {}).items():
+        if section.enabled:
+            callbacks.append(registry.build("callback", section_object(section), name=name, run_dir=run_dir))
+    return callbacks
+
+
+def wandb_mode(requested: str) -> str:
+    """auto: online when logged in (or WANDB_MODE=online), otherwise offline."""
+    if requested != "auto":
+        return requested
+    env = os.environ.get("WANDB_MODE", "").lower()
+    if env in ("online", "offline", "disabled"):
+        return env
+    if env == "dryrun":
+        return "offline"
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        logged_in = "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        logged_in = False
+    return "online" if logged_in else "offline"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """One W&B id per run directory, kept across resumes and SLURM requeues."""
+    path = run_dir / "wandb_id"
+    if path.exists():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    if rank_zero_only.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+    return run_id
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers: list = []
+    wandb_cfg = cfg.logger.wandb
+    mode = wandb_mode(wandb_cfg.mode)
+    if wandb_cfg.enabled and mode != "disabled":
+        loggers.append(
+            WandbLogger(
+                save_dir=str(run_dir), project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group,
+                tags=list(wandb_cfg.tags), id=wandb_run_id(run_dir), resume="allow", offline=mode == "offline",
+                name=f"{cfg.experiment}/{run_dir.name}", log_model=wandb_cfg.log_model,
+            )
+        )
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path) -> L.Trainer:
+    t = cfg.trainer
+    kwargs = {k: t[k] for k in (
+        "accelerator", "devices", "num_nodes", "max_epochs", "max_steps", "accumulate_grad_batches",
+        "gradient_clip_val", "check_val_every_n_epoch", "log_every_n_steps", "sync_batchnorm", "deterministic",
+        "benchmark", "enable_progress_bar", "num_sanity_val_steps", "detect_anomaly",
+    )}
+    if t.gradient_clip_val is not None:
+        kwargs["gradient_clip_algorithm"] = t.gradient_clip_algorithm
+    for optional in ("max_time", "val_check_interval", "limit_train_batches", "limit_val_batches"):
+        if t[optional] is not None:
+            kwargs[optional] = t[optional]
+    if isinstance(kwargs["devices"], DictConfig | list) or hasattr(kwargs["devices"], "_content"):
+        kwargs["devices"] = list(kwargs["devices"])
+    trainer = L.Trainer(
+        **kwargs,
+        strategy=t.strategy,
+        precision=resolve_precision(t.precision, t.accelerator),
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
+    )
+    trainer.lgen_channels_last = bool(t.channels_last)
+    return trainer
+
+
+# ------------------------------------------------------------------------------ train
+
+
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    if rank_zero_only.rank != 0:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path, text = run_dir / "config.yaml", to_yaml(cfg)
+    if path.exists() and path.read_text() != text:  # a resume with changed settings: keep the old one
+        path.rename(run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+    path.write_text(text)
+
+
+def train(cfg: DictConfig) -> Run:
+    """Train the experiment ``cfg`` (from ``config.compose``) and return what was built."""
+    run_id = resolve_run_id(cfg)
+    previous_env = os.environ.get(RUN_ID_ENV)
+    os.environ[RUN_ID_ENV] = run_id  # DDP processes launched by Lightning inherit the same run directory
+    try:
+        cfg.run_id = run_id
+        run_dir = run_directory(cfg, run_id)
+        ckpt_path = resume_path(run_dir, cfg.resume)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        save_config(cfg, run_dir)
+
+        datamodule = build_datamodule(cfg)
+        method = build_method(cfg, datamodule)
+        validates = cfg.trainer.limit_val_batches != 0
+        callbacks = build_callbacks(cfg, method, run_dir, validates)
+        loggers = build_loggers(cfg, run_dir)
+        trainer = build_trainer(cfg, callbacks, loggers, run_dir)
+        for logger in loggers:
+            logger.log_hyperparams(to_dict(cfg))
+        announce(cfg, trainer, run_dir, ckpt_path)
+
+        started = time.time()
+        trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
+        run = Run(cfg, run_dir, datamodule, method, trainer)
+        run.summary = summarize(run, time.time() - started)
+        return run
+    finally:
+        if previous_env is None:
+            os.environ.pop(RUN_ID_ENV, None)
+        else:
+            os.environ[RUN_ID_ENV] = previous_env
+
+
+@rank_zero_only
+def announce(cfg: DictConfig, trainer: L.Trainer, run_dir: Path, ckpt_path: str | None) -> None:
+    per_device = cfg.data.batch_size
+    world = trainer.world_size
+    accumulate = trainer.accumulate_grad_batches
+    rank_zero_info(
+        f"[lgen] experiment {cfg.experiment}: method={cfg.method.name} data={cfg.data.name} "
+        f"precision={trainer.precision} run_dir={run_dir}"
+    )
+    rank_zero_info(
+        f"[lgen] global batch {per_device * world * accumulate} = {per_device} per device x {world} processes "
+        f"({trainer.num_nodes} node(s) x {trainer.num_devices} device(s)) x {accumulate} accumulation step(s)"
+    )
+    if ckpt_path:
+        rank_zero_info(f"[lgen] resuming from {ckpt_path}")
+
+
+def _metric(trainer: L.Trainer, *names: str) -> float | None:
+    for name in names:
+        value = trainer.callback_metrics.get(name)
+        if value is not None:
+            return float(value)
+    return None
+
+
+def summarize(run: Run, seconds: float) -> dict[str, Any]:
+    trainer = run.trainer
+    best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.best_model_path), "")
+    summary: dict[str, Any] = {
+        "experiment": run.cfg.experiment,
+        "run_dir": str(run.run_dir),
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "seconds": round(seconds, 1),
+        "last_checkpoint": str(run.run_dir / "checkpoints" / "last.ckpt"),
+        "best_checkpoint": best,
+    }
+    for key, value in sorted(trainer.callback_metrics.items()):
+        if key.endswith("_step") or key == "lr":
+            continue
+        summary[key.removesuffix("_epoch")] = round(float(value), 4)
+    wandb_dirs = sorted((run.run_dir / "wandb").glob("offline-run-*"))
+    if wandb_dirs:
+        summary["wandb_sync"] = f"wandb sync {wandb_dirs[-1]}"
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    width = max(len(k) for k in summary)
+    lines = ["", "=" * 72, "lightning_gen run summary", "-" * 72]
+    lines += [f"{k:<{width}}  {v}" for k, v in summary.items()]
+    lines.append("=" * 72)
+    return "\n".join(lines)
