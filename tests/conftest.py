@@ -1,0 +1,67 @@
+"""Shared test helpers: run the real `lgen` CLI in a subprocess, and fast overrides for tiny runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Overrides that make any experiment tiny: small images, few steps, no progress bar, no W&B.
+FAST = [
+    "data.image_size=16",
+    "data.batch_size=32",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.precision=32-true",
+    "logger.wandb.enabled=false",
+]
+
+
+def lgen_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("LGEN_RUN_ID", None)
+    for key in [k for k in env if k.startswith("SLURM_")]:
+        env.pop(key)
+    env.update(extra)
+    return env
+
+
+def run_lgen(*args: str, cwd: Path, timeout: float = 600, check: bool = True, env: dict | None = None):
+    """Run `python -m lightning_gen ARGS` in ``cwd``; on failure show the output tail."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_gen", *args], cwd=cwd, env=env or lgen_env(),
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"lgen {' '.join(args)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n"
+            f"--- stderr ---\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+@pytest.fixture
+def lgen(tmp_path):
+    """``lgen(*args)`` runs the CLI in a fresh folder (``runs/`` lands there)."""
+
+    def call(*args: str, **kwargs):
+        kwargs.setdefault("cwd", tmp_path)
+        return run_lgen(*args, **kwargs)
+
+    call.cwd = tmp_path
+    return call
