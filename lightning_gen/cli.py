@@ -31,8 +31,14 @@ examples:
 PLUGINS = {
     "eval": ("lightning_gen.eval.cli", "evaluate a checkpoint: probe, knn, finetune, cluster"),
     "sample": ("lightning_gen.sample", "draw samples from a generator checkpoint into an image grid"),
-    "submit": ("lightning_gen.cluster.submit", "render and submit a SLURM job for the same overrides as train"),
-    "fid-extractor": ("lightning_gen.eval.fid_extractor", "train the small domain feature extractor for FID on digits/MNIST"),
+    "submit": (
+        "lightning_gen.cluster.submit",
+        "render and submit a SLURM job for the same overrides as train",
+    ),
+    "fid-extractor": (
+        "lightning_gen.eval.fid_extractor",
+        "train the small domain feature extractor for FID on digits/MNIST",
+    ),
     "cluster": ("lightning_gen.cluster.local", "start/stop a one-node SLURM cluster on this machine"),
 }
 
@@ -54,18 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="command")
 
     train = sub.add_parser(
-        "train", help="train an experiment (no arguments: the embedded digits default)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        "train",
+        help="train an experiment (no arguments: the embedded digits default)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
         description="Compose conf/config.yaml with your overrides, validate it, and train.",
     )
     train.add_argument("overrides", nargs="*", help="group=option and key=value overrides")
-    train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    train.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
 
     listing = sub.add_parser("list", help="list methods, datasets, experiments and config options")
-    listing.add_argument("what", nargs="?", choices=["methods", "data", "experiments", "callbacks", "all"], default="all")
+    listing.add_argument(
+        "what", nargs="?", choices=["methods", "data", "experiments", "callbacks", "all"], default="all"
+    )
 
     prepare = sub.add_parser(
-        "prepare", help="download (data.download=true) or check a dataset",
+        "prepare",
+        help="download (data.download=true) or check a dataset",
         description="Run the DataModule's prepare_data once: downloads when data.download=true, "
         "otherwise checks the files are in place and says which are missing.",
     )
@@ -74,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, summary) in PLUGINS.items():
         if _plugin_available(module):
             plugin = importlib.import_module(module)
-            p = sub.add_parser(name, help=summary, description=(plugin.__doc__ or summary).strip(),
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+            p = sub.add_parser(
+                name,
+                help=summary,
+                description=(plugin.__doc__ or summary).strip(),
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
             plugin.add_arguments(p)
             p.set_defaults(plugin=plugin)
     return parser
@@ -99,13 +116,19 @@ def cmd_list(args) -> int:
 
     sections = []
     if args.what in ("methods", "all"):
-        sections.append(("methods (method=NAME)", {n: e.summary for n, e in registry.entries("method").items()}))
+        sections.append(
+            ("methods (method=NAME)", {n: e.summary for n, e in registry.entries("method").items()})
+        )
     if args.what in ("data", "all"):
         sections.append(("datasets (data=NAME)", {n: e.summary for n, e in registry.entries("data").items()}))
     if args.what in ("experiments", "all"):
-        sections.append(("experiments (experiment=NAME)", {n: _experiment_summary(n) for n in options("experiment")}))
+        sections.append(
+            ("experiments (experiment=NAME)", {n: _experiment_summary(n) for n in options("experiment")})
+        )
     if args.what in ("callbacks", "all"):
-        sections.append(("callbacks (callbacks.NAME.*)", {n: e.summary for n, e in registry.entries("callback").items()}))
+        sections.append(
+            ("callbacks (callbacks.NAME.*)", {n: e.summary for n, e in registry.entries("callback").items()})
+        )
     if args.what == "all":
         sections.append(("config options (group=OPTION)", {g: ", ".join(options(g)) for g in GROUPS}))
     for title, rows in sections:

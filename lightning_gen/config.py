@@ -185,7 +185,7 @@ def _split_defaults(node: DictConfig, where: str) -> tuple[dict[str, str | None]
             continue
         if not isinstance(item, DictConfig) or len(item) != 1:
             raise ConfigError(f"{where}: each defaults entry must be 'group: option', got {item!r}")
-        (group, option), = item.items()
+        ((group, option),) = item.items()
         if group not in SELECTABLE:
             raise ConfigError(
                 f"{where}: unknown group {group!r} in defaults{did_you_mean(group, SELECTABLE)}; "
@@ -264,7 +264,12 @@ def validate(cfg: DictConfig) -> DictConfig:
     """Check ``cfg`` against all schemas and return it as a typed (structured) config."""
     from lightning_gen import registry
 
-    _check_keys(cfg, RootConfig, "", skip={"method", "data", "callbacks"})
+    nested = _all_leaf_paths(RootConfig)
+    for kind in ("method", "data"):
+        name = (cfg.get(kind) or {}).get("name")
+        if name in registry.entries(kind):
+            nested += _all_leaf_paths(registry.get(kind, name).config, kind)
+    _check_keys(cfg, RootConfig, "", skip={"method", "data", "callbacks"}, nested=nested)
     typed = _typed(cfg, RootConfig, "", skip={"method", "data", "callbacks"})
     for kind in ("method", "data"):
         section = cfg.get(kind) or OmegaConf.create({})
@@ -307,7 +312,7 @@ def _field_type(schema: type, name: str):
     return hints.get(name, Any)
 
 
-def _check_keys(node: Any, schema: type, path: str, skip=frozenset()) -> None:
+def _check_keys(node: Any, schema: type, path: str, skip=frozenset(), nested=()) -> None:
     if not isinstance(node, DictConfig):
         raise ConfigError(
             f"{path or 'config'} must be a mapping of keys to values, got {node!r}; "
@@ -320,8 +325,8 @@ def _check_keys(node: Any, schema: type, path: str, skip=frozenset()) -> None:
         if key not in valid:
             hint = did_you_mean(key, valid)
             if not hint and not path:  # a leaf written without its section, e.g. lr=0.1
-                nested = [p for p in _all_leaf_paths(schema) if p.endswith(f".{key}")]
-                hint = f" (did you mean {nested[0]!r}?)" if nested else ""
+                matches = [p for p in nested if p.endswith(f".{key}")]
+                hint = f" (did you mean {matches[0]!r}?)" if matches else ""
             where = f"{_join(path, key)}" if path else f"{key} (at the top level)"
             raise ConfigError(f"unknown config key {where}{hint}. Valid keys here: {', '.join(valid)}")
         kind = _field_type(schema, key)
@@ -372,9 +377,6 @@ def _typed(node: DictConfig, schema: type, path: str, skip=frozenset()) -> DictC
         raise ConfigError(
             f"wrong type for {full}: expected {expected}, got {value!r} ({type(value).__name__})"
         ) from error
-    for key in skip:
-        if key in node:
-            merged[key] = node[key] if key != "callbacks" else None
     return merged
 
 

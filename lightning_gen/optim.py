@@ -12,9 +12,18 @@ class LARS(torch.optim.Optimizer):
     without weight-decay adaptation, as in SimCLR.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 eta: float = 0.001, eps: float = 1e-8):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps, exclude_lars=False)
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 0.001,
+        eps: float = 1e-8,
+    ):
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps, exclude_lars=False
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -33,7 +42,9 @@ class LARS(torch.optim.Optimizer):
                 if not group["exclude_lars"]:
                     w_norm, g_norm = torch.norm(p), torch.norm(grad)
                     trust = torch.where(
-                        (w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / (g_norm + group["eps"]), torch.ones_like(w_norm)
+                        (w_norm > 0) & (g_norm > 0),
+                        group["eta"] * w_norm / (g_norm + group["eps"]),
+                        torch.ones_like(w_norm),
                     )
                     grad = grad.mul(trust)
                 state = self.state[p]

@@ -117,8 +117,14 @@ def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: b
     if cfg.trainer.checkpoint_every_n_steps:
         callbacks.append(
             ModelCheckpoint(
-                dirpath=ckpt_dir, filename="step{step:06d}", every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
-                save_top_k=1, monitor="step", mode="max", save_last=True, auto_insert_metric_name=False,
+                dirpath=ckpt_dir,
+                filename="step{step:06d}",
+                every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
+                save_top_k=1,
+                monitor="step",
+                mode="max",
+                save_last=True,
+                auto_insert_metric_name=False,
             )
         )
     for name, section in (cfg.callbacks or {}).items():
@@ -159,7 +165,9 @@ def wandb_run_id(run_dir: Path) -> str:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_gen.loggers import AppendingCSVLogger
 
     loggers: list = []
     wandb_cfg = cfg.logger.wandb
@@ -167,23 +175,45 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     if wandb_cfg.enabled and mode != "disabled":
         loggers.append(
             WandbLogger(
-                save_dir=str(run_dir), project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group,
-                tags=list(wandb_cfg.tags), id=wandb_run_id(run_dir), resume="allow", offline=mode == "offline",
-                name=f"{cfg.experiment}/{run_dir.name}", log_model=wandb_cfg.log_model,
+                save_dir=str(run_dir),
+                project=wandb_cfg.project,
+                entity=wandb_cfg.entity,
+                group=wandb_cfg.group,
+                tags=list(wandb_cfg.tags),
+                id=wandb_run_id(run_dir),
+                resume="allow",
+                offline=mode == "offline",
+                name=f"{cfg.experiment}/{run_dir.name}",
+                log_model=wandb_cfg.log_model,
             )
         )
     if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
+        loggers.append(AppendingCSVLogger(save_dir=str(run_dir), name="", version=""))
     return loggers
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path) -> L.Trainer:
     t = cfg.trainer
-    kwargs = {k: t[k] for k in (
-        "accelerator", "devices", "num_nodes", "max_epochs", "max_steps", "accumulate_grad_batches",
-        "gradient_clip_val", "check_val_every_n_epoch", "log_every_n_steps", "sync_batchnorm", "deterministic",
-        "benchmark", "enable_progress_bar", "num_sanity_val_steps", "detect_anomaly",
-    )}
+    kwargs = {
+        k: t[k]
+        for k in (
+            "accelerator",
+            "devices",
+            "num_nodes",
+            "max_epochs",
+            "max_steps",
+            "accumulate_grad_batches",
+            "gradient_clip_val",
+            "check_val_every_n_epoch",
+            "log_every_n_steps",
+            "sync_batchnorm",
+            "deterministic",
+            "benchmark",
+            "enable_progress_bar",
+            "num_sanity_val_steps",
+            "detect_anomaly",
+        )
+    }
     if t.gradient_clip_val is not None:
         kwargs["gradient_clip_algorithm"] = t.gradient_clip_algorithm
     for optional in ("max_time", "val_check_interval", "limit_train_batches", "limit_val_batches"):

@@ -44,8 +44,12 @@ def lgen_env(**extra: str) -> dict[str, str]:
 def run_lgen(*args: str, cwd: Path, timeout: float = 600, check: bool = True, env: dict | None = None):
     """Run `python -m lightning_gen ARGS` in ``cwd``; on failure show the output tail."""
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_gen", *args], cwd=cwd, env=env or lgen_env(),
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "lightning_gen", *args],
+        cwd=cwd,
+        env=env or lgen_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -21,7 +21,10 @@ class ImageGridConfig(CallbackConfig):
 
 def grid(named: dict[str, torch.Tensor], nrow: int) -> torch.Tensor:
     """Stack each named batch as its own block of rows, in the order given."""
-    blocks = [make_grid(images.float().clamp(0, 1).cpu(), nrow=nrow, padding=1, pad_value=1.0) for images in named.values()]
+    blocks = [
+        make_grid(images.float().clamp(0, 1).cpu(), nrow=nrow, padding=1, pad_value=1.0)
+        for images in named.values()
+    ]
     width = max(b.shape[-1] for b in blocks)
     blocks = [torch.nn.functional.pad(b, (0, width - b.shape[-1])) for b in blocks]
     return torch.cat(blocks, dim=1)
@@ -41,7 +44,9 @@ class ImageGrid(L.Callback):
         if not trainer.is_global_zero:
             return
         batch = next(iter(trainer.datamodule.eval_dataloader("val")))
-        batch = {k: (v[: self.cfg.n].to(module.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        batch = {
+            k: (v[: self.cfg.n].to(module.device) if torch.is_tensor(v) else v) for k, v in batch.items()
+        }
         was_training = module.training
         module.eval()
         with torch.no_grad(), torch.autocast(module.device.type, enabled=False):
@@ -51,10 +56,17 @@ class ImageGrid(L.Callback):
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         image = grid({k: v[: self.cfg.n] for k, v in named.items()}, self.cfg.nrow)
-        path = self.folder / f"{'_'.join(named)}_epoch{trainer.current_epoch:03d}_step{trainer.global_step:06d}.png"
+        path = (
+            self.folder
+            / f"{'_'.join(named)}_epoch{trainer.current_epoch:03d}_step{trainer.global_step:06d}.png"
+        )
         save_image(image, path)
         self.last_path = path
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(key="samples/" + "_".join(named), images=[image], step=trainer.global_step,
-                                 caption=[f"rows: {', '.join(named)}"])
+                logger.log_image(
+                    key="samples/" + "_".join(named),
+                    images=[image],
+                    step=trainer.global_step,
+                    caption=[f"rows: {', '.join(named)}"],
+                )

@@ -15,7 +15,9 @@ def _norm(channels: int) -> nn.Module:
 class ConvEncoder(nn.Module):
     """Stride-2 conv blocks halving the resolution down to 4x4, then a linear map to ``out_dim``."""
 
-    def __init__(self, in_channels: int, image_size: int, out_dim: int, width: int = 32, max_width: int = 256):
+    def __init__(
+        self, in_channels: int, image_size: int, out_dim: int, width: int = 32, max_width: int = 256
+    ):
         super().__init__()
         if image_size < 4 or image_size & (image_size - 1):
             raise ValueError(f"ConvEncoder needs a power-of-two image size >= 4, got {image_size}")
@@ -36,7 +38,9 @@ class ConvEncoder(nn.Module):
 class ConvDecoder(nn.Module):
     """Mirror of ConvEncoder: linear to a 4x4 map, transposed convs doubling up to ``image_size``."""
 
-    def __init__(self, in_dim: int, out_channels: int, image_size: int, width: int = 32, max_width: int = 256):
+    def __init__(
+        self, in_dim: int, out_channels: int, image_size: int, width: int = 32, max_width: int = 256
+    ):
         super().__init__()
         steps = int(math.log2(image_size // 4))
         channels = min(width * 2**steps, max_width)

@@ -25,8 +25,16 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """Patch embedding + learned position embedding + [CLS] token + pre-norm blocks; output = [CLS] feature."""
 
-    def __init__(self, image_size: int, patch_size: int, in_channels: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        in_channels: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
