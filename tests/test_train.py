@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lightning_gen.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint
+from lightning_gen.methods.base import load_method
 from tests.conftest import FAST
 
 
@@ -38,8 +39,14 @@ def test_train_writes_run_directory_and_resume_continues(lgen):
         "metrics.csv rows of the first segment were lost"
     )
     assert any(r["epoch"] == "1" for r in all_rows)
-    # The resumed run rebuilt the identical method from the config saved in the checkpoint.
-    assert last["hyper_parameters"]["method"] == "autoencoder"
+    # Any checkpoint rebuilds its method from the config stored inside it, weights included.
+    model = load_method(run_dir / "checkpoints" / "last.ckpt")
+    assert (
+        type(model).__name__ == "Autoencoder"
+        and model.cfg.latent_dim == 32
+        and model.data_info.image_size == 16
+    )
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in last["state_dict"].items())
 
 
 def test_corrupt_last_checkpoint_names_file_and_fallback(lgen):

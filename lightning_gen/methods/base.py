@@ -59,16 +59,11 @@ class MethodConfig:
 class Method(L.LightningModule):
     """Base LightningModule of all methods (not registered itself)."""
 
-    config_class: type[MethodConfig] = MethodConfig
     monitor: tuple[str, str] = ("val/loss", "min")  # metric and mode the best checkpoint is chosen by
     is_generative: bool = False
 
     def __init__(self, cfg: MethodConfig, data: DataInfo | None = None):
         super().__init__()
-        if isinstance(cfg, dict):
-            cfg = _dataclass_from_dict(self.config_class, cfg)
-        if isinstance(data, dict):
-            data = _dataclass_from_dict(DataInfo, data)
         self.cfg = cfg
         self.data_info = data or DataInfo()
         # Plain dicts in the checkpoint: `load_method` rebuilds the exact method from them alone.
@@ -230,9 +225,12 @@ class Method(L.LightningModule):
 
 
 def _dataclass_from_dict(cls: type, values: dict[str, Any]):
+    """Rebuild a (possibly nested) config dataclass from the plain dict stored in a checkpoint."""
+    from omegaconf import OmegaConf
+
     names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
-    return cls(**kwargs)
+    known = {k: v for k, v in values.items() if k in names}  # tolerate keys of older versions
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), known))
 
 
 def load_method(checkpoint_path: str, map_location: str = "cpu") -> Method:
@@ -247,7 +245,9 @@ def load_method(checkpoint_path: str, map_location: str = "cpu") -> Method:
             f"{checkpoint_path} was not written by lightning_gen: it has no method name in its hyperparameters"
         )
     entry = registry.get("method", hparams["method"])
-    model = entry.cls(hparams["cfg"], hparams["data"])
+    model = entry.cls(
+        _dataclass_from_dict(entry.config, hparams["cfg"]), _dataclass_from_dict(DataInfo, hparams["data"])
+    )
     model.load_state_dict(checkpoint["state_dict"])
     if hasattr(model, "on_load_checkpoint"):
         model.on_load_checkpoint(checkpoint)

@@ -35,7 +35,6 @@ class AutoencoderConfig(MethodConfig):
 class Autoencoder(Method):
     """Autoencoder / denoising autoencoder with MSE reconstruction; the encoder is the representation."""
 
-    config_class = AutoencoderConfig
     embed_value_range = "unit"
 
     def __init__(self, cfg: AutoencoderConfig, data=None):
