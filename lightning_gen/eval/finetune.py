@@ -141,5 +141,5 @@ def finetune(
         "top5": acc[5],
         "train_samples": n,
         "steps": total,
-        "final_train_loss": float(loss),
+        "final_train_loss": float(loss.detach()),
     }

@@ -227,7 +227,9 @@ def load_method(checkpoint_path: str, map_location: str = "cpu") -> Method:
     if "method" not in hparams:
         raise ValueError(f"{checkpoint_path} was not written by lightning_gen: it has no method name in its hyperparameters")
     entry = registry.get("method", hparams["method"])
-    model = entry.cls(hparams["cfg"], hparams["data"])
+    # Dataclasses, not dicts: subclasses read their config fields right after super().__init__.
+    cfg = _dataclass_from_dict(getattr(entry.cls, "config_class", entry.config), hparams["cfg"])
+    model = entry.cls(cfg, _dataclass_from_dict(DataInfo, hparams["data"]))
     model.load_state_dict(checkpoint["state_dict"])
     if hasattr(model, "on_load_checkpoint"):
         model.on_load_checkpoint(checkpoint)
