@@ -1,4 +1,4 @@
-"""The pure evaluation algorithms against known answers and independent implementations (numpy, scikit-learn)."""
+"""The pure evaluation algorithms against known answers and independent implementations (numpy, sklearn)."""
 
 from __future__ import annotations
 
@@ -42,18 +42,22 @@ def test_probe_separable_features_are_classified_perfectly(optimizer):
 def test_probe_on_random_labels_is_at_chance_on_held_out_data(optimizer):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(3000, 16, generator=g), torch.randint(0, 10, (3000,), generator=g)
-    result = linear_probe(x[:2000], y[:2000], x[2000:], y[2000:], 10, ProbeConfig(optimizer=optimizer, epochs=20))
+    result = linear_probe(
+        x[:2000], y[:2000], x[2000:], y[2000:], 10, ProbeConfig(optimizer=optimizer, epochs=20)
+    )
     assert abs(result["top1"] - 0.1) < 0.04  # chance is 1/10; binomial std on 1000 samples is 0.0095
     assert abs(result["top5"] - 0.5) < 0.06
 
 
 def test_lbfgs_probe_is_multinomial_logistic_regression():
-    """Same objective as scikit-learn's LogisticRegression with C = 1 / (n * weight_decay): same probabilities."""
+    """Same objective as sklearn's LogisticRegression with C = 1 / (n * weight_decay): same probabilities."""
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(300, 8, generator=g).double(), torch.randint(0, 4, (300,), generator=g)
     x[:, 0] += y  # some signal so the optimum is not trivial
     wd = 1e-2
-    probe = train_linear_probe(x.float(), y, 4, ProbeConfig(optimizer="lbfgs", weight_decay=wd, lbfgs_iterations=500))
+    probe = train_linear_probe(
+        x.float(), y, 4, ProbeConfig(optimizer="lbfgs", weight_decay=wd, lbfgs_iterations=500)
+    )
     mean, std = x.mean(0), x.std(0, unbiased=False)  # the probe standardises with these
     z = ((x - mean) / std).numpy()
     reference = LogisticRegression(C=1 / (len(x) * wd), tol=1e-10, max_iter=10_000).fit(z, y.numpy())
@@ -75,7 +79,11 @@ def test_knn_separable_is_perfect_and_random_is_chance():
 
 def test_knn_scores_equal_a_brute_force_numpy_vote():
     g = torch.Generator().manual_seed(4)
-    bank, labels, queries = torch.randn(50, 6, generator=g), torch.randint(0, 3, (50,), generator=g), torch.randn(7, 6)
+    bank, labels, queries = (
+        torch.randn(50, 6, generator=g),
+        torch.randint(0, 3, (50,), generator=g),
+        torch.randn(7, 6),
+    )
     k, t = 9, 0.07
     ours = knn_scores(bank, labels, queries, 3, k, t, chunk_size=3).numpy()
     b = bank.numpy() / np.linalg.norm(bank.numpy(), axis=1, keepdims=True)
@@ -104,8 +112,12 @@ def test_nmi_and_ari_equal_scikit_learn_on_the_same_assignments(seed):
     assert nmi(labels, clusters) == pytest.approx(normalized_mutual_info_score(labels, clusters), abs=1e-12)
     assert ari(labels, clusters) == pytest.approx(adjusted_rand_score(labels, clusters), abs=1e-12)
     random_clusters = rng.integers(0, 7, 400)
-    assert nmi(labels, random_clusters) == pytest.approx(normalized_mutual_info_score(labels, random_clusters), abs=1e-12)
-    assert ari(labels, random_clusters) == pytest.approx(adjusted_rand_score(labels, random_clusters), abs=1e-12)
+    assert nmi(labels, random_clusters) == pytest.approx(
+        normalized_mutual_info_score(labels, random_clusters), abs=1e-12
+    )
+    assert ari(labels, random_clusters) == pytest.approx(
+        adjusted_rand_score(labels, random_clusters), abs=1e-12
+    )
 
 
 def test_clustering_metrics_degenerate_partitions_match_scikit_learn():
@@ -144,7 +156,9 @@ def test_label_subsets_are_class_balanced_and_seed_deterministic():
         counts = torch.bincount(labels[subset], minlength=5)
         assert (counts == round(fraction * len(labels) / 5)).all()  # equal count in every class
         assert len(subset.unique()) == len(subset)
-        assert torch.equal(subset, balanced_subset(labels.clone(), fraction, seed=0))  # same seed, same subset
+        assert torch.equal(
+            subset, balanced_subset(labels.clone(), fraction, seed=0)
+        )  # same seed, same subset
         assert not torch.equal(subset, balanced_subset(labels, fraction, seed=1))
     with pytest.raises(EvalError, match="fewer than"):
         balanced_subset(labels, 0.5)  # 400 per class but class 4 has 150

@@ -18,15 +18,33 @@ from lightning_gen.eval.wandb_run import read_wandb_file
 from tests.conftest import lgen_env, run_lgen
 
 TRAIN = [
-    "experiment=ae_digits", "data.image_size=16", "data.batch_size=32", "method.width=8", "method.latent_dim=16",
-    "trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
-    "trainer.enable_progress_bar=false", "trainer.precision=32-true", "logger.wandb.mode=offline",
-    "callbacks.images.enabled=false", "callbacks.linear_probe.every_n_epochs=1", "callbacks.knn.every_n_epochs=1",
-    "callbacks.clustering.every_n_epochs=1", "callbacks.embedding_plot.every_n_epochs=2",
-    "callbacks.embedding_plot.num_samples=100", "run_id=e2e",
+    "experiment=ae_digits",
+    "data.image_size=16",
+    "data.batch_size=32",
+    "method.width=8",
+    "method.latent_dim=16",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.precision=32-true",
+    "logger.wandb.mode=offline",
+    "callbacks.images.enabled=false",
+    "callbacks.linear_probe.every_n_epochs=1",
+    "callbacks.knn.every_n_epochs=1",
+    "callbacks.clustering.every_n_epochs=1",
+    "callbacks.embedding_plot.every_n_epochs=2",
+    "callbacks.embedding_plot.num_samples=100",
+    "run_id=e2e",
 ]
-EVAL_METRICS = ["eval/probe_top1", "eval/probe_top5", "eval/knn_top1_k20", "eval/knn_top1_k200",
-                "eval/cluster_nmi", "eval/cluster_ari"]
+EVAL_METRICS = [
+    "eval/probe_top1",
+    "eval/probe_top5",
+    "eval/knn_top1_k20",
+    "eval/knn_top1_k200",
+    "eval/cluster_nmi",
+    "eval/cluster_ari",
+]
 ENV = lgen_env(OMP_NUM_THREADS="1")  # tiny matrices: threads only contend on a shared machine
 
 
@@ -66,10 +84,22 @@ def test_callbacks_log_to_metrics_csv_wandb_and_the_run_dir(trained):
 
 def test_offline_eval_all_writes_results_subsets_and_appends_to_the_wandb_run(trained):
     ckpt = trained / "checkpoints" / "last.ckpt"
-    proc = run_lgen("eval", "all", f"ckpt={ckpt}", "probe.epochs=10", "finetune.min_steps=3", "finetune.epochs=[1,1]",
-                    "finetune.batch_size=32", cwd=trained.parents[2], env=ENV)
+    proc = run_lgen(
+        "eval",
+        "all",
+        f"ckpt={ckpt}",
+        "probe.epochs=10",
+        "finetune.min_steps=3",
+        "finetune.epochs=[1,1]",
+        "finetune.batch_size=32",
+        cwd=trained.parents[2],
+        env=ENV,
+    )
     out = trained / "eval" / "last"
-    results = {p: json.loads((out / f"{p}.json").read_text())["results"] for p in ("probe", "knn", "finetune", "cluster")}
+    results = {
+        p: json.loads((out / f"{p}.json").read_text())["results"]
+        for p in ("probe", "knn", "finetune", "cluster")
+    }
     assert "knn - last.ckpt on digits" in proc.stdout and "top1_k20" in proc.stdout
 
     # Same weights, same data, same protocol as the callbacks at the last epoch: same numbers.
@@ -89,14 +119,18 @@ def test_offline_eval_all_writes_results_subsets_and_appends_to_the_wandb_run(tr
     labels = dm.datasets["train"].labels
     for tag, fraction in (("1pct", 0.01), ("10pct", 0.1)):
         subset = json.loads((out / f"finetune_subset_{tag}.json").read_text())
-        assert len(set(subset["per_class"])) == 1 and subset["per_class"][0] == round(fraction * len(labels) / 10)
+        assert len(set(subset["per_class"])) == 1 and subset["per_class"][0] == round(
+            fraction * len(labels) / 10
+        )
         assert subset["indices"] == balanced_subset(labels, fraction, seed=0).tolist()
         assert torch.bincount(labels[subset["indices"]], minlength=10).tolist() == subset["per_class"]
 
     first, appended = wandb_logs(trained)  # a second offline run folder with the training run's id
     assert appended["run_id"] == first["run_id"] == (trained / "wandb_id").read_text().strip()
     assert appended["summary"]["offline_eval/knn/top1_k20"] == pytest.approx(results["knn"]["top1_k20"])
-    assert appended["summary"]["offline_eval/finetune/10pct_top1"] == pytest.approx(results["finetune"]["10pct_top1"])
+    assert appended["summary"]["offline_eval/finetune/10pct_top1"] == pytest.approx(
+        results["finetune"]["10pct_top1"]
+    )
 
 
 def eval_main(capsys, protocol: str, *overrides: str) -> tuple[int, str]:
@@ -109,7 +143,9 @@ def eval_main(capsys, protocol: str, *overrides: str) -> tuple[int, str]:
 def test_k_larger_than_the_bank_and_unknown_keys_are_clear_errors(trained, capsys):
     ckpt = trained / "checkpoints" / "last.ckpt"
     code, err = eval_main(capsys, "knn", f"ckpt={ckpt}", "k=[5000]", "wandb=false")
-    assert code == 2 and "k=5000 needs 1 <= k <= the number of labeled training samples" in err and "1222" in err
+    assert (
+        code == 2 and "k=5000 needs 1 <= k <= the number of labeled training samples" in err and "1222" in err
+    )
     code, err = eval_main(capsys, "knn", f"ckpt={ckpt}", "temprature=0.1")
     assert code == 2 and "knn.temprature" in err and "did you mean 'temperature'" in err
     code, err = eval_main(capsys, "probe", "data=digits")
@@ -154,5 +190,7 @@ def test_dataset_without_labels_is_a_clear_error():
     method = Autoencoder(AutoencoderConfig(width=4, latent_dim=4), DataInfo(image_size=8))
     features = split_features(method, dm, "train")  # extraction itself needs no labels (embedding plots)
     assert len(features) == 9
-    with pytest.raises(EvalError, match="kNN needs labels, but none of the 9 samples of this split is labeled"):
+    with pytest.raises(
+        EvalError, match="kNN needs labels, but none of the 9 samples of this split is labeled"
+    ):
         features.labeled("kNN")

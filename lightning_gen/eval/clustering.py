@@ -47,7 +47,7 @@ def _plusplus_init(x: torch.Tensor, k: int, generator: torch.Generator) -> torch
 
 @torch.no_grad()
 def kmeans(x: torch.Tensor, k: int, n_init: int = 5, iterations: int = 100, seed: int = 0):
-    """Assignments (N,), centers (k, D) and inertia (sum of squared distances) of the best of ``n_init`` runs."""
+    """Assignments (N,), centers (k, D) and inertia (sum of squared distances), best of ``n_init`` runs."""
     if not 1 <= k <= len(x):
         raise EvalError(f"k-means with {k} clusters needs 1 <= k <= number of samples ({len(x)})")
     x = x.float()

@@ -39,7 +39,7 @@ class FinetuneConfig:
 def balanced_subset(
     labels: torch.Tensor, fraction: float, seed: int = 0, num_classes: int | None = None
 ) -> torch.Tensor:
-    """Sorted indices of a class-balanced subset holding ``fraction`` of the samples (equal count per class)."""
+    """Sorted indices of a class-balanced subset with ``fraction`` of the samples (equal count per class)."""
     labels = torch.as_tensor(labels).cpu()
     if not 0 < fraction <= 1:
         raise EvalError(f"label fraction must be in (0, 1], got {fraction}")
@@ -96,7 +96,7 @@ def finetune(
     cfg: FinetuneConfig,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Fine-tune a copy of ``method`` and a new linear head on labeled uint8 images; top-1/5 on ``eval_loader``."""
+    """Fine-tune a copy of ``method`` + a new linear head on labeled uint8 images; top-1/5 on eval_loader."""
     require_embed(method)
     device = torch.device(device)
     method = copy.deepcopy(method).to(device).float()

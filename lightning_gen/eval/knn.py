@@ -28,7 +28,8 @@ def check_k(ks: list[int] | tuple[int, ...], bank_size: int) -> None:
         if k < 1 or k > bank_size:
             raise EvalError(
                 f"kNN with k={k} needs 1 <= k <= the number of labeled training samples in the feature bank, "
-                f"which is {bank_size}. Use a smaller k (e.g. knn.k=[{min(20, bank_size)}]) or a larger training split."
+                f"which is {bank_size}. Use a smaller k (e.g. knn.k=[{min(20, bank_size)}]) "
+                f"or a larger training split."
             )
 
 

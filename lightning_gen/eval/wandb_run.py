@@ -26,7 +26,7 @@ def run_dir_of_checkpoint(ckpt: str | Path) -> Path | None:
 
 
 def append_to_run(run_dir: Path | None, results: dict[str, float], prefix: str) -> str | None:
-    """Add ``results`` to the summary (and one history row) of the run's W&B run; returns its folder or None."""
+    """Add ``results`` to the summary (and a history row) of the run's W&B run; returns its folder or None."""
     if run_dir is None or not (run_dir / "wandb_id").is_file():
         return None
     from lightning_gen.run import wandb_mode
