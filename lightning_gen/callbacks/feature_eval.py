@@ -58,6 +58,9 @@ class FeatureEvalCallback(L.Callback):
             cache[split] = split_features(module, trainer.datamodule, split)
         return cache[split]
 
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        trainer.lgen_feature_cache = None  # free last evaluation's features (device memory) while training
+
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self.should_run(trainer):
             return

@@ -145,7 +145,7 @@ class Evaluation:
     def probe(self) -> dict[str, float]:
         train, test = (
             self.features(self.cfg.train_split, "the linear probe"),
-            self.features(self.cfg.eval_split, ""),
+            self.features(self.cfg.eval_split, "the linear probe"),
         )
         probe_cfg = ProbeConfig(**{**asdict(self.cfg.probe), "seed": self.cfg.seed})
         return linear_probe(
