@@ -23,6 +23,7 @@ FAST = [
     "trainer.enable_progress_bar=false",
     "trainer.precision=32-true",
     "logger.wandb.enabled=false",
+    "callbacks.embedding_plot.enabled=false",  # t-SNE is the slowest evaluation callback
 ]
 
 
