@@ -75,8 +75,20 @@ def resume_path(run_dir: Path, resume: str) -> str | None:
     if resume != "auto":
         load_checkpoint(resume)  # fail early, with a clear message, before any process starts
         return str(resume)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.exists():
+    # last.ckpt, or a newer hpc_ckpt_<n>.ckpt that Lightning saved on SLURM's SIGUSR1 before a requeue
+    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    found = [p for p in candidates if p.exists()]
+    if not found:
         return None
-    load_checkpoint(last)
-    return str(last)
+    newest = max(found, key=_progress)
+    load_checkpoint(newest)
+    return str(newest)
+
+
+def _progress(path: Path) -> tuple[int, float]:
+    """(global step, mtime) of a checkpoint: which one is furthest along."""
+    try:
+        step = int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", -1))
+    except Exception:
+        step = -1  # unreadable: load_checkpoint reports it if it is the one chosen
+    return step, path.stat().st_mtime

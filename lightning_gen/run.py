@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
@@ -114,6 +116,10 @@ def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: b
         ),
         NonFiniteLossGuard(ckpt_dir),
     ]
+    if SLURMEnvironment.detect():  # Lightning's SIGUSR1 requeue, run where all ranks agree
+        from lightning_gen.cluster.requeue import RequeueAtStepBoundary
+
+        callbacks.append(RequeueAtStepBoundary(signal.SIGUSR1))
     if cfg.trainer.checkpoint_every_n_steps:
         callbacks.append(
             ModelCheckpoint(
@@ -221,6 +227,9 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path
             kwargs[optional] = t[optional]
     if isinstance(kwargs["devices"], DictConfig | list) or hasattr(kwargs["devices"], "_content"):
         kwargs["devices"] = list(kwargs["devices"])
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # slurm/job.sbatch asks for --signal=USR1@grace: save and requeue on it
+        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
     trainer = L.Trainer(
         **kwargs,
         strategy=t.strategy,
@@ -228,7 +237,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(run_dir),
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
     )
     trainer.lgen_channels_last = bool(t.channels_last)
     return trainer
@@ -323,8 +332,11 @@ def summarize(run: Run, seconds: float) -> dict[str, Any]:
             continue
         summary[key.removesuffix("_epoch")] = round(float(value), 4)
     wandb_dirs = sorted((run.run_dir / "wandb").glob("offline-run-*"))
-    if wandb_dirs:
-        summary["wandb_sync"] = f"wandb sync {wandb_dirs[-1]}"
+    if len(wandb_dirs) == 1:
+        summary["wandb_sync"] = f"wandb sync {wandb_dirs[0]}"
+    elif wandb_dirs:  # one offline dir per resumed segment (e.g. SLURM requeues), all with the same run id
+        segments = f"{run.run_dir / 'wandb'}/offline-run-*"
+        summary["wandb_sync"] = f"wandb sync {segments}   ({len(wandb_dirs)} segments of one run)"
     return summary
 
 

@@ -1,0 +1,57 @@
+"""Run Lightning's SLURM auto-requeue at a training-step boundary that all ranks agree on.
+
+Lightning's ``SLURMEnvironment`` installs a SIGUSR1 handler that saves ``hpc_ckpt_<n>.ckpt`` and
+calls ``scontrol requeue``. Python runs that handler wherever the signal lands: between
+``optimizer.step()`` and the step counter's increment (the checkpoint then holds one optimizer
+step more than its ``global_step``), or on one DDP rank while the other is inside a gradient
+all-reduce (the checkpoint's barrier then meets the wrong collective and can hang). This callback
+only notes the signal, agrees on it across ranks after each training batch, and then calls
+Lightning's own handler there, on every rank at the same step. It saves and requeues nothing
+itself: it changes *when* Lightning's handler runs, not what it does.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class RequeueAtStepBoundary(L.Callback):
+    def __init__(self, requeue_signal: signal.Signals = signal.SIGUSR1):
+        self.requeue_signal = requeue_signal
+        self.received = False
+        self._lightning_handler = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        environment = trainer._accelerator_connector.cluster_environment
+        handler = signal.getsignal(self.requeue_signal)
+        if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue and callable(handler)):
+            return
+        self._lightning_handler = handler  # what Lightning's signal connector registered
+        signal.signal(self.requeue_signal, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.received = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._lightning_handler is None:
+            return
+        flag = torch.tensor(float(self.received), device=pl_module.device)
+        if trainer.world_size > 1:  # one rank's signal is everyone's: all save and stop at this step
+            flag = trainer.strategy.reduce(flag, reduce_op="max")
+        if flag.item() > 0:
+            self.received = False
+            rank_zero_info(
+                f"[lgen] {self.requeue_signal.name}: checkpoint at step {trainer.global_step} and requeue"
+            )
+            self._lightning_handler(self.requeue_signal, None)
+            trainer.should_stop = True  # nothing more to do in this allocation; the requeued job continues
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self._lightning_handler is not None:
+            signal.signal(self.requeue_signal, self._lightning_handler)
+            self._lightning_handler = None
