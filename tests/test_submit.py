@@ -12,7 +12,7 @@ import torch
 from lightning_gen.checkpoint import resume_path
 from lightning_gen.cluster import submit
 from lightning_gen.config import ConfigError
-from lightning_gen.loggers import ResumableCSVLogger
+from lightning_gen.loggers import AppendingCSVLogger
 
 GPU_JOB = [
     "experiment=ae_digits",
@@ -196,11 +196,11 @@ def test_resume_picks_the_checkpoint_furthest_along(tmp_path):
 
 
 def test_csv_log_continues_across_resumes(tmp_path):
-    first = ResumableCSVLogger(save_dir=str(tmp_path), name="", version="")
+    first = AppendingCSVLogger(save_dir=str(tmp_path), name="", version="")
     first.log_metrics({"loss": 1.0}, step=0)
     first.log_metrics({"loss": 0.5}, step=1)
     first.save()
-    second = ResumableCSVLogger(save_dir=str(tmp_path), name="", version="")  # the resumed segment
+    second = AppendingCSVLogger(save_dir=str(tmp_path), name="", version="")  # the resumed segment
     second.log_metrics({"loss": 0.25, "lr": 0.1}, step=2)  # a new column rewrites the header
     second.save()
     with open(tmp_path / "metrics.csv") as handle:
