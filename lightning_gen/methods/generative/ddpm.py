@@ -49,6 +49,7 @@ class DDPM(GenerativeMethod):
 
     def __init__(self, cfg: DDPMConfig, data=None):
         super().__init__(cfg, data)
+        cfg = self.cfg  # a dict when rebuilt from a checkpoint; the base class made it the dataclass
         info = self.data_info
         self.conditional = cfg.conditional and info.num_classes > 0
         self.schedule = diffusion.NoiseSchedule.build(cfg.schedule_name, cfg.timesteps)

@@ -47,6 +47,7 @@ class RectifiedFlow(GenerativeMethod):
 
     def __init__(self, cfg: RectifiedFlowConfig, data=None):
         super().__init__(cfg, data)
+        cfg = self.cfg  # a dict when rebuilt from a checkpoint; the base class made it the dataclass
         info = self.data_info
         self.conditional = cfg.conditional and info.num_classes > 0
         self.net = UNet(

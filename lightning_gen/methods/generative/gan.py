@@ -47,6 +47,7 @@ class GAN(GenerativeMethod):
 
     def __init__(self, cfg: GANConfig, data=None):
         super().__init__(cfg, data)
+        cfg = self.cfg  # a dict when rebuilt from a checkpoint; the base class made it the dataclass
         self.automatic_optimization = False
         info = self.data_info
         self.conditional = cfg.conditional and info.num_classes > 0

@@ -40,6 +40,7 @@ class PixelCNN(GenerativeMethod):
 
     def __init__(self, cfg: PixelCNNConfig, data=None):
         super().__init__(cfg, data)
+        cfg = self.cfg  # a dict when rebuilt from a checkpoint; the base class made it the dataclass
         self.net = PixelCNNNet(self.data_info.channels, cfg.width, cfg.blocks, cfg.kernel_size)
         self.setup_ema("net")
 

@@ -61,6 +61,7 @@ class VAE(GenerativeMethod):
 
     def __init__(self, cfg: VAEConfig, data=None):
         super().__init__(cfg, data)
+        cfg = self.cfg  # a dict when rebuilt from a checkpoint; the base class made it the dataclass
         info = self.data_info
         self.nets = VAENets(info.channels, info.image_size, cfg.latent_dim, cfg.width, cfg.decoder == "gaussian_learned")
         self.setup_ema("nets")
