@@ -17,4 +17,4 @@ for m in ${METHODS:-vae gan pixelcnn ddpm flow ddpm_cfg}; do
   fi
 done
 python benchmarks/sampling.py --ddpm runs/ddpm_digits/readme/checkpoints/last.ckpt \
-  --flow runs/flow_digits/readme/checkpoints/last.ckpt --n 1000
+  --flow runs/flow_digits/readme/checkpoints/last.ckpt --n 500

@@ -234,6 +234,9 @@ def train(cfg: DictConfig) -> Run:
         validates = cfg.trainer.limit_val_batches != 0
         callbacks = build_callbacks(cfg, method, run_dir, validates)
         loggers = build_loggers(cfg, run_dir)
+        if getattr(method, "ddp_find_unused_parameters", False) and cfg.trainer.strategy in ("auto", "ddp"):
+            # e.g. a GAN's D step leaves G without gradients: DDP must be told (only matters with >1 process)
+            cfg.trainer.strategy = "ddp_find_unused_parameters_true" if _multi_process(cfg) else cfg.trainer.strategy
         trainer = build_trainer(cfg, callbacks, loggers, run_dir)
         for logger in loggers:
             logger.log_hyperparams(to_dict(cfg))
@@ -249,6 +252,12 @@ def train(cfg: DictConfig) -> Run:
             os.environ.pop(RUN_ID_ENV, None)
         else:
             os.environ[RUN_ID_ENV] = previous_env
+
+
+def _multi_process(cfg: DictConfig) -> bool:
+    devices = cfg.trainer.devices
+    count = len(devices) if not isinstance(devices, int | str) else (int(devices) if str(devices).isdigit() else 2)
+    return count * cfg.trainer.num_nodes > 1
 
 
 @rank_zero_only
