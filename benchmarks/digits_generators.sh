@@ -3,6 +3,8 @@
 # and the sampler benchmark. Usage: bash benchmarks/digits_generators.sh [extra overrides for every run]
 set -euo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# small tensors: one thread per process avoids thread-pool thrashing on a shared CPU (set it higher on your own box)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 LGEN="python -m lightning_gen"
 RUN="run_id=readme logger.wandb.enabled=false trainer.enable_progress_bar=false"
 mkdir -p docs/images

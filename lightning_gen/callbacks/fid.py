@@ -90,6 +90,24 @@ def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
     return float(fid.compute())
 
 
+def fid_kid_from_shards(real: torch.Tensor, fake: torch.Tensor, device, kid: bool = True, kid_subsets: int = 50,
+                        kid_subset_size: int = 1000) -> dict[tuple[str, str], float]:
+    """FID (and KID) from this rank's share of real and fake features; torchmetrics syncs the states
+    over ranks in ``compute`` (FID: sums, KID: concatenation), so every rank gets the global value
+    as long as each feature sits on exactly one rank."""
+    fid, kid_metric = fid_kid_metrics(real.shape[1], kid, kid_subsets, kid_subset_size)
+    for metric in filter(None, (fid, kid_metric)):
+        metric.to(device)  # states live where the process group can reduce them (NCCL: on the GPU)
+        metric.update(real.to(device), real=True)
+        if len(fake):
+            metric.update(fake.to(device), real=False)
+    results = {("fid", ""): float(fid.compute())}
+    if kid_metric is not None:
+        kid_mean, kid_std = kid_metric.compute()
+        results.update({("kid", ""): float(kid_mean), ("kid", "_std"): float(kid_std)})
+    return results
+
+
 class InceptionFeatures(nn.Module):
     """pool3 (2048-d) features of torchmetrics' FID InceptionV3, weights from a local file."""
 
@@ -222,18 +240,13 @@ class FID(L.Callback):
         rank, world = trainer.global_rank, trainer.world_size
         fake = self.generate_features(trainer, module)
         n_real = len(self.real)
-        subset = min(self.cfg.kid_subset_size, n_real, self.cfg.num_samples)
-        fid, kid = fid_kid_metrics(self.real.shape[1], self.cfg.kid, self.cfg.kid_subsets, subset)
-        device = module.device  # metric states live where the process group can reduce them (NCCL: GPU)
-        for metric in filter(None, (fid, kid)):
-            metric.to(device)
-            metric.update(self.real[rank::world].to(device), real=True)  # each real image once after the sync
-            if len(fake):
-                metric.update(fake.to(device), real=False)
-        results = {f"val/fid_{self.name}": float(fid.compute())}
-        if kid is not None:
-            kid_mean, kid_std = kid.compute()
-            results.update({f"val/kid_{self.name}": float(kid_mean), f"val/kid_{self.name}_std": float(kid_std)})
+        results = {
+            f"val/{k}_{self.name}{suffix}": v
+            for (k, suffix), v in fid_kid_from_shards(
+                self.real[rank::world], fake, module.device, self.cfg.kid, self.cfg.kid_subsets,
+                min(self.cfg.kid_subset_size, n_real, self.cfg.num_samples),
+            ).items()
+        }
         if self.floor is None and self.cfg.floor_split:
             held_out = self.real_features(trainer, module, self.cfg.floor_split)
             self.floor = self._local_fid(self.real, held_out)

@@ -62,6 +62,7 @@ class GenerativeMethod(Method):
         if cond is not None and not self.conditional:
             raise ValueError(f"this {self.registry_name} model is unconditional: it cannot sample a given class "
                              "(train with method.num_classes>0 / method.conditional=true)")
+        cond = None if cond is None else torch.as_tensor(cond)
         if cond is not None and ((cond < 0) | (cond >= self.data_info.num_classes)).any():
             raise ValueError(f"class labels must be in 0..{self.data_info.num_classes - 1}, got {cond.unique().tolist()}")
 
