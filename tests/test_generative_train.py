@@ -83,7 +83,7 @@ def test_generator_trains_logs_fid_and_samples(method, extractor, tmp_path):
 def test_ddpm_ddp_with_fid_then_resume_keeps_ema_and_cached_real_statistics(extractor, tmp_path):
     cache = tmp_path / "cache"
     common = ["experiment=ddpm_digits", *FAST, *TINY["ddpm"], *fid_args(extractor, cache), "run_id=r",
-              "trainer.limit_train_batches=1", "method.ema_warmup=false", "method.ema_decay=0.9"]
+              "data.batch_size=2048", "method.ema_warmup=false", "method.ema_decay=0.9"]  # one batch an epoch
     first = lgen("train", *common, "trainer.devices=2", "trainer.accelerator=cpu", cwd=tmp_path)
     assert "computed and cached" in first.stdout + first.stderr
     run_dir = tmp_path / "runs" / "ddpm_digits" / "r"
@@ -130,9 +130,11 @@ def test_conditional_gan_ddp_manual_optimisation_with_k_d_steps(tmp_path):
     rows = metrics(run_dir)
     assert last_value(rows, "train/g_loss_step") > 0
     # the LR follows the batch count (4 batches planned), not global_step, which runs 1.5x faster
-    expected = {round(2e-4 * schedules.warmup_cosine(b, 4, 0, 0.0), 12) for b in range(4)}
-    logged = {round(float(r["lr"]), 12) for r in rows if r.get("lr")}
-    assert logged and logged <= expected, (logged, expected)
+    expected = [2e-4 * schedules.warmup_cosine(b, 4, 0, 0.0) for b in range(4)]
+    logged = [float(r["lr"]) for r in rows if r.get("lr")]
+    assert len(logged) >= 3 and min(logged) > 0  # keyed on global_step, the last batches would get lr 0
+    for lr in logged:
+        assert any(lr == pytest.approx(e, rel=1e-6) for e in expected), (lr, expected)
     method = load_method(str(run_dir / "checkpoints" / "last.ckpt"))
     images = method.sample(10, cond=torch.arange(10))
     assert images.shape == (10, 1, 16, 16) and 0 <= images.min() and images.max() <= 1
