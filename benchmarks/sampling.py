@@ -50,7 +50,9 @@ def run(method, n: int, batch: int, device, **options) -> tuple[torch.Tensor, fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ddpm", required=True)
     parser.add_argument("--flow")
     parser.add_argument("--n", type=int, default=1000)

@@ -10,8 +10,8 @@ the paper's alpha-bar_t and ``alpha_bar_prev[i]`` is alpha-bar_{t-1} (1 for the 
     q(x_{t-1} | x_t, x_0)  = N(mu~_t, beta~_t I)
     mu~_t   = sqrt(ab_{t-1}) beta_t / (1 - ab_t) x_0 + sqrt(alpha_t) (1 - ab_{t-1}) / (1 - ab_t) x_t
     beta~_t = (1 - ab_{t-1}) / (1 - ab_t) beta_t
-    mu_theta(x_t, t) = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - ab_t) eps_theta)   (1/sqrt(alpha_t), *not* alpha-bar:
-                                                                                  an erratum of the notes)
+    mu_theta(x_t, t) = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - ab_t) eps_theta)
+                       (1/sqrt(alpha_t), *not* 1/sqrt(alpha-bar_t): an erratum of the notes)
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ class NoiseSchedule:
         ab = self._at(self.alpha_bar, i, xt)
         return (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
 
-    def posterior(self, x0: torch.Tensor, xt: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def posterior(
+        self, x0: torch.Tensor, xt: torch.Tensor, i: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of q(x_{t-1} | x_t, x_0)."""
         beta, ab = self._at(self.betas, i, xt), self._at(self.alpha_bar, i, xt)
         ab_prev, alpha = self._at(self.alpha_bar_prev, i, xt), self._at(self.alphas, i, xt)
@@ -87,7 +89,11 @@ class NoiseSchedule:
 
     def model_mean(self, xt: torch.Tensor, i: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """mu_theta = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - ab_t) eps)  (Algorithm 2, line 4)."""
-        beta, ab, alpha = self._at(self.betas, i, xt), self._at(self.alpha_bar, i, xt), self._at(self.alphas, i, xt)
+        beta, ab, alpha = (
+            self._at(self.betas, i, xt),
+            self._at(self.alpha_bar, i, xt),
+            self._at(self.alphas, i, xt),
+        )
         return (xt - beta / (1 - ab).sqrt() * eps) / alpha.sqrt()
 
 
@@ -113,13 +119,20 @@ def guided(fn: Callable, labels: torch.Tensor | None, null_label: int, w: float)
 
 
 def _noise(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
+    return torch.randn(shape, generator=generator, device=generator.device if generator else device).to(
+        device
+    )
 
 
 @torch.no_grad()
 def ddpm_sample(
-    eps_fn: EpsFn, schedule: NoiseSchedule, shape: tuple[int, ...], device="cpu",
-    generator: torch.Generator | None = None, variance: str = "beta", clip: float | None = None,
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    device="cpu",
+    generator: torch.Generator | None = None,
+    variance: str = "beta",
+    clip: float | None = None,
 ) -> torch.Tensor:
     """Algorithm 2 of Ho et al.: x_T ~ N(0, I); x_{t-1} = mu_theta(x_t, t) + sigma_t z, sigma_t^2 = beta_t.
 
@@ -152,8 +165,14 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:
 
 @torch.no_grad()
 def ddim_sample(
-    eps_fn: EpsFn, schedule: NoiseSchedule, shape: tuple[int, ...], steps: int = 50, eta: float = 0.0,
-    device="cpu", generator: torch.Generator | None = None, clip: float | None = None,
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    steps: int = 50,
+    eta: float = 0.0,
+    device="cpu",
+    generator: torch.Generator | None = None,
+    clip: float | None = None,
 ) -> torch.Tensor:
     """Song et al. 2021 (DDIM) on a subsequence of the training steps; eta = 0 is deterministic.
 
@@ -180,8 +199,11 @@ def ddim_sample(
 
 @torch.no_grad()
 def euler_flow_sample(
-    v_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tuple[int, ...], steps: int = 50,
-    device="cpu", generator: torch.Generator | None = None,
+    v_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    shape: tuple[int, ...],
+    steps: int = 50,
+    device="cpu",
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Rectified flow: integrate dx/dt = v from t = 1 (noise) to t = 0 (data) with N Euler steps.
 

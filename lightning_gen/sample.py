@@ -28,19 +28,25 @@ def parse(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         kind = COMMON.get(key) or METHOD_OPTIONS.get(key)
         if not sep or kind is None:
-            raise ConfigError(f"lgen sample: cannot read {item!r}; use key=value with keys "
-                              f"{', '.join([*COMMON, *METHOD_OPTIONS])}")
+            raise ConfigError(
+                f"lgen sample: cannot read {item!r}; use key=value with keys "
+                f"{', '.join([*COMMON, *METHOD_OPTIONS])}"
+            )
         try:
             values[key] = kind(value)
         except ValueError as error:
             raise ConfigError(f"lgen sample: {key} must be {kind.__name__}, got {value!r}") from error
     if "ckpt" not in values:
-        raise ConfigError("lgen sample: say which checkpoint: ckpt=runs/<experiment>/<run>/checkpoints/last.ckpt")
+        raise ConfigError(
+            "lgen sample: say which checkpoint: ckpt=runs/<experiment>/<run>/checkpoints/last.ckpt"
+        )
     return values
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("options", nargs="*", help="key=value: ckpt= n= out= class= sampler= steps= guidance= ...")
+    parser.add_argument(
+        "options", nargs="*", help="key=value: ckpt= n= out= class= sampler= steps= guidance= ..."
+    )
 
 
 def main(args) -> int:
@@ -49,13 +55,17 @@ def main(args) -> int:
     opts = parse(args.options)
     method = load_method(opts["ckpt"])
     if not getattr(method, "is_generative", False):
-        raise ConfigError(f"{opts['ckpt']} is a {method.registry_name} checkpoint, which is not a generator: "
-                          "lgen sample needs a vae, gan, ddpm, flow or pixelcnn checkpoint")
+        raise ConfigError(
+            f"{opts['ckpt']} is a {method.registry_name} checkpoint, which is not a generator: "
+            "lgen sample needs a vae, gan, ddpm, flow or pixelcnn checkpoint"
+        )
     extra = {k: v for k, v in opts.items() if k in METHOD_OPTIONS}
     unsupported = sorted(set(extra) - set(method.sample_options))
     if unsupported:
-        raise ConfigError(f"{method.registry_name} does not take sampling option(s) {', '.join(unsupported)}; "
-                          f"it takes: {', '.join(method.sample_options) or 'none besides n, seed, out'}")
+        raise ConfigError(
+            f"{method.registry_name} does not take sampling option(s) {', '.join(unsupported)}; "
+            f"it takes: {', '.join(method.sample_options) or 'none besides n, seed, out'}"
+        )
     device = opts.get("device", "auto")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     method.to(device)
@@ -73,5 +83,8 @@ def main(args) -> int:
     seconds = time.time() - started
     out = opts.get("out", "samples.png")
     save_image(images.float().cpu(), out, nrow=opts.get("nrow", 8), padding=1, pad_value=1.0)
-    print(f"[sample] {len(images)} {method.registry_name} samples in {seconds:.1f}s ({seconds / len(images) * 1000:.1f} ms/image) -> {out}")
+    print(
+        f"[sample] {len(images)} {method.registry_name} samples in {seconds:.1f}s "
+        f"({seconds / len(images) * 1000:.1f} ms/image) -> {out}"
+    )
     return 0

@@ -51,8 +51,14 @@ def _worker(rank: int, world: int, port: int, real: torch.Tensor, fake: torch.Te
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         # as in the callback: each rank holds a slice of the real and of the generated features
-        result = fid_kid_from_shards(real[rank::world], fake[rank::world], "cpu", kid=True, kid_subsets=1,
-                                     kid_subset_size=min(len(real), len(fake)))
+        result = fid_kid_from_shards(
+            real[rank::world],
+            fake[rank::world],
+            "cpu",
+            kid=True,
+            kid_subsets=1,
+            kid_subset_size=min(len(real), len(fake)),
+        )
         out[rank] = result
     finally:
         dist.destroy_process_group()

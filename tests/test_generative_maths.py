@@ -21,7 +21,9 @@ def test_linear_alpha_bar_is_the_running_product():
     assert s.betas.numpy() == pytest.approx(betas, rel=1e-12)
     expected = np.array([np.prod(1 - betas[: t + 1]) for t in range(1000)])
     assert s.alpha_bar.numpy() == pytest.approx(expected, rel=1e-10)
-    assert s.alpha_bar_prev[0] == 1 and s.alpha_bar_prev[1:].numpy() == pytest.approx(expected[:-1], rel=1e-10)
+    assert s.alpha_bar_prev[0] == 1 and s.alpha_bar_prev[1:].numpy() == pytest.approx(
+        expected[:-1], rel=1e-10
+    )
 
 
 def test_cosine_alpha_bar_follows_the_cosine_formula():
@@ -59,18 +61,26 @@ def test_posterior_mean_and_variance_equal_gaussian_conditioning():
         # x_{t-1} = sqrt(ab_prev) x0 + sqrt(1-ab_prev) e1;  x_t = sqrt(1-beta) x_{t-1} + sqrt(beta) e2
         mean = np.array([math.sqrt(ab_prev) * x0, math.sqrt(1 - beta) * math.sqrt(ab_prev) * x0])
         var_prev = 1 - ab_prev
-        cov = np.array([[var_prev, math.sqrt(1 - beta) * var_prev],
-                        [math.sqrt(1 - beta) * var_prev, (1 - beta) * var_prev + beta]])
+        cov = np.array(
+            [
+                [var_prev, math.sqrt(1 - beta) * var_prev],
+                [math.sqrt(1 - beta) * var_prev, (1 - beta) * var_prev + beta],
+            ]
+        )
         cond_mean = mean[0] + cov[0, 1] / cov[1, 1] * (xt - mean[1])
         cond_var = cov[0, 0] - cov[0, 1] ** 2 / cov[1, 1]
         i = torch.tensor([step])
-        m, v = s.posterior(torch.tensor([[x0]], dtype=torch.float64), torch.tensor([[xt]], dtype=torch.float64), i)
+        m, v = s.posterior(
+            torch.tensor([[x0]], dtype=torch.float64), torch.tensor([[xt]], dtype=torch.float64), i
+        )
         assert m.item() == pytest.approx(cond_mean, rel=1e-10)
         assert v.item() == pytest.approx(cond_var, rel=1e-10)
         # with the true noise, Algorithm 2's mean (1/sqrt(alpha_t), not alpha-bar) is the posterior mean
         ab = s.alpha_bar[step].item()
         eps = (xt - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
-        mm = s.model_mean(torch.tensor([[xt]], dtype=torch.float64), i, torch.tensor([[eps]], dtype=torch.float64))
+        mm = s.model_mean(
+            torch.tensor([[xt]], dtype=torch.float64), i, torch.tensor([[eps]], dtype=torch.float64)
+        )
         assert mm.item() == pytest.approx(cond_mean, rel=1e-10)
 
 
@@ -114,8 +124,12 @@ def test_gan_losses_equal_their_log_formulas():
     d_real, d_fake = torch.sigmoid(real).double(), torch.sigmoid(fake).double()
     d_loss = -(torch.log(d_real) + torch.log(1 - d_fake)).mean()
     assert gan.discriminator_loss(real, fake).item() == pytest.approx(d_loss.item(), rel=1e-5)
-    assert gan.generator_loss(fake, "non_saturating").item() == pytest.approx(-torch.log(d_fake).mean().item(), rel=1e-5)
-    assert gan.generator_loss(fake, "minimax").item() == pytest.approx(torch.log(1 - d_fake).mean().item(), rel=1e-5)
+    assert gan.generator_loss(fake, "non_saturating").item() == pytest.approx(
+        -torch.log(d_fake).mean().item(), rel=1e-5
+    )
+    assert gan.generator_loss(fake, "minimax").item() == pytest.approx(
+        torch.log(1 - d_fake).mean().item(), rel=1e-5
+    )
     # the non-saturating loss keeps its gradient where D confidently rejects the fakes
     saturated = torch.tensor([-12.0], requires_grad=True)
     gan.generator_loss(saturated, "minimax").backward()

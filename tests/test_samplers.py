@@ -69,15 +69,21 @@ def test_ddim_reproduces_the_data_gaussian_deterministic_and_stochastic():
     schedule = diffusion.NoiseSchedule.cosine(1000)
     for steps, eta in [(250, 0.0), (250, 1.0)]:
         g = torch.Generator().manual_seed(1)
-        x = diffusion.ddim_sample(optimal_eps(schedule), schedule, (N, 2), steps=steps, eta=eta, generator=g).double()
+        x = diffusion.ddim_sample(
+            optimal_eps(schedule), schedule, (N, 2), steps=steps, eta=eta, generator=g
+        ).double()
         assert_moments(x)
 
 
 def test_ddim_with_eta_1_and_all_steps_is_ddpm_with_posterior_variance():
     schedule = diffusion.NoiseSchedule.linear(100, 1e-3, 0.2)
     eps = optimal_eps(schedule)
-    a = diffusion.ddim_sample(eps, schedule, (50, 2), steps=100, eta=1.0, generator=torch.Generator().manual_seed(3))
-    b = diffusion.ddpm_sample(eps, schedule, (50, 2), generator=torch.Generator().manual_seed(3), variance="posterior")
+    a = diffusion.ddim_sample(
+        eps, schedule, (50, 2), steps=100, eta=1.0, generator=torch.Generator().manual_seed(3)
+    )
+    b = diffusion.ddpm_sample(
+        eps, schedule, (50, 2), generator=torch.Generator().manual_seed(3), variance="posterior"
+    )
     assert torch.allclose(a.double(), b.double(), atol=1e-4)
 
 

@@ -49,7 +49,9 @@ class FIDConfig(CallbackConfig):
     every_n_epochs: int = 5
     num_samples: int = 1000  # generated images per evaluation, over all ranks
     batch_size: int = 250  # images generated per call on one rank
-    extractor: str = choice("auto", "auto", "domain", "inception")  # auto: domain for digits/MNIST, else inception
+    extractor: str = choice(
+        "auto", "auto", "domain", "inception"
+    )  # auto: domain for digits/MNIST, else inception
     domain_extractor_path: str | None = None  # default fid_extractors/<data>_<size>px.pt
     inception_path: str = "weights/weights-inception-2015-12-05-6726825d.pth"
     antialias: bool = True  # Inception resize; false matches torch-fidelity / TF FID
@@ -77,8 +79,12 @@ def fid_kid_metrics(num_features: int, kid: bool, kid_subsets: int, kid_subset_s
     fid = FrechetInceptionDistance(feature=PrecomputedFeatures(num_features), reset_real_features=True)
     kid_metric = None
     if kid:
-        kid_metric = KernelInceptionDistance(feature=PrecomputedFeatures(num_features), subsets=kid_subsets,
-                                             subset_size=kid_subset_size, reset_real_features=True)
+        kid_metric = KernelInceptionDistance(
+            feature=PrecomputedFeatures(num_features),
+            subsets=kid_subsets,
+            subset_size=kid_subset_size,
+            reset_real_features=True,
+        )
     return fid, kid_metric
 
 
@@ -90,8 +96,14 @@ def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
     return float(fid.compute())
 
 
-def fid_kid_from_shards(real: torch.Tensor, fake: torch.Tensor, device, kid: bool = True, kid_subsets: int = 50,
-                        kid_subset_size: int = 1000) -> dict[tuple[str, str], float]:
+def fid_kid_from_shards(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    device,
+    kid: bool = True,
+    kid_subsets: int = 50,
+    kid_subset_size: int = 1000,
+) -> dict[tuple[str, str], float]:
     """FID (and KID) from this rank's share of real and fake features; torchmetrics syncs the states
     over ranks in ``compute`` (FID: sums, KID: concatenation), so every rank gets the global value
     as long as each feature sits on exactly one rank."""
@@ -119,13 +131,17 @@ class InceptionFeatures(nn.Module):
             raise ConfigError(
                 f"Inception weights for FID not found at {weights_path} (callbacks.fid.inception_path). "
                 f"Download {INCEPTION_URL} (torch-fidelity's FID Inception, the file torchmetrics uses) "
-                f"to that path on a machine with internet access, or use callbacks.fid.extractor=domain on digits/MNIST."
+                f"to that path on a machine with internet access, "
+                f"or use callbacks.fid.extractor=domain on digits/MNIST."
             )
         try:
             from torchmetrics.image.fid import NoTrainInceptionV3
+
             self.net = NoTrainInceptionV3("inception-v3-compat", ["2048"], weights_path, antialias=antialias)
         except ModuleNotFoundError as error:
-            raise ConfigError(f"Inception FID needs torch-fidelity: pip install torch-fidelity ({error})") from error
+            raise ConfigError(
+                f"Inception FID needs torch-fidelity: pip install torch-fidelity ({error})"
+            ) from error
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
@@ -134,7 +150,7 @@ class InceptionFeatures(nn.Module):
 
 @register_callback("fid", FIDConfig)
 class FID(L.Callback):
-    """FID and KID of EMA samples every N epochs (domain extractor or local-file Inception), real stats cached."""
+    """FID and KID of EMA samples every N epochs (domain or local Inception features), real stats cached."""
 
     def __init__(self, cfg: FIDConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -150,8 +166,10 @@ class FID(L.Callback):
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         if not getattr(module, "is_generative", False):
-            raise ConfigError(f"callbacks.fid needs a generator; method {module.registry_name!r} cannot sample. "
-                              "Disable it with callbacks.fid.enabled=false")
+            raise ConfigError(
+                f"callbacks.fid needs a generator; method {module.registry_name!r} cannot sample. "
+                "Disable it with callbacks.fid.enabled=false"
+            )
         data = module.data_info
         kind = self.cfg.extractor
         if kind == "auto":
@@ -162,14 +180,17 @@ class FID(L.Callback):
             path = Path(self.cfg.domain_extractor_path or default_path(data.name, data.image_size))
             if not path.is_file():
                 raise ConfigError(
-                    f"FID on {data.name} uses a domain feature extractor, not found at {path}. Train it once with\n"
+                    f"FID on {data.name} uses a domain feature extractor, not found at {path}. "
+                    f"Train it once with\n"
                     f"  lgen fid-extractor data={data.name} data.image_size={data.image_size}\n"
                     f"(about a minute on a CPU), or set callbacks.fid.domain_extractor_path, "
                     f"or callbacks.fid.extractor=inception, or callbacks.fid.enabled=false."
                 )
             self.extractor, blob = load_extractor(path)
             self.name = blob["data"]
-            self.extractor_id = f"{blob['data']}{blob['image_size']}-" + hashlib.sha1(path.read_bytes()).hexdigest()[:10]
+            self.extractor_id = (
+                f"{blob['data']}{blob['image_size']}-" + hashlib.sha1(path.read_bytes()).hexdigest()[:10]
+            )
         else:
             self.extractor = InceptionFeatures(self.cfg.inception_path, self.cfg.antialias)
             self.name = "inception"
@@ -181,7 +202,9 @@ class FID(L.Callback):
         for volatile in ("batch_size", "eval_batch_size", "num_workers", "pin_memory", "download", "root"):
             dm.pop(volatile, None)
         size = trainer.lightning_module.data_info.image_size
-        key = json.dumps({"data": dm, "split": split, "extractor": self.extractor_id, "resolution": size}, sort_keys=True)
+        key = json.dumps(
+            {"data": dm, "split": split, "extractor": self.extractor_id, "resolution": size}, sort_keys=True
+        )
         digest = hashlib.sha1(key.encode()).hexdigest()[:12]
         folder = Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.run_dir.parent.parent / "fid_cache"
         return folder / f"{dm_cfg.name}_{split}_{self.extractor_id}_{size}px_{digest}.pt", key
@@ -210,8 +233,10 @@ class FID(L.Callback):
             raise RuntimeError(f"FID cache {path} holds features for another setting; delete it to recompute")
         if split == self.cfg.real_split:
             self.real_source, self.cache_key = source, key
-        rank_zero_info(f"[fid] real features of {split!r} ({len(blob['features'])} images): "
-                       f"{'computed and cached at' if source == 'computed' else 'loaded from cache'} {path}")
+        rank_zero_info(
+            f"[fid] real features of {split!r} ({len(blob['features'])} images): "
+            f"{'computed and cached at' if source == 'computed' else 'loaded from cache'} {path}"
+        )
         return blob["features"]
 
     # ------------------------------------------------------------------ evaluation
@@ -243,7 +268,11 @@ class FID(L.Callback):
         results = {
             f"val/{k}_{self.name}{suffix}": v
             for (k, suffix), v in fid_kid_from_shards(
-                self.real[rank::world], fake, module.device, self.cfg.kid, self.cfg.kid_subsets,
+                self.real[rank::world],
+                fake,
+                module.device,
+                self.cfg.kid,
+                self.cfg.kid_subsets,
                 min(self.cfg.kid_subset_size, n_real, self.cfg.num_samples),
             ).items()
         }
@@ -251,14 +280,18 @@ class FID(L.Callback):
             held_out = self.real_features(trainer, module, self.cfg.floor_split)
             self.floor = self._local_fid(self.real, held_out)
             results[f"val/fid_{self.name}_floor"] = self.floor
-            rank_zero_info(f"[fid] real-vs-real floor ({self.cfg.real_split} {n_real} vs {self.cfg.floor_split} "
-                           f"{len(held_out)} images): {self.floor:.3f}")
+            rank_zero_info(
+                f"[fid] real-vs-real floor ({self.cfg.real_split} {n_real} vs {self.cfg.floor_split} "
+                f"{len(held_out)} images): {self.floor:.3f}"
+            )
         if self.name == "inception":
             results["val/fid_inception_antialias"] = float(self.cfg.antialias)
         for name, value in results.items():
             module.log(name, value, sync_dist=False, rank_zero_only=False)
-        rank_zero_info(f"[fid] epoch {trainer.current_epoch} ({self.cfg.num_samples} samples vs {n_real} real): "
-                       + " ".join(f"{k}={v:.4f}" for k, v in results.items()))
+        rank_zero_info(
+            f"[fid] epoch {trainer.current_epoch} ({self.cfg.num_samples} samples vs {n_real} real): "
+            + " ".join(f"{k}={v:.4f}" for k, v in results.items())
+        )
         self.last = results
         return results
 

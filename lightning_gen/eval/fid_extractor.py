@@ -41,14 +41,25 @@ class DomainFeatureNet(nn.Module):
             return [nn.Conv2d(i, o, 3, stride, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
 
         self.body = nn.Sequential(
-            *block(channels, width, 1), *block(width, 2 * width, 2), *block(2 * width, 2 * width, 1),
-            *block(2 * width, 4 * width, 2), *block(4 * width, 4 * width, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            *block(channels, width, 1),
+            *block(width, 2 * width, 2),
+            *block(2 * width, 2 * width, 1),
+            *block(2 * width, 4 * width, 2),
+            *block(4 * width, 4 * width, 1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.classifier = nn.Linear(4 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(
+                x,
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )
         return self.body((x - 0.5) / 0.5)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,8 +78,9 @@ def _images(loader) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-def train_extractor(datamodule, epochs: int = 15, lr: float = 2e-3, width: int = 32, seed: int = 0,
-                    log=print) -> tuple[DomainFeatureNet, float]:
+def train_extractor(
+    datamodule, epochs: int = 15, lr: float = 2e-3, width: int = 32, seed: int = 0, log=print
+) -> tuple[DomainFeatureNet, float]:
     """Train on the train split (random 1-pixel-per-8 shifts as augmentation); accuracy on the test split."""
     torch.manual_seed(seed)
     datamodule.setup("fit")
@@ -102,7 +114,9 @@ def train_extractor(datamodule, epochs: int = 15, lr: float = 2e-3, width: int =
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("overrides", nargs="*", help="data=NAME, data.key=value, and epochs= lr= width= out= seed=")
+    parser.add_argument(
+        "overrides", nargs="*", help="data=NAME, data.key=value, and epochs= lr= width= out= seed="
+    )
 
 
 def main(args) -> int:
@@ -117,18 +131,36 @@ def main(args) -> int:
         else:
             overrides.append(item)
     if not any(o.startswith("data=") for o in overrides):
-        raise ConfigError("say which dataset: lgen fid-extractor data=digits (or data=mnist, data=fashion_mnist)")
+        raise ConfigError(
+            "say which dataset: lgen fid-extractor data=digits (or data=mnist, data=fashion_mnist)"
+        )
     cfg = compose(overrides)
     datamodule = registry.build("data", section_object(cfg.data))
     started = time.time()
-    net, accuracy = train_extractor(datamodule, options.get("epochs", 15), options.get("lr", 2e-3),
-                                    options.get("width", 32), options.get("seed", 0))
+    net, accuracy = train_extractor(
+        datamodule,
+        options.get("epochs", 15),
+        options.get("lr", 2e-3),
+        options.get("width", 32),
+        options.get("seed", 0),
+    )
     info = datamodule.info
     out = Path(options.get("out") or default_path(info.name, info.image_size))
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": net.state_dict(), "channels": info.channels, "image_size": info.image_size,
-                "num_classes": info.num_classes, "width": options.get("width", 32), "data": info.name,
-                "test_accuracy": accuracy}, out)
-    print(f"[fid-extractor] {info.name} {info.image_size}px: test accuracy {accuracy:.4f}, "
-          f"{net.num_features}-d features, {time.time() - started:.0f}s -> {out}")
+    torch.save(
+        {
+            "state_dict": net.state_dict(),
+            "channels": info.channels,
+            "image_size": info.image_size,
+            "num_classes": info.num_classes,
+            "width": options.get("width", 32),
+            "data": info.name,
+            "test_accuracy": accuracy,
+        },
+        out,
+    )
+    print(
+        f"[fid-extractor] {info.name} {info.image_size}px: test accuracy {accuracy:.4f}, "
+        f"{net.num_features}-d features, {time.time() - started:.0f}s -> {out}"
+    )
     return 0

@@ -1,7 +1,7 @@
 """VAE evidence lower bound pieces (methods.md §1.3): closed-form KL, decoder likelihoods, bits/dim.
 
-    ELBO(x) = E_{z~q(z|x)}[log p(x|z)] - KL(q(z|x) || N(0, I))
-    KL(N(mu, diag sigma^2) || N(0, I)) = 1/2 sum_j (mu_j^2 + sigma_j^2 - log sigma_j^2 - 1)
+ELBO(x) = E_{z~q(z|x)}[log p(x|z)] - KL(q(z|x) || N(0, I))
+KL(N(mu, diag sigma^2) || N(0, I)) = 1/2 sum_j (mu_j^2 + sigma_j^2 - log sigma_j^2 - 1)
 """
 
 from __future__ import annotations

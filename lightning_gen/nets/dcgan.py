@@ -42,10 +42,16 @@ class Generator(nn.Module):
         self.z_dim, self.num_classes = z_dim, num_classes
         self.class_emb = nn.Embedding(num_classes, z_dim) if num_classes > 0 else None
         layers: list[nn.Module] = [
-            nn.ConvTranspose2d(z_dim, channels, 4, 1, 0, bias=False), nn.BatchNorm2d(channels), nn.ReLU(True)
+            nn.ConvTranspose2d(z_dim, channels, 4, 1, 0, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(True),
         ]
         for _ in range(levels - 1):
-            layers += [nn.ConvTranspose2d(channels, channels // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(channels // 2), nn.ReLU(True)]
+            layers += [
+                nn.ConvTranspose2d(channels, channels // 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(channels // 2),
+                nn.ReLU(True),
+            ]
             channels //= 2
         layers += [nn.ConvTranspose2d(channels, out_channels, 4, 2, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
@@ -68,7 +74,11 @@ class Discriminator(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         channels = width
         for _ in range(levels - 1):
-            layers += [nn.Conv2d(channels, channels * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(channels * 2), nn.LeakyReLU(0.2, True)]
+            layers += [
+                nn.Conv2d(channels, channels * 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(channels * 2),
+                nn.LeakyReLU(0.2, True),
+            ]
             channels *= 2
         self.features = nn.Sequential(*layers)
         self.head = nn.Conv2d(channels, 1, 4, 1, 0)  # 4x4 -> 1x1: the paper's last conv, no FC layer

@@ -55,12 +55,16 @@ class PixelCNN(nn.Module):
     def __init__(self, data_channels: int, width: int = 64, blocks: int = 5, kernel_size: int = 5):
         super().__init__()
         if width % data_channels:
-            raise ValueError(f"width {width} must be divisible by the number of image channels {data_channels}")
+            raise ValueError(
+                f"width {width} must be divisible by the number of image channels {data_channels}"
+            )
         self.data_channels = data_channels
         self.stem = MaskedConv2d(data_channels, width, 7, "A", data_channels)
         self.blocks = nn.Sequential(*[GatedBlock(width, kernel_size, data_channels) for _ in range(blocks)])
         self.head = nn.Sequential(
-            nn.ReLU(), MaskedConv2d(width, width, 1, "B", data_channels), nn.ReLU(),
+            nn.ReLU(),
+            MaskedConv2d(width, width, 1, "B", data_channels),
+            nn.ReLU(),
             MaskedConv2d(width, 256 * data_channels, 1, "B", data_channels),
         )
 

@@ -47,7 +47,11 @@ class Attention(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.norm, self.qkv, self.out = _norm(channels), nn.Conv2d(channels, 3 * channels, 1), nn.Conv2d(channels, channels, 1)
+        self.norm, self.qkv, self.out = (
+            _norm(channels),
+            nn.Conv2d(channels, 3 * channels, 1),
+            nn.Conv2d(channels, channels, 1),
+        )
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -62,13 +66,21 @@ class UNet(nn.Module):
     """eps_theta(x_t, t, y). ``num_classes > 0`` adds a class embedding with index ``num_classes`` = null."""
 
     def __init__(
-        self, in_channels: int, image_size: int, width: int = 64, mults: tuple[int, ...] = (1, 2, 2),
-        blocks_per_level: int = 1, attention_resolutions: tuple[int, ...] = (8,), dropout: float = 0.1,
+        self,
+        in_channels: int,
+        image_size: int,
+        width: int = 64,
+        mults: tuple[int, ...] = (1, 2, 2),
+        blocks_per_level: int = 1,
+        attention_resolutions: tuple[int, ...] = (8,),
+        dropout: float = 0.1,
         num_classes: int = 0,
     ):
         super().__init__()
         if image_size % 2 ** (len(mults) - 1):
-            raise ValueError(f"image size {image_size} is not divisible by 2^{len(mults) - 1} (mults={mults})")
+            raise ValueError(
+                f"image size {image_size} is not divisible by 2^{len(mults) - 1} (mults={mults})"
+            )
         self.width, self.num_classes = width, num_classes
         emb_dim = 4 * width
         self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -87,16 +99,27 @@ class UNet(nn.Module):
                 skips.append(channels)
                 res //= 2
         self.mid = nn.ModuleList(
-            [ResBlock(channels, channels, emb_dim, dropout), Attention(channels), ResBlock(channels, channels, emb_dim, dropout)]
+            [
+                ResBlock(channels, channels, emb_dim, dropout),
+                Attention(channels),
+                ResBlock(channels, channels, emb_dim, dropout),
+            ]
         )
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(mults))):
             for _ in range(blocks_per_level + 1):
                 out = width * mult
-                self.up.append(self._block(channels + skips.pop(), out, emb_dim, dropout, res in attention_resolutions))
+                self.up.append(
+                    self._block(channels + skips.pop(), out, emb_dim, dropout, res in attention_resolutions)
+                )
                 channels = out
             if level > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(channels, channels, 3, padding=1)))
+                self.up.append(
+                    nn.Sequential(
+                        nn.Upsample(scale_factor=2, mode="nearest"),
+                        nn.Conv2d(channels, channels, 3, padding=1),
+                    )
+                )
                 res *= 2
         self.head = nn.Sequential(_norm(channels), nn.SiLU(), nn.Conv2d(channels, in_channels, 3, padding=1))
         nn.init.zeros_(self.head[-1].weight)
@@ -104,7 +127,9 @@ class UNet(nn.Module):
 
     @staticmethod
     def _block(in_ch, out_ch, emb_dim, dropout, attend) -> nn.ModuleList:
-        return nn.ModuleList([ResBlock(in_ch, out_ch, emb_dim, dropout), *([Attention(out_ch)] if attend else [])])
+        return nn.ModuleList(
+            [ResBlock(in_ch, out_ch, emb_dim, dropout), *([Attention(out_ch)] if attend else [])]
+        )
 
     @staticmethod
     def _run(block: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

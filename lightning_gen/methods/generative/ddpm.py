@@ -1,6 +1,7 @@
-"""DDPM (Ho et al. 2020) with classifier-free guidance (Ho & Salimans 2022) and DDIM sampling (Song et al. 2021).
+"""DDPM (Ho et al. 2020), classifier-free guidance (Ho & Salimans 2022), DDIM sampling (Song et al. 2021).
 
-Algorithm 1 (training):  t ~ U{1..T}, eps ~ N(0, I),  minimise || eps - eps_theta(sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps, t, y) ||^2
+Algorithm 1 (training):  t ~ U{1..T}, eps ~ N(0, I),
+    minimise || eps - eps_theta(sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps, t, y) ||^2
 with y replaced by the null class with probability ``label_dropout`` (conditional models only), so
 the same network is conditional and unconditional. Sampling (``lightning_gen.diffusion``) runs
 ancestral DDPM (Algorithm 2) or DDIM with any number of steps on the EMA weights, with guidance
@@ -54,8 +55,14 @@ class DDPM(GenerativeMethod):
         self.conditional = cfg.conditional and info.num_classes > 0
         self.schedule = diffusion.NoiseSchedule.build(cfg.schedule_name, cfg.timesteps)
         self.net = UNet(
-            info.channels, info.image_size, cfg.width, tuple(cfg.mults), cfg.blocks_per_level,
-            tuple(cfg.attention_resolutions), cfg.dropout, info.num_classes if self.conditional else 0,
+            info.channels,
+            info.image_size,
+            cfg.width,
+            tuple(cfg.mults),
+            cfg.blocks_per_level,
+            tuple(cfg.attention_resolutions),
+            cfg.dropout,
+            info.num_classes if self.conditional else 0,
         )
         self.setup_ema("net")
 
@@ -65,7 +72,14 @@ class DDPM(GenerativeMethod):
         eps = torch.randn_like(x0)
         y = self.drop_labels(batch["label"], self.cfg.label_dropout) if self.conditional else None
         loss = F.mse_loss(self.net(self.schedule.q_sample(x0, i, eps), i, y).float(), eps.float())
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, sync_dist=stage != "train")
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=stage != "train",
+        )
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -88,11 +102,21 @@ class DDPM(GenerativeMethod):
             eps_fn = diffusion.guided(net, labels, info.num_classes, float(guidance))
             if sampler == "ddpm":
                 if steps not in (None, self.schedule.T):
-                    raise ValueError(f"the ddpm sampler runs all T={self.schedule.T} steps; use sampler=ddim for fewer")
+                    raise ValueError(
+                        f"the ddpm sampler runs all T={self.schedule.T} steps; use sampler=ddim for fewer"
+                    )
                 x = diffusion.ddpm_sample(eps_fn, self.schedule, shape, self.device, generator, clip=clip)
             elif sampler == "ddim":
-                x = diffusion.ddim_sample(eps_fn, self.schedule, shape, steps or self.cfg.sample_steps, eta,
-                                          self.device, generator, clip=clip)
+                x = diffusion.ddim_sample(
+                    eps_fn,
+                    self.schedule,
+                    shape,
+                    steps or self.cfg.sample_steps,
+                    eta,
+                    self.device,
+                    generator,
+                    clip=clip,
+                )
             else:
                 raise ValueError(f"unknown sampler {sampler!r}: use ddpm or ddim")
         return ((x + 1) / 2).clamp(0, 1)

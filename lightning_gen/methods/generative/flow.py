@@ -34,7 +34,9 @@ class RectifiedFlowConfig(GenerativeConfig):
     label_dropout: float = 0.1  # the notes use 0.5; Ho & Salimans used 0.1-0.2
     sample_steps: int = 50
     guidance: float = 0.0
-    loss_reduction: str = choice("mean", "mean", "sum")  # the notes' code sums; mean keeps the LR resolution-free
+    loss_reduction: str = choice(
+        "mean", "mean", "sum"
+    )  # the notes' code sums; mean keeps the LR resolution-free
     lr: float = 2e-4
 
 
@@ -51,8 +53,14 @@ class RectifiedFlow(GenerativeMethod):
         info = self.data_info
         self.conditional = cfg.conditional and info.num_classes > 0
         self.net = UNet(
-            info.channels, info.image_size, cfg.width, tuple(cfg.mults), cfg.blocks_per_level,
-            tuple(cfg.attention_resolutions), cfg.dropout, info.num_classes if self.conditional else 0,
+            info.channels,
+            info.image_size,
+            cfg.width,
+            tuple(cfg.mults),
+            cfg.blocks_per_level,
+            tuple(cfg.attention_resolutions),
+            cfg.dropout,
+            info.num_classes if self.conditional else 0,
         )
         self.setup_ema("net")
 
@@ -72,7 +80,14 @@ class RectifiedFlow(GenerativeMethod):
         y = self.drop_labels(batch["label"], self.cfg.label_dropout) if self.conditional else None
         err = (self.velocity(self.net, xt, t, y).float() - (z - x).float()).pow(2)
         loss = err.mean() if self.cfg.loss_reduction == "mean" else err.flatten(1).sum(1).mean()
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, sync_dist=stage != "train")
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=stage != "train",
+        )
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -90,9 +105,14 @@ class RectifiedFlow(GenerativeMethod):
         labels = self.sample_labels(n, cond)
         info = self.data_info
         with evaluating(self.sampling_net()) as net:
-            v_fn = diffusion.guided(lambda x, t, y: self.velocity(net, x, t, y), labels, info.num_classes, float(guidance))
+            v_fn = diffusion.guided(
+                lambda x, t, y: self.velocity(net, x, t, y), labels, info.num_classes, float(guidance)
+            )
             x = diffusion.euler_flow_sample(
-                v_fn, (n, info.channels, info.image_size, info.image_size), steps or self.cfg.sample_steps,
-                self.device, generator,
+                v_fn,
+                (n, info.channels, info.image_size, info.image_size),
+                steps or self.cfg.sample_steps,
+                self.device,
+                generator,
             )
         return ((x + 1) / 2).clamp(0, 1)

@@ -61,8 +61,12 @@ class GAN(GenerativeMethod):
     def configure_optimizers(self):
         g_lr = self.scaled_lr()
         d_lr = self.scaled_lr(self.cfg.d_lr) if self.cfg.d_lr is not None else g_lr
-        g_opt = self.build_optimizer(self.parameter_groups({"g": self.generator}, g_lr, self.cfg.weight_decay))
-        d_opt = self.build_optimizer(self.parameter_groups({"d": self.discriminator}, d_lr, self.cfg.weight_decay))
+        g_opt = self.build_optimizer(
+            self.parameter_groups({"g": self.generator}, g_lr, self.cfg.weight_decay)
+        )
+        d_opt = self.build_optimizer(
+            self.parameter_groups({"d": self.discriminator}, d_lr, self.cfg.weight_decay)
+        )
         return [g_opt, d_opt]
 
     def lr_factor(self, step: int) -> float:
@@ -78,7 +82,9 @@ class GAN(GenerativeMethod):
     def training_step(self, batch, batch_idx):
         g_opt, d_opt = self.optimizers()
         real = self.to_float(batch["image"], "symmetric")
-        labels = batch["label"].clamp(min=0) if self.conditional else None  # unlabeled -> class 0 is not used here
+        labels = (
+            batch["label"].clamp(min=0) if self.conditional else None
+        )  # unlabeled -> class 0 is not used here
         n = len(real)
 
         self.toggle_optimizer(d_opt)

@@ -58,13 +58,19 @@ class GenerativeMethod(Method):
         unknown = sorted(set(options) - set(self.sample_options))
         if unknown:
             allowed = ", ".join(self.sample_options) or "none"
-            raise ValueError(f"{self.registry_name} does not support sampling option(s) {unknown}; it supports: {allowed}")
+            raise ValueError(
+                f"{self.registry_name} does not support sampling option(s) {unknown}; it supports: {allowed}"
+            )
         if cond is not None and not self.conditional:
-            raise ValueError(f"this {self.registry_name} model is unconditional: it cannot sample a given class "
-                             "(train with method.num_classes>0 / method.conditional=true)")
+            raise ValueError(
+                f"this {self.registry_name} model is unconditional: it cannot sample a given class "
+                "(train with method.num_classes>0 / method.conditional=true)"
+            )
         cond = None if cond is None else torch.as_tensor(cond)
         if cond is not None and ((cond < 0) | (cond >= self.data_info.num_classes)).any():
-            raise ValueError(f"class labels must be in 0..{self.data_info.num_classes - 1}, got {cond.unique().tolist()}")
+            raise ValueError(
+                f"class labels must be in 0..{self.data_info.num_classes - 1}, got {cond.unique().tolist()}"
+            )
 
     def sample_labels(self, n: int, cond: torch.Tensor | int | None) -> torch.Tensor | None:
         """Labels for a conditional model: the given ones, one class for all, or classes in turn."""
@@ -86,7 +92,10 @@ class GenerativeMethod(Method):
     def images_for_logging(self, batch):
         n = min(self.cfg.grid_samples, len(batch["image"]))
         generator = torch.Generator(self.device).manual_seed(0)
-        return {"real": self.to_float(batch["image"][:n], "unit"), "samples": self.sample(n, generator=generator)}
+        return {
+            "real": self.to_float(batch["image"][:n], "unit"),
+            "samples": self.sample(n, generator=generator),
+        }
 
 
 class evaluating:

@@ -60,8 +60,14 @@ class PixelCNN(GenerativeMethod):
         loss = nll.mean() / dims
         sync, on_step = stage != "train", stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=sync)
-        self.log(f"{stage}/bits_per_dim", discrete_bits_per_dim(nll, dims).mean(), on_step=on_step, on_epoch=True,
-                 prog_bar=stage == "val", sync_dist=sync)
+        self.log(
+            f"{stage}/bits_per_dim",
+            discrete_bits_per_dim(nll, dims).mean(),
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=stage == "val",
+            sync_dist=sync,
+        )
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -75,12 +81,16 @@ class PixelCNN(GenerativeMethod):
         self.check_sample_options(cond, {})
         temperature = self.cfg.temperature if temperature is None else temperature
         info = self.data_info
-        x = torch.zeros(n, info.channels, info.image_size, info.image_size, dtype=torch.uint8, device=self.device)
+        x = torch.zeros(
+            n, info.channels, info.image_size, info.image_size, dtype=torch.uint8, device=self.device
+        )
         with evaluating(self.sampling_net()) as net:
             for r in range(info.image_size):
                 for c in range(info.image_size):
                     for ch in range(info.channels):
-                        probs = torch.softmax(net(self.net_input(x))[:, ch, :, r, c].float() / temperature, dim=1)
+                        probs = torch.softmax(
+                            net(self.net_input(x))[:, ch, :, r, c].float() / temperature, dim=1
+                        )
                         if generator is not None:
                             draw = torch.multinomial(probs.to(generator.device), 1, generator=generator)
                         else:

@@ -42,7 +42,9 @@ class VAENets(torch.nn.Module):
         super().__init__()
         self.channels = channels
         self.encoder = ConvEncoder(channels, image_size, 2 * latent_dim, width=width)
-        self.decoder = ConvDecoder(latent_dim, channels * (2 if learned_variance else 1), image_size, width=width)
+        self.decoder = ConvDecoder(
+            latent_dim, channels * (2 if learned_variance else 1), image_size, width=width
+        )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encoder(x).chunk(2, dim=1)
@@ -54,7 +56,7 @@ class VAENets(torch.nn.Module):
 
 @register_method("vae", VAEConfig)
 class VAE(GenerativeMethod):
-    """Variational autoencoder: Gaussian encoder, fixed/learned-variance Gaussian or Bernoulli decoder, beta-weighted KL."""
+    """Variational autoencoder: Gaussian encoder; fixed/learned-variance Gaussian or Bernoulli decoder; beta-KL."""
 
     config_class = VAEConfig
     embed_value_range = "unit"
@@ -63,7 +65,9 @@ class VAE(GenerativeMethod):
         super().__init__(cfg, data)
         cfg = self.cfg  # a dict when rebuilt from a checkpoint; the base class made it the dataclass
         info = self.data_info
-        self.nets = VAENets(info.channels, info.image_size, cfg.latent_dim, cfg.width, cfg.decoder == "gaussian_learned")
+        self.nets = VAENets(
+            info.channels, info.image_size, cfg.latent_dim, cfg.width, cfg.decoder == "gaussian_learned"
+        )
         self.setup_ema("nets")
 
     def decoder_mean(self, out: torch.Tensor) -> torch.Tensor:
@@ -93,7 +97,9 @@ class VAE(GenerativeMethod):
         self.log(f"{stage}/kl", kl.mean(), on_step=on_step, on_epoch=True, sync_dist=sync)
         self.log(f"{stage}/reconstruction_nll", nll.mean(), on_step=on_step, on_epoch=True, sync_dist=sync)
         self.log(f"{stage}/elbo", -(nll + kl).mean(), on_step=on_step, on_epoch=True, sync_dist=sync)
-        if self.cfg.decoder != "bernoulli":  # a Bernoulli likelihood of grey levels is no density of 8-bit data
+        if (
+            self.cfg.decoder != "bernoulli"
+        ):  # a Bernoulli likelihood of grey levels is no density of 8-bit data
             bpd = elbo.bits_per_dim(nll + kl, x[0].numel()).mean()
             self.log(f"{stage}/bits_per_dim", bpd, on_step=on_step, on_epoch=True, sync_dist=sync)
         return loss
@@ -111,7 +117,12 @@ class VAE(GenerativeMethod):
     def sample(self, n, cond=None, generator=None):
         self.check_sample_options(cond, {})
         with evaluating(self.sampling_net()) as nets:
-            z = torch.randn(n, self.cfg.latent_dim, generator=generator, device=generator.device if generator else self.device)
+            z = torch.randn(
+                n,
+                self.cfg.latent_dim,
+                generator=generator,
+                device=generator.device if generator else self.device,
+            )
             return self.decoder_mean(nets.decode(z.to(self.device)).float())
 
     @torch.no_grad()
