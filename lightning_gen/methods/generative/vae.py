@@ -56,7 +56,7 @@ class VAENets(torch.nn.Module):
 
 @register_method("vae", VAEConfig)
 class VAE(GenerativeMethod):
-    """Variational autoencoder: Gaussian encoder; fixed/learned-variance Gaussian or Bernoulli decoder; beta-KL."""
+    """Variational autoencoder: Gaussian encoder, Gaussian (fixed/learned variance) or Bernoulli decoder."""
 
     config_class = VAEConfig
     embed_value_range = "unit"
