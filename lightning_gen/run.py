@@ -109,9 +109,13 @@ def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: b
             monitor=monitor if validates else None,
             mode=mode,
             save_top_k=cfg.trainer.keep_best if validates else 1,
-            save_last=True,
+            save_last=not validates,
             auto_insert_metric_name=False,
         ),
+        # Lightning >= 2.5 refreshes last.ckpt only when a top-k checkpoint is written, i.e. when the
+        # monitored metric improves: a separate unmonitored checkpoint keeps last.ckpt the newest state.
+        *([ModelCheckpoint(dirpath=ckpt_dir, filename="latest", monitor=None, save_top_k=1, save_last=True)]
+          if validates else []),
         NonFiniteLossGuard(ckpt_dir),
     ]
     if cfg.trainer.checkpoint_every_n_steps:
