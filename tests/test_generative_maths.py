@@ -159,3 +159,13 @@ def test_pixelcnn_is_causal_in_raster_and_channel_order(channels):
                         assert grad[cc, rr, cl] == 0, f"output {(c, r, col)} sees input {(cc, rr, cl)}"
         if i > 0:  # and it does see its predecessors (the mask is not all zeros)
             assert grad.abs().sum() > 0
+
+
+def test_pixelcnn_rows_below_do_not_change_the_logits_of_a_row():
+    """What sampling relies on to stop each pass at the current row."""
+    torch.manual_seed(0)
+    net = PixelCNN(3, width=12, blocks=2, kernel_size=3).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        full, cropped = net(x)[..., :3, :], net(x[:, :, :3])
+    assert torch.allclose(full, cropped, atol=1e-6)
