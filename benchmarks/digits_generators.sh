@@ -9,14 +9,10 @@ LGEN="python -m lightning_gen"
 RUN="run_id=readme logger.wandb.enabled=false trainer.enable_progress_bar=false"
 mkdir -p docs/images
 [ -f fid_extractors/digits_16px.pt ] || $LGEN fid-extractor data=digits data.image_size=16
-for m in ${METHODS:-vae gan pixelcnn ddpm flow ddpm_cfg}; do
+for m in ${METHODS:-vae gan pixelcnn ddpm flow}; do
   $LGEN train experiment=${m}_digits $RUN "$@" 2>&1 | grep -E "^\[fid\]|^\[lgen\]|seconds|fid_digits|Error" || true
-  ckpt=runs/${m}_digits/readme/checkpoints/last.ckpt
-  if [ "$m" = ddpm_cfg ]; then
-    $LGEN sample ckpt=$ckpt n=100 nrow=10 guidance=3 out=docs/images/generative_${m}_digits.png
-  else
-    $LGEN sample ckpt=$ckpt n=100 nrow=10 out=docs/images/generative_${m}_digits.png
-  fi
+  # the image-grid callback's last grid (real digits on top, then samples with fixed noise)
+  cp "$(ls runs/${m}_digits/readme/samples/real_samples*.png | tail -1)" docs/images/generative_${m}_digits.png
 done
 python benchmarks/sampling.py --ddpm runs/ddpm_digits/readme/checkpoints/last.ckpt \
-  --flow runs/flow_digits/readme/checkpoints/last.ckpt --n 500
+  --flow runs/flow_digits/readme/checkpoints/last.ckpt --n 200 --batch 200
