@@ -227,8 +227,7 @@ def load_method(checkpoint_path: str, map_location: str = "cpu") -> Method:
     if "method" not in hparams:
         raise ValueError(f"{checkpoint_path} was not written by lightning_gen: it has no method name in its hyperparameters")
     entry = registry.get("method", hparams["method"])
-    # dataclasses, not dicts: method __init__s read their cfg after super().__init__ converted it, or before
-    model = entry.cls(_dataclass_from_dict(entry.config, hparams["cfg"]), _dataclass_from_dict(DataInfo, hparams["data"]))
+    model = entry.cls(hparams["cfg"], hparams["data"])
     model.load_state_dict(checkpoint["state_dict"])
     if hasattr(model, "on_load_checkpoint"):
         model.on_load_checkpoint(checkpoint)
