@@ -50,15 +50,20 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    from lightning_gen import registry
+    from lightning_gen.checkpoint import load_checkpoint
     from lightning_gen.methods.base import load_method
 
     opts = parse(args.options)
-    method = load_method(opts["ckpt"])
-    if not getattr(method, "is_generative", False):
+    name = load_checkpoint(opts["ckpt"]).get("hyper_parameters", {}).get("method")
+    if name is None:
+        raise ConfigError(f"{opts['ckpt']} was not written by lgen train: it names no method")
+    if not getattr(registry.get("method", name).cls, "is_generative", False):  # refuse before building it
         raise ConfigError(
-            f"{opts['ckpt']} is a {method.registry_name} checkpoint, which is not a generator: "
+            f"{opts['ckpt']} is a {name} checkpoint, which is not a generator: "
             "lgen sample needs a vae, gan, ddpm, flow or pixelcnn checkpoint"
         )
+    method = load_method(opts["ckpt"])
     extra = {k: v for k, v in opts.items() if k in METHOD_OPTIONS}
     unsupported = sorted(set(extra) - set(method.sample_options))
     if unsupported:
