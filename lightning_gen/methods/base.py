@@ -212,8 +212,20 @@ class Method(L.LightningModule):
 
 
 def _dataclass_from_dict(cls: type, values: dict[str, Any]):
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
+    """Rebuild a config dataclass from its ``asdict`` form, nested dataclass fields included."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value, kind = values[f.name], hints.get(f.name)
+        if isinstance(value, dict) and dataclasses.is_dataclass(kind):
+            value = _dataclass_from_dict(kind, value)
+        elif isinstance(value, list) and typing.get_origin(kind) is not list:
+            value = tuple(value)
+        kwargs[f.name] = value
     return cls(**kwargs)
 
 

@@ -43,8 +43,8 @@ class SSLMethod(Method):
     def __init__(self, cfg: SSLConfig, data=None):
         super().__init__(cfg, data)
         info = self.data_info
-        self.backbone = build_backbone(cfg.backbone, info.channels, info.image_size)
-        self.views = Views(cfg.views, info.mean, info.std, info.image_size)
+        self.backbone = build_backbone(self.cfg.backbone, info.channels, info.image_size)
+        self.views = Views(self.cfg.views, info.mean, info.std, info.image_size)
         self.feature_dim = self.backbone.out_dim
         self.setup_online_probe(self.feature_dim)
 

@@ -62,6 +62,7 @@ class CPC(SSLMethod):
 
     def __init__(self, cfg: CPCConfig, data=None):
         super().__init__(cfg, data)
+        cfg = self.cfg  # a dataclass even when rebuilt from a checkpoint's dict
         size = self.data_info.image_size
         self.patch = 2 * size // (cfg.grid + 1)
         self.stride = self.patch // 2

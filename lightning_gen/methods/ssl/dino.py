@@ -54,6 +54,7 @@ class DINO(SSLMethod):
 
     def __init__(self, cfg: DINOConfig, data=None):
         super().__init__(cfg, data)
+        cfg = self.cfg  # a dataclass even when rebuilt from a checkpoint's dict
         if self.views.num_global < 2:
             raise ValueError("DINO needs at least 2 global crops: set method.views.global_crops.n >= 2")
         self.head = DINOHead(self.feature_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim)

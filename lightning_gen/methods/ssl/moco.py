@@ -58,6 +58,7 @@ class MoCo(SSLMethod):
 
     def __init__(self, cfg: MoCoConfig, data=None):
         super().__init__(cfg, data)
+        cfg = self.cfg  # a dataclass even when rebuilt from a checkpoint's dict
         d = self.feature_dim
         if cfg.version == "v1":
             self.projector = MLPHead(d, cfg.proj_hidden_dim, cfg.proj_dim, layers=1)

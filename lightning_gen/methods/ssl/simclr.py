@@ -45,6 +45,7 @@ class SimCLR(SSLMethod):
 
     def __init__(self, cfg: SimCLRConfig, data=None):
         super().__init__(cfg, data)
+        cfg = self.cfg  # a dataclass even when rebuilt from a checkpoint's dict
         self.projector = MLPHead(self.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers)
 
     def positive_ids(self, batch) -> torch.Tensor:
