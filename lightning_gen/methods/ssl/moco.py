@@ -83,7 +83,10 @@ class MoCo(SSLMethod):
         return [(self.backbone, self.backbone_k), (self.projector, self.projector_k)]
 
     def on_fit_start(self) -> None:
-        synced = any(isinstance(m, nn.SyncBatchNorm) for m in self.modules())
+        # Lightning only converts BN to SyncBN with >1 process, so the requested flag is checked too.
+        connector = getattr(self.trainer, "_accelerator_connector", None)
+        requested = getattr(connector, "_layer_sync", None) is not None
+        synced = requested or any(isinstance(m, nn.SyncBatchNorm) for m in self.modules())
         if self.uses_queue and self.cfg.shuffle_bn and synced:
             raise ValueError(
                 "MoCo: shuffle-BN (method.shuffle_bn=true) and SyncBN (trainer.sync_batchnorm=true) are both on; "
