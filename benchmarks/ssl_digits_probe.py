@@ -1,4 +1,4 @@
-"""Linear-probe accuracy on digits: trained SSL encoders vs randomly initialised ones of the same architecture.
+"""Linear-probe accuracy on digits: trained SSL encoders vs random encoders of the same architecture.
 
 For every checkpoint given, ``embed`` features of the (un-augmented) digits train and test splits
 are fitted with scikit-learn's logistic regression (standardised features), once for the trained
@@ -50,8 +50,12 @@ def probe_accuracy(method, data, per_class: int | None = None, repeats: int = 5)
         keep = np.arange(len(y_train))
         if per_class:
             rng = np.random.default_rng(seed)
-            keep = np.concatenate([rng.choice(np.flatnonzero(y_train == c), per_class, replace=False)
-                                   for c in np.unique(y_train)])
+            keep = np.concatenate(
+                [
+                    rng.choice(np.flatnonzero(y_train == c), per_class, replace=False)
+                    for c in np.unique(y_train)
+                ]
+            )
         clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1))
         scores.append(clf.fit(x_train[keep], y_train[keep]).score(x_test, y_test))
     return float(np.mean(scores))
@@ -61,12 +65,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+")
     args = parser.parse_args()
-    print("| experiment | method | trained, 10 labels/class | random init, 10 labels/class "
-          "| trained, all labels | random init, all labels |")
+    print(
+        "| experiment | method | trained, 10 labels/class | random init, 10 labels/class "
+        "| trained, all labels | random init, all labels |"
+    )
     print("|---|---|---|---|---|---|")
     for path in args.checkpoints:
         hparams = load_checkpoint(path)["hyper_parameters"]
-        data = DigitsDataModule(DigitsConfig(name="digits", image_size=hparams["data"]["image_size"], val_fraction=0.15))
+        data = DigitsDataModule(
+            DigitsConfig(name="digits", image_size=hparams["data"]["image_size"], val_fraction=0.15)
+        )
         data.setup()
         trained = load_method(path)
         torch.manual_seed(0)

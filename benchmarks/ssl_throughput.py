@@ -35,8 +35,15 @@ from lightning_gen.nets.backbones import BackboneConfig  # noqa: E402
 
 
 def build(method: str, batch: int):
-    info = DataInfo(name="cifar10", channels=3, image_size=32, num_classes=10, mean=(0.49, 0.48, 0.45),
-                    std=(0.25, 0.24, 0.26), batch_size=batch)
+    info = DataInfo(
+        name="cifar10",
+        channels=3,
+        image_size=32,
+        num_classes=10,
+        mean=(0.49, 0.48, 0.45),
+        std=(0.25, 0.24, 0.26),
+        batch_size=batch,
+    )
     entry = registry.get("method", "simclr" if method == "simclr" else "moco")
     common = dict(name=entry.name, backbone=BackboneConfig(name="resnet18"), warmup_epochs=0.0)
     if method == "simclr":
@@ -48,8 +55,10 @@ def build(method: str, batch: int):
 
 def dataset(n: int) -> ImageTensorDataset:
     g = torch.Generator().manual_seed(0)
-    return ImageTensorDataset(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                              torch.randint(0, 10, (n,), generator=g))
+    return ImageTensorDataset(
+        torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (n,), generator=g),
+    )
 
 
 class Clock(L.Callback):
@@ -76,18 +85,37 @@ class Data(L.LightningDataModule):
         self.ds, self.batch = ds, batch
 
     def train_dataloader(self):
-        return DataLoader(self.ds, batch_size=self.batch, shuffle=True, drop_last=True, num_workers=2,
-                          pin_memory=True, persistent_workers=True)
+        return DataLoader(
+            self.ds,
+            batch_size=self.batch,
+            shuffle=True,
+            drop_last=True,
+            num_workers=2,
+            pin_memory=True,
+            persistent_workers=True,
+        )
 
 
-def framework(method: str, batch: int, steps: int, warmup: int, precision: str, channels_last: bool, device: str):
+def framework(
+    method: str, batch: int, steps: int, warmup: int, precision: str, channels_last: bool, device: str
+):
     model = build(method, batch)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     clock = Clock(warmup)
-    trainer = L.Trainer(accelerator=device, devices=1, precision=precision, max_steps=warmup + steps,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[clock], num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator=device,
+        devices=1,
+        precision=precision,
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     trainer.lgen_channels_last = channels_last
     trainer.fit(model, datamodule=Data(dataset(batch * (warmup + steps)), batch))
     return steps * batch / (clock.end - clock.start)
@@ -103,13 +131,27 @@ def bare(method: str, batch: int, steps: int, warmup: int, precision: str, chann
     if method == "simclr":
         from lightning_gen.optim import LARS
 
-        opt = LARS([{"params": params, "weight_decay": 1e-6},
-                    {"params": list(model.online_probe.parameters()), "exclude_lars": True}], lr=base_lr)
+        opt = LARS(
+            [
+                {"params": params, "weight_decay": 1e-6},
+                {"params": list(model.online_probe.parameters()), "exclude_lars": True},
+            ],
+            lr=base_lr,
+        )
     else:
-        opt = torch.optim.SGD([{"params": params, "weight_decay": 1e-4},
-                               {"params": list(model.online_probe.parameters())}], lr=base_lr, momentum=0.9)
-    loader = DataLoader(dataset(batch * (warmup + steps)), batch_size=batch, shuffle=True, drop_last=True,
-                        num_workers=2, pin_memory=True)
+        opt = torch.optim.SGD(
+            [{"params": params, "weight_decay": 1e-4}, {"params": list(model.online_probe.parameters())}],
+            lr=base_lr,
+            momentum=0.9,
+        )
+    loader = DataLoader(
+        dataset(batch * (warmup + steps)),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=2,
+        pin_memory=True,
+    )
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     start = None
     for step, b in enumerate(loader):
@@ -153,8 +195,12 @@ def main() -> int:
     args = parser.parse_args()
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
-    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"# {name}, ResNet-18 32x32, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
+    name = (
+        torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"# {name}, ResNet-18 32x32, batch {args.batch_size}, {args.steps} timed steps, {args.warmup} warm-up"
+    )
     print("| method | precision | channels_last | lightning_gen img/s | bare PyTorch img/s | overhead |")
     print("|---|---|---|---|---|---|")
     for method in args.methods:
@@ -165,8 +211,10 @@ def main() -> int:
                 fw = framework(method, args.batch_size, args.steps, args.warmup, precision, cl, args.device)
                 torch.manual_seed(0)
                 ref = bare(method, args.batch_size, args.steps, args.warmup, precision, cl, args.device)
-                print(f"| {method} | {precision} | {cl} | {fw:.1f} | {ref:.1f} | {100 * (1 - fw / ref):+.1f}% |",
-                      flush=True)
+                print(
+                    f"| {method} | {precision} | {cl} | {fw:.1f} | {ref:.1f} | {100 * (1 - fw / ref):+.1f}% |",  # noqa: E501
+                    flush=True,
+                )
     return 0
 
 

@@ -31,7 +31,7 @@ def make_problem():
 
 
 def local_slice(x: torch.Tensor, r: int) -> torch.Tensor:
-    return x[..., r * N:(r + 1) * N, :]
+    return x[..., r * N : (r + 1) * N, :]
 
 
 def worker(r: int, init_file: str, out_dir: str) -> None:
@@ -117,6 +117,13 @@ def test_nt_xent_without_gather_differs_from_global():
     model, views, _, _ = make_problem()
     z = F.normalize(model(torch.cat([views[0], views[1]])), dim=1)
     idx = torch.arange(WORLD * N).repeat(2)
-    halves = [nt_xent(torch.cat([z[r * N:(r + 1) * N], z[WORLD * N + r * N:WORLD * N + (r + 1) * N]]),
-                      torch.arange(N).repeat(2), TAU, gather=False) for r in range(WORLD)]
+    halves = [
+        nt_xent(
+            torch.cat([z[r * N : (r + 1) * N], z[WORLD * N + r * N : WORLD * N + (r + 1) * N]]),
+            torch.arange(N).repeat(2),
+            TAU,
+            gather=False,
+        )
+        for r in range(WORLD)
+    ]
     assert abs(float(sum(halves) / WORLD) - float(nt_xent(z, idx, TAU))) > 1e-3

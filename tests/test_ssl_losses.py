@@ -172,7 +172,9 @@ def test_simclr_lars_excludes_bias_and_norm_and_scales_lr_by_global_batch():
     from lightning_gen.nets.backbones import BackboneConfig
     from lightning_gen.optim import LARS
 
-    cfg = SimCLRConfig(name="simclr", backbone=BackboneConfig(name="resnet18"), proj_hidden_dim=32, proj_dim=8)
+    cfg = SimCLRConfig(
+        name="simclr", backbone=BackboneConfig(name="resnet18"), proj_hidden_dim=32, proj_dim=8
+    )
     method = SimCLR(cfg, DataInfo(channels=3, image_size=16, batch_size=64))
     groups = method.configure_optimizers().param_groups
     assert isinstance(method.configure_optimizers(), LARS)
@@ -192,8 +194,11 @@ def test_excluded_group_takes_plain_sgd_step():
     from lightning_gen.optim import LARS
 
     w, b = torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3))
-    opt = LARS([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0, "exclude_lars": True}],
-               lr=0.5, momentum=0.9)
+    opt = LARS(
+        [{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0, "exclude_lars": True}],
+        lr=0.5,
+        momentum=0.9,
+    )
     w.grad, b.grad = torch.full((3, 3), 2.0), torch.full((3,), 2.0)
     opt.step()
     assert torch.allclose(b, torch.full((3,), 1 - 0.5 * 2.0))  # no trust ratio

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -15,12 +14,19 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, lgen_env
+from tests.conftest import lgen_env
 
 TINY = [
-    "data.image_size=16", "data.batch_size=16", "trainer.max_epochs=2", "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.precision=32-true",
-    "logger.wandb.enabled=false", "trainer.log_every_n_steps=1", "callbacks.images.enabled=false",
+    "data.image_size=16",
+    "data.batch_size=16",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.precision=32-true",
+    "logger.wandb.enabled=false",
+    "trainer.log_every_n_steps=1",
+    "callbacks.images.enabled=false",
 ]
 TOTAL_STEPS = 4  # 2 epochs x 2 batches
 
@@ -38,8 +44,13 @@ CASES = {
     "simclr_digits": [],
     "moco_v2_digits": ["method.momentum_start=0.99", "method.momentum_end=1.0", "method.queue_size=128"],
     "moco_v3_digits": ["method.momentum_start=0.99", "method.momentum_end=1.0"],
-    "dino_digits": ["method.momentum_start=0.99", "method.momentum_end=1.0", "method.teacher_temp=0.07",
-                    "method.teacher_temp_warmup_epochs=2", "method.out_dim=256"],
+    "dino_digits": [
+        "method.momentum_start=0.99",
+        "method.momentum_end=1.0",
+        "method.teacher_temp=0.07",
+        "method.teacher_temp_warmup_epochs=2",
+        "method.out_dim=256",
+    ],
     "cpc_digits": [],
 }
 
@@ -60,7 +71,10 @@ def test_train_interrupt_and_resume(lgen, experiment):
     if momentum:
         momentum.update(step_values(run_dir, "train/momentum"))
         assert sorted(momentum) == list(range(TOTAL_STEPS))
-        for step, value in momentum.items():  # the uninterrupted run's τ at every step, before and after resume
+        for (
+            step,
+            value,
+        ) in momentum.items():  # the uninterrupted run's τ at every step, before and after resume
             assert value == pytest.approx(cosine(step, TOTAL_STEPS, 0.99, 1.0), abs=1e-6), step
     if temps:
         temps.update(step_values(run_dir, "train/teacher_temp"))
@@ -75,8 +89,9 @@ def test_train_interrupt_and_resume(lgen, experiment):
         # key head momentum-updated too (not left at its initial copy): it moved with the key encoder
         sd = final["state_dict"]
         head_q = [k for k in sd if k.startswith("projector.") and k.endswith("weight")]
-        assert head_q and any(not torch.equal(sd[k], sd[k.replace("projector.", "projector_k.", 1)]) for k in head_q)
-        init = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)  # noqa: F841
+        assert head_q and any(
+            not torch.equal(sd[k], sd[k.replace("projector.", "projector_k.", 1)]) for k in head_q
+        )
     from lightning_gen.methods.base import load_method
 
     method = load_method(str(run_dir / "checkpoints" / "last.ckpt"))
@@ -95,11 +110,24 @@ def _free_port() -> int:
 
 
 MULTI = [
-    "experiment=moco_v2_digits", "data.image_size=16", "data.batch_size=16", "data.max_train_samples=140",
-    "trainer.max_epochs=1", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
-    "trainer.precision=32-true", "logger.wandb.enabled=false", "trainer.log_every_n_steps=1",
-    "callbacks.images.enabled=false", "trainer.accelerator=cpu", "trainer.strategy=ddp", "method.queue_size=512",
-    "method.lr_scaling=linear", "method.base_batch_size=64", "method.schedule=constant", "method.warmup_epochs=0",
+    "experiment=moco_v2_digits",
+    "data.image_size=16",
+    "data.batch_size=16",
+    "data.max_train_samples=140",
+    "trainer.max_epochs=1",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.precision=32-true",
+    "logger.wandb.enabled=false",
+    "trainer.log_every_n_steps=1",
+    "callbacks.images.enabled=false",
+    "trainer.accelerator=cpu",
+    "trainer.strategy=ddp",
+    "method.queue_size=512",
+    "method.lr_scaling=linear",
+    "method.base_batch_size=64",
+    "method.schedule=constant",
+    "method.warmup_epochs=0",
     "method.lr=0.002",
 ]
 # 140 samples, 15% held out for validation -> 119 train images; batch 16 per process.
@@ -124,15 +152,34 @@ def test_multi_node_two_nodes_one_device_each(tmp_path):
     port = _free_port()
     procs = []
     for node in range(2):
-        env = lgen_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(node), WORLD_SIZE="2",
-                       LOCAL_RANK="0", LGEN_RUN_ID="nodes")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "lightning_gen", "train", *MULTI, "trainer.num_nodes=2", "trainer.devices=1"],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
+        env = lgen_env(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            NODE_RANK=str(node),
+            WORLD_SIZE="2",
+            LOCAL_RANK="0",
+            LGEN_RUN_ID="nodes",
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "lightning_gen",
+                    "train",
+                    *MULTI,
+                    "trainer.num_nodes=2",
+                    "trainer.devices=1",
+                ],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
     assert "2 node(s) x 1 device(s)" in outputs[0] and "global batch 32" in outputs[0]
     check_two_process_run(tmp_path / "runs" / "moco_v2_digits" / "nodes")
-    assert os.path.isdir(REPO)

@@ -36,7 +36,7 @@ GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_t
 
 @dataclass
 class CropConfig:
-    """One kind of crop. ``None`` fields take the recipe's value; list-valued probabilities cycle over views."""
+    """One kind of crop. ``None`` fields take the recipe's value; list probabilities cycle over views."""
 
     n: int | None = None  # how many views of this kind
     size: int | None = None  # output side in pixels; None: the image size (global) or 96/224 of it (local)
@@ -59,8 +59,19 @@ class ViewsConfig:
 
 
 def _crop(**kw) -> CropConfig:
-    base = dict(n=2, size=None, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter_p=0.8,
-                jitter=(0.4, 0.4, 0.4, 0.1), grayscale_p=0.2, blur_p=[0.0], blur_sigma=(0.1, 2.0), solarize_p=[0.0])
+    base = dict(
+        n=2,
+        size=None,
+        scale=(0.08, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        flip_p=0.5,
+        jitter_p=0.8,
+        jitter=(0.4, 0.4, 0.4, 0.1),
+        grayscale_p=0.2,
+        blur_p=[0.0],
+        blur_sigma=(0.1, 2.0),
+        solarize_p=[0.0],
+    )
     base.update(kw)
     return CropConfig(**base)
 
@@ -75,7 +86,10 @@ VIEW_RECIPES: dict[str, tuple[CropConfig, CropConfig]] = {
         _crop(n=6, scale=(0.05, 0.4), blur_p=[0.5]),
     ),
     # Identity views (tests, evaluation): no crop, no colour change.
-    "none": (_crop(n=2, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0), _crop(n=0)),
+    "none": (
+        _crop(n=2, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0),
+        _crop(n=0),
+    ),
 }
 
 
@@ -136,9 +150,13 @@ def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     maxc, minc = x.max(1).values, x.min(1).values
     delta = maxc - minc
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    h = torch.where(maxc == r, ((g - b) / safe) % 6, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    h = torch.where(
+        maxc == r, ((g - b) / safe) % 6, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4)
+    )
     h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
-    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    s = torch.where(
+        maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc)
+    )
     return torch.stack([h, s, maxc], 1)
 
 
@@ -148,7 +166,9 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     return v.unsqueeze(1) - (v * s).unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1))
 
 
-def color_jitter(x: torch.Tensor, brightness: float, contrast: float, saturation: float, hue: float) -> torch.Tensor:
+def color_jitter(
+    x: torch.Tensor, brightness: float, contrast: float, saturation: float, hue: float
+) -> torch.Tensor:
     """torchvision's ColorJitter with per-sample factors; one random order of the four per batch."""
     n, dev, rgb = x.shape[0], x.device, x.shape[1] == 3
 
@@ -194,7 +214,7 @@ def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 
 
 def augment(x: torch.Tensor, crop: CropConfig, view: int = 0) -> torch.Tensor:
-    """One view of a float batch in [0, 1]: crop + flip, jitter, grayscale, blur, solarize (SimCLR's order)."""
+    """One view of a float batch in [0, 1]: crop + flip, jitter, grayscale, blur, solarize (SimCLR order)."""
     n, dev = x.shape[0], x.device
     x = random_resized_crop(x, crop.size, crop.scale, crop.ratio, crop.flip_p)
     if crop.jitter_p > 0 and any(crop.jitter):
@@ -224,8 +244,12 @@ class Views(nn.Module):
     def __init__(self, cfg: ViewsConfig, mean, std, image_size: int):
         super().__init__()
         self.global_crops, self.local_crops = resolve(cfg, image_size)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
 
     @property
     def num_global(self) -> int:

@@ -20,7 +20,9 @@ from torch import nn
 from lightning_gen.distributed import gather_no_grad, gather_with_grad, rank
 
 
-def nt_xent(z: torch.Tensor, index: torch.Tensor, temperature: float = 0.1, gather: bool = True) -> torch.Tensor:
+def nt_xent(
+    z: torch.Tensor, index: torch.Tensor, temperature: float = 0.1, gather: bool = True
+) -> torch.Tensor:
     """Normalised temperature-scaled cross-entropy with positives found by index.
 
     z: (M, D) projections of every view on this rank (views concatenated), index: (M,) sample ids
@@ -47,7 +49,9 @@ def nt_xent(z: torch.Tensor, index: torch.Tensor, temperature: float = 0.1, gath
     return per_anchor.mean()
 
 
-def info_nce(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def info_nce(
+    queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """Cross-entropy of a (queries x keys) score table: query i's positive is key ``targets[i]``.
 
     Scores are raw dot products divided by ``temperature``; normalise the inputs first for cosine
@@ -57,7 +61,9 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, t
     return F.cross_entropy(logits, targets)
 
 
-def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.07) -> tuple[torch.Tensor, torch.Tensor]:
+def moco_loss(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.07
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MoCo's InfoNCE (Eqn. 1): positive q·k in column 0, negatives q·queue; q, k L2-normalised here.
 
     Returns the loss and the logits ((K+1)-way contrast accuracy is a monitoring metric only).
@@ -89,7 +95,7 @@ class KeyQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
-        keys = F.normalize(gather_no_grad(keys.detach().float()), dim=1)[-len(self):]
+        keys = F.normalize(gather_no_grad(keys.detach().float()), dim=1)[-len(self) :]
         rows = (self.ptr + torch.arange(len(keys), device=keys.device)) % len(self)
         self.keys[rows] = keys.to(self.keys.dtype)
         self.ptr.copy_((self.ptr + len(keys)) % len(self))

@@ -23,7 +23,9 @@ class DINOLoss(nn.Module):
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor], teacher_temp: float) -> torch.Tensor:
+    def forward(
+        self, student: list[torch.Tensor], teacher: list[torch.Tensor], teacher_temp: float
+    ) -> torch.Tensor:
         """student: outputs of every view (global first); teacher: outputs of the global views only."""
         targets = [F.softmax((t.float() - self.center) / teacher_temp, dim=-1).detach() for t in teacher]
         log_probs = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student]

@@ -75,8 +75,13 @@ def build_backbone(cfg: BackboneConfig, in_channels: int, image_size: int) -> nn
         return ResNetBackbone(int(cfg.name[6:]), in_channels, stem, cfg.zero_init_residual)
     if cfg.name == "vit":
         return VisionTransformer(
-            image_size=image_size, patch_size=cfg.patch_size, in_channels=in_channels,
-            width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+            image_size=image_size,
+            patch_size=cfg.patch_size,
+            in_channels=in_channels,
+            width=cfg.width,
+            depth=cfg.depth,
+            heads=cfg.heads,
+            mlp_ratio=cfg.mlp_ratio,
         )
     if cfg.name == "conv":
         return ConvBackbone(in_channels, image_size, cfg.conv_width, cfg.conv_dim)

@@ -14,8 +14,15 @@ class MLPHead(nn.Module):
     (MoCo v3's projector and predictor-free variants); ``bn=False`` gives MoCo v2's plain MLP.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, bn: bool = True,
-                 last_bn: bool = False):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        out_dim: int,
+        layers: int = 2,
+        bn: bool = True,
+        last_bn: bool = False,
+    ):
         super().__init__()
         if layers < 1:
             raise ValueError(f"a head needs at least one layer, got layers={layers}")
@@ -42,7 +49,9 @@ class DINOHead(nn.Module):
     in DINO; ``last_layer`` is exposed so the method can freeze it during the first epoch.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, layers: int = 3):
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, layers: int = 3
+    ):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
         blocks: list[nn.Module] = []
@@ -55,7 +64,9 @@ class DINOHead(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        self.last_layer = nn.utils.parametrizations.weight_norm(
+            nn.Linear(bottleneck_dim, out_dim, bias=False)
+        )
         self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
         self.last_layer.parametrizations.weight.original0.requires_grad = False
 

@@ -49,7 +49,9 @@ class SSLMethod(Method):
         self.setup_online_probe(self.feature_dim)
 
     # ------------------------------------------------------------------ what a method writes
-    def ssl_loss(self, views: list[torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def ssl_loss(
+        self, views: list[torch.Tensor], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, backbone features of views[0]) for one batch. Log extra metrics here."""
         raise NotImplementedError
 

@@ -26,7 +26,9 @@ from lightning_gen.registry import register_method
 
 
 def _cpc_views() -> ViewsConfig:
-    return ViewsConfig(recipe="moco_v1", global_crops=CropConfig(n=1, scale=(0.6, 1.0), jitter_p=0.0, grayscale_p=0.0))
+    return ViewsConfig(
+        recipe="moco_v1", global_crops=CropConfig(n=1, scale=(0.6, 1.0), jitter_p=0.0, grayscale_p=0.0)
+    )
 
 
 @dataclass
@@ -66,7 +68,11 @@ class CPC(SSLMethod):
         size = self.data_info.image_size
         self.patch = 2 * size // (cfg.grid + 1)
         self.stride = self.patch // 2
-        if cfg.grid < cfg.pred_steps + 1 or self.patch < 4 or (cfg.grid - 1) * self.stride + self.patch > size:
+        if (
+            cfg.grid < cfg.pred_steps + 1
+            or self.patch < 4
+            or (cfg.grid - 1) * self.stride + self.patch > size
+        ):
             raise ValueError(
                 f"CPC grid {cfg.grid} with {cfg.pred_steps} prediction steps does not fit {size}px images: "
                 f"need grid > pred_steps and patches of >= 4 px (patch side = 2 * image / (grid + 1))"
@@ -78,7 +84,9 @@ class CPC(SSLMethod):
         for _ in range(cfg.context_layers - 1):
             layers += [nn.ReLU(), CausalRowConv(cfg.context_dim, cfg.context_dim)]
         self.context = nn.Sequential(*layers)
-        self.predictors = nn.ModuleList(nn.Conv2d(cfg.context_dim, d, 1, bias=False) for _ in range(cfg.pred_steps))
+        self.predictors = nn.ModuleList(
+            nn.Conv2d(cfg.context_dim, d, 1, bias=False) for _ in range(cfg.pred_steps)
+        )
 
     def patch_codes(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> z (N, D, grid, grid)."""
@@ -99,6 +107,8 @@ class CPC(SSLMethod):
             target = z[:, :, k:]
             queries = pred.permute(0, 2, 3, 1).reshape(-1, pred.shape[1])
             keys = target.permute(0, 2, 3, 1).reshape(-1, target.shape[1])
-            losses.append(info_nce(queries, keys, torch.arange(len(keys), device=keys.device), self.cfg.temperature))
+            losses.append(
+                info_nce(queries, keys, torch.arange(len(keys), device=keys.device), self.cfg.temperature)
+            )
         loss = torch.stack(losses).mean()
         return loss, z.mean((2, 3))

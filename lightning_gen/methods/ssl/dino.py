@@ -1,7 +1,8 @@
 """DINO: self-distillation with no labels (Caron et al. 2021; methods.md §3.7).
 
     s_v = g_s(x_v) for every view v (global and local crops),  t_v = g_t(x_v) for the global crops only
-    L = mean over pairs (t_v, s_u), u != v, of H(t_v, s_u),  H(t, s) = -softmax((t - C)/τ_t) · log softmax(s/τ_s)
+    L = mean over pairs (t_v, s_u), u != v, of H(t_v, s_u)
+    H(t, s) = -softmax((t - C)/τ_t) · log softmax(s/τ_s)
     θ_t <- l θ_t + (1 - l) θ_s,   C <- m C + (1 - m) mean_all_ranks(t)
 
 Notation (methods.md erratum 26): ``momentum_start/end`` is the teacher momentum l (cosine 0.996 -> 1),
@@ -80,9 +81,13 @@ class DINO(SSLMethod):
         global_feats = self.backbone(torch.cat(views[:n_global]))
         student = list(self.head(global_feats).chunk(n_global))
         if len(views) > n_global:
-            student += list(self.head(self.backbone(torch.cat(views[n_global:]))).chunk(len(views) - n_global))
+            student += list(
+                self.head(self.backbone(torch.cat(views[n_global:]))).chunk(len(views) - n_global)
+            )
         with torch.no_grad():
-            teacher = list(self.teacher_head(self.teacher_backbone(torch.cat(views[:n_global]))).chunk(n_global))
+            teacher = list(
+                self.teacher_head(self.teacher_backbone(torch.cat(views[:n_global]))).chunk(n_global)
+            )
         tau_t = self.teacher_temp_at(self.global_step)
         loss = self.loss_fn(student, teacher, tau_t)
         self.loss_fn.update_center(teacher)

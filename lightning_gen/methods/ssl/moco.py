@@ -89,8 +89,8 @@ class MoCo(SSLMethod):
         synced = requested or any(isinstance(m, nn.SyncBatchNorm) for m in self.modules())
         if self.uses_queue and self.cfg.shuffle_bn and synced:
             raise ValueError(
-                "MoCo: shuffle-BN (method.shuffle_bn=true) and SyncBN (trainer.sync_batchnorm=true) are both on; "
-                "they are alternatives, pick one: method.shuffle_bn=false or trainer.sync_batchnorm=false"
+                "MoCo: shuffle-BN (method.shuffle_bn=true) and SyncBN (trainer.sync_batchnorm=true) are both"
+                " on; they are alternatives, pick one: method.shuffle_bn=false or trainer.sync_batchnorm=false"
             )
 
     @torch.no_grad()
@@ -107,7 +107,9 @@ class MoCo(SSLMethod):
             q, k = self.projector(features), self.keys(views[1])
             loss, logits = moco_loss(q, k, self.queue.keys.clone(), self.cfg.temperature)
             self.queue.enqueue(F.normalize(k.float(), dim=1))
-            self.log("train/contrast_acc", (logits.argmax(1) == 0).float().mean(), on_step=True, on_epoch=True)
+            self.log(
+                "train/contrast_acc", (logits.argmax(1) == 0).float().mean(), on_step=True, on_epoch=True
+            )
             return loss, features
         f1, f2 = self.backbone(views[0]), self.backbone(views[1])
         q1, q2 = self.predictor(self.projector(f1)), self.predictor(self.projector(f2))

@@ -34,7 +34,9 @@ class SimCLRConfig(SSLConfig):
     proj_hidden_dim: int = 2048
     proj_dim: int = 128
     proj_layers: int = 2
-    supervised: bool = False  # labels as the index: supervised contrastive (unlabeled samples use their own index)
+    supervised: bool = (
+        False  # labels as the index: supervised contrastive (unlabeled samples use their own index)
+    )
 
 
 @register_method("simclr", SimCLRConfig)
