@@ -90,7 +90,7 @@ class MoCo(SSLMethod):
         if self.uses_queue and self.cfg.shuffle_bn and synced:
             raise ValueError(
                 "MoCo: shuffle-BN (method.shuffle_bn=true) and SyncBN (trainer.sync_batchnorm=true) are both"
-                " on; they are alternatives, pick one: method.shuffle_bn=false or trainer.sync_batchnorm=false"
+                " on; they are alternatives: set method.shuffle_bn=false or trainer.sync_batchnorm=false"
             )
 
     @torch.no_grad()
