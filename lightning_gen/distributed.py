@@ -84,3 +84,24 @@ def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(x, src)
     return x
+
+
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's shuffle-BN: gather the batch of every rank, permute it (one permutation, from rank 0)
+    and hand each rank its slice, so BatchNorm statistics of a key batch mix samples of all ranks
+    and cannot leak which key belongs to which query. Returns (local shuffled slice, permutation)."""
+    if not is_distributed():
+        return x, torch.arange(len(x), device=x.device)
+    everything = gather_no_grad(x)
+    perm = broadcast(torch.randperm(len(everything), device=x.device))
+    return everything[perm].chunk(world_size())[rank()], perm
+
+
+@torch.no_grad()
+def batch_unshuffle(y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Undo ``batch_shuffle`` on outputs: this rank gets back the rows of its own original samples."""
+    if not is_distributed():
+        return y
+    everything = gather_no_grad(y)
+    return everything[torch.argsort(perm)].chunk(world_size())[rank()]

@@ -59,11 +59,16 @@ class MethodConfig:
 class Method(L.LightningModule):
     """Base LightningModule of all methods (not registered itself)."""
 
+    config_class: type[MethodConfig] = MethodConfig  # each method names its own config dataclass
     monitor: tuple[str, str] = ("val/loss", "min")  # metric and mode the best checkpoint is chosen by
     is_generative: bool = False
 
     def __init__(self, cfg: MethodConfig, data: DataInfo | None = None):
         super().__init__()
+        if isinstance(cfg, dict):  # the plain-dict form stored in checkpoints
+            cfg = _dataclass_from_dict(self.config_class, cfg)
+        if isinstance(data, dict):
+            data = _dataclass_from_dict(DataInfo, data)
         self.cfg = cfg
         self.data_info = data or DataInfo()
         # Plain dicts in the checkpoint: `load_method` rebuilds the exact method from them alone.

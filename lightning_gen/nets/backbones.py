@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -53,13 +54,19 @@ class ResNetBackbone(nn.Module):
 
 
 class ConvBackbone(nn.Module):
+    """Small conv encoder; inputs of another size than ``image_size`` (multi-crop local views) are
+    pooled to the 4x4 map its linear layer expects."""
+
     def __init__(self, in_channels: int, image_size: int, width: int, out_dim: int):
         super().__init__()
         self.encoder = ConvEncoder(in_channels, image_size, out_dim, width=width)
         self.out_dim = out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
+        h = self.encoder.features(x)
+        if h.shape[-2:] != (4, 4):
+            h = F.adaptive_avg_pool2d(h, 4)
+        return self.encoder.head(h.flatten(1))
 
 
 def build_backbone(cfg: BackboneConfig, in_channels: int, image_size: int) -> nn.Module:

@@ -49,8 +49,17 @@ class VisionTransformer(nn.Module):
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N, C, H, W) -> patch tokens (N, L, width) with position embeddings added."""
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
-        return tokens + self.pos_embed[:, 1:]
+        tokens = self.patch_embed(x)
+        return tokens.flatten(2).transpose(1, 2) + self.patch_pos_embed(*tokens.shape[-2:])
+
+    def patch_pos_embed(self, rows: int, cols: int) -> torch.Tensor:
+        """Patch position embeddings, bicubically resized for another input size (DINO's local crops)."""
+        pos = self.pos_embed[:, 1:]
+        if (rows, cols) == (self.grid, self.grid):
+            return pos
+        grid = pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        grid = torch.nn.functional.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
+        return grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
 
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Run the encoder on (a subset of) patch tokens; returns all tokens, [CLS] first, normalised."""

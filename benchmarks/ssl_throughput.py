@@ -1,0 +1,222 @@
+"""Images/s of SimCLR and MoCo v2 training through lightning_gen vs a bare PyTorch loop doing the same maths.
+
+ResNet-18 (CIFAR stem), 32x32 RGB input, batch 256 by default. Both paths include the data
+pipeline: a DataLoader over in-memory uint8 CIFAR-shaped images (random pixels: throughput does not
+depend on content), the host-to-device copy, the batched on-device views, forward, loss, backward,
+optimizer step, and for MoCo the momentum update and the enqueue. The framework path is a real
+Lightning ``Trainer.fit`` of the registered method (online probe, logging, LR schedule included);
+the bare loop uses the same networks and loss functions with none of that machinery but the probe.
+Overhead = 1 - framework / bare. Timed steps exclude ``--warmup`` steps.
+
+    python benchmarks/ssl_throughput.py --steps 20 --warmup 5            # GPU
+    python benchmarks/ssl_throughput.py --steps 3 --warmup 1 --device cpu --precisions 32-true
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_gen import registry  # noqa: E402
+from lightning_gen.data.base import ImageTensorDataset  # noqa: E402
+from lightning_gen.data.views import ViewsConfig  # noqa: E402
+from lightning_gen.losses.contrastive import moco_loss, nt_xent  # noqa: E402
+from lightning_gen.methods.base import DataInfo, ema_update  # noqa: E402
+from lightning_gen.nets.backbones import BackboneConfig  # noqa: E402
+
+
+def build(method: str, batch: int):
+    info = DataInfo(
+        name="cifar10",
+        channels=3,
+        image_size=32,
+        num_classes=10,
+        mean=(0.49, 0.48, 0.45),
+        std=(0.25, 0.24, 0.26),
+        batch_size=batch,
+    )
+    entry = registry.get("method", "simclr" if method == "simclr" else "moco")
+    common = dict(name=entry.name, backbone=BackboneConfig(name="resnet18"), warmup_epochs=0.0)
+    if method == "simclr":
+        cfg = entry.config(**common, views=ViewsConfig(recipe="simclr_cifar"), temperature=0.5)
+    else:
+        cfg = entry.config(**common, version="v2", views=ViewsConfig(recipe="moco_v2"), queue_size=4096)
+    return entry.cls(cfg, info)
+
+
+def dataset(n: int) -> ImageTensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return ImageTensorDataset(
+        torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (n,), generator=g),
+    )
+
+
+class Clock(L.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end = warmup, None, None
+
+    def _sync(self, module):
+        if module.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.warmup:
+            self._sync(module)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self._sync(module)
+        self.end = time.perf_counter()
+
+
+class Data(L.LightningDataModule):
+    def __init__(self, ds, batch):
+        super().__init__()
+        self.ds, self.batch = ds, batch
+
+    def train_dataloader(self):
+        return DataLoader(
+            self.ds,
+            batch_size=self.batch,
+            shuffle=True,
+            drop_last=True,
+            num_workers=2,
+            pin_memory=True,
+            persistent_workers=True,
+        )
+
+
+def framework(
+    method: str, batch: int, steps: int, warmup: int, precision: str, channels_last: bool, device: str
+):
+    model = build(method, batch)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    clock = Clock(warmup)
+    trainer = L.Trainer(
+        accelerator=device,
+        devices=1,
+        precision=precision,
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.lgen_channels_last = channels_last
+    trainer.fit(model, datamodule=Data(dataset(batch * (warmup + steps)), batch))
+    return steps * batch / (clock.end - clock.start)
+
+
+def bare(method: str, batch: int, steps: int, warmup: int, precision: str, channels_last: bool, device: str):
+    model = build(method, batch).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("online_probe")]
+    base_lr = model.scaled_lr()
+    if method == "simclr":
+        from lightning_gen.optim import LARS
+
+        opt = LARS(
+            [
+                {"params": params, "weight_decay": 1e-6},
+                {"params": list(model.online_probe.parameters()), "exclude_lars": True},
+            ],
+            lr=base_lr,
+        )
+    else:
+        opt = torch.optim.SGD(
+            [{"params": params, "weight_decay": 1e-4}, {"params": list(model.online_probe.parameters())}],
+            lr=base_lr,
+            momentum=0.9,
+        )
+    loader = DataLoader(
+        dataset(batch * (warmup + steps)),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=2,
+        pin_memory=True,
+    )
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    start = None
+    for step, b in enumerate(loader):
+        if step == warmup:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        images, labels = b["image"].to(device, non_blocking=True), b["label"].to(device, non_blocking=True)
+        views = model.views(images, channels_last=channels_last)
+        with autocast:
+            if method == "simclr":
+                feats = [model.backbone(v) for v in views]
+                loss = nt_xent(model.projector(torch.cat(feats)), b["index"].to(device).repeat(2), 0.5)
+            else:
+                feats = [model.backbone(views[0])]
+                with torch.no_grad():
+                    k = model.projector_k(model.backbone_k(views[1]))
+                loss, _ = moco_loss(model.projector(feats[0]), k, model.queue.keys.clone(), 0.2)
+            loss = loss + F.cross_entropy(model.online_probe(feats[0].detach().float()), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if method != "simclr":
+            ema_update(model.backbone_k, model.backbone, 0.999)
+            ema_update(model.projector_k, model.projector, 0.999)
+            model.queue.enqueue(F.normalize(k.float(), dim=1))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=["simclr", "moco_v2"])
+    parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
+    parser.add_argument("--channels-last", nargs="+", default=["false", "true"])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    name = (
+        torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"# {name}, ResNet-18 32x32, batch {args.batch_size}, {args.steps} timed steps, {args.warmup} warm-up"
+    )
+    print("| method | precision | channels_last | lightning_gen img/s | bare PyTorch img/s | overhead |")
+    print("|---|---|---|---|---|---|")
+    for method in args.methods:
+        for precision in args.precisions:
+            for cl in args.channels_last:
+                cl = cl == "true"
+                torch.manual_seed(0)
+                fw = framework(method, args.batch_size, args.steps, args.warmup, precision, cl, args.device)
+                torch.manual_seed(0)
+                ref = bare(method, args.batch_size, args.steps, args.warmup, precision, cl, args.device)
+                print(
+                    f"| {method} | {precision} | {cl} | {fw:.1f} | {ref:.1f} | {100 * (1 - fw / ref):+.1f}% |",  # noqa: E501
+                    flush=True,
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

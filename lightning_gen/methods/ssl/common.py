@@ -1,0 +1,108 @@
+"""Machinery shared by the joint-embedding SSL methods (SimCLR, MoCo, DINO, CPC).
+
+- ``SSLConfig``: backbone + augmentation views on top of ``MethodConfig``.
+- ``SSLMethod``: builds the backbone, the on-device ``Views`` and the online probe; its
+  ``training_step`` makes the views, asks the method for ``ssl_loss(views, batch)`` and adds the
+  probe loss on the first view's detached features; validation trains nothing and scores the
+  probe on un-augmented images (``val/probe_acc``, the checkpoint monitor).
+- Momentum pairs (solo-learn style): a method lists ``(online, momentum)`` module pairs; after
+  every *optimizer* step (so gradient accumulation is respected) the momentum copies move by
+  τ(step), a cosine from ``momentum_start`` to ``momentum_end`` over
+  ``trainer.estimated_stepping_batches``: a pure function of ``global_step``, so a resumed run
+  uses exactly the τ an uninterrupted run uses.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lightning_gen import schedules
+from lightning_gen.data.views import Views, ViewsConfig
+from lightning_gen.methods.base import Method, MethodConfig, ema_update
+from lightning_gen.nets.backbones import BackboneConfig, build_backbone
+
+
+@dataclass
+class SSLConfig(MethodConfig):
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    momentum_start: float = 0.99  # τ of momentum networks at step 0 (unused by methods without one)
+    momentum_end: float = 1.0  # τ at the last planned step (cosine in between); = start for a constant τ
+
+
+class SSLMethod(Method):
+    """Base of the SSL methods: backbone, views, online probe, momentum pairs. Not registered itself."""
+
+    monitor = ("val/probe_acc", "max")
+    embed_value_range = "standard"
+
+    def __init__(self, cfg: SSLConfig, data=None):
+        super().__init__(cfg, data)
+        info = self.data_info
+        self.backbone = build_backbone(self.cfg.backbone, info.channels, info.image_size)
+        self.views = Views(self.cfg.views, info.mean, info.std, info.image_size)
+        self.feature_dim = self.backbone.out_dim
+        self.setup_online_probe(self.feature_dim)
+
+    # ------------------------------------------------------------------ what a method writes
+    def ssl_loss(
+        self, views: list[torch.Tensor], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, backbone features of views[0]) for one batch. Log extra metrics here."""
+        raise NotImplementedError
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(online, momentum copy) pairs moved by τ after every optimizer step."""
+        return []
+
+    # ------------------------------------------------------------------ shared steps
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def make_views(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return self.views(batch["image"], channels_last=self._use_channels_last())
+
+    def training_step(self, batch, batch_idx):
+        loss, features = self.ssl_loss(self.make_views(batch), batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss + self.probe_loss(features, batch["label"], "train")
+
+    def validation_step(self, batch, batch_idx):
+        features = self.embed(self.to_float(batch["image"], "standard"))
+        self.probe_loss(features, batch["label"], "val")
+
+    @torch.no_grad()
+    def images_for_logging(self, batch):
+        views = self.views(batch["image"][:16])
+        shown = {"input": self.to_float(batch["image"][:16], "unit")}
+        for i, v in enumerate(views[: self.views.num_global]):
+            shown[f"view{i}"] = self.views.unnormalize(v)
+        return shown
+
+    # ------------------------------------------------------------------ momentum networks
+    @staticmethod
+    def momentum_copy(module: nn.Module) -> nn.Module:
+        """A frozen copy that starts equal to ``module`` (θ_k = θ_q at initialisation)."""
+        twin = copy.deepcopy(module)
+        for p in twin.parameters():
+            p.requires_grad = False
+        return twin
+
+    def momentum_at(self, step: int) -> float:
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        return schedules.cosine(step, total, self.cfg.momentum_start, self.cfg.momentum_end)
+
+    def optimizer_step(self, *args, **kwargs):
+        # Called once per real optimizer step (not per accumulated micro-batch). global_step is the
+        # index of this update, the same in an uninterrupted and a resumed run.
+        super().optimizer_step(*args, **kwargs)
+        pairs = self.momentum_pairs()
+        if pairs:
+            tau = self.momentum_at(self.global_step)
+            for online, target in pairs:
+                ema_update(target, online, tau)
+            self.log("train/momentum", tau, on_step=True, on_epoch=False)

@@ -1,0 +1,114 @@
+"""Contrastive Predictive Coding on images (van den Oord et al. 2018; methods.md §3.6).
+
+The image is cut into a grid of overlapping patches (50% overlap, ``grid`` x ``grid``); every
+patch is encoded on its own, z_ij = g_enc(x_ij) (the backbone). A context network g_ar sees only
+the rows at and above i ("use top rows as context to predict bottom rows"): a stack of
+vertically causal convolutions gives c_ij. For every offset k = 1..``pred_steps`` the score of a
+candidate code z is s_k(z, c_ij) = zᵀ W_k c_ij, and InfoNCE asks c_ij to pick the true future
+z_(i+k)j among the codes of all positions and all images of the batch on this rank (local
+negatives). The representation is the patch codes z averaged over the grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_gen.config import choice
+from lightning_gen.data.views import CropConfig, ViewsConfig
+from lightning_gen.losses.contrastive import info_nce
+from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
+from lightning_gen.nets.backbones import BackboneConfig, build_backbone
+from lightning_gen.registry import register_method
+
+
+def _cpc_views() -> ViewsConfig:
+    return ViewsConfig(
+        recipe="moco_v1", global_crops=CropConfig(n=1, scale=(0.6, 1.0), jitter_p=0.0, grayscale_p=0.0)
+    )
+
+
+@dataclass
+class CPCConfig(SSLConfig):
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="conv"))
+    views: ViewsConfig = field(default_factory=_cpc_views)
+    optimizer: str = choice("adam", "adam", "adamw", "sgd", "lars")
+    lr: float = 2e-4
+    grid: int = 7  # patches per side (50% overlap: patch side = 2 * image / (grid + 1))
+    pred_steps: int = 3  # predict rows i+1 .. i+pred_steps
+    context_dim: int = 256
+    context_layers: int = 3
+    temperature: float = 1.0
+
+
+class CausalRowConv(nn.Module):
+    """Conv over the (rows, cols) grid whose output at row i sees rows <= i only (pad the top)."""
+
+    def __init__(self, cin: int, cout: int, height: int = 2, width: int = 3):
+        super().__init__()
+        self.pad = (width // 2, width // 2, height - 1, 0)
+        self.conv = nn.Conv2d(cin, cout, (height, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, self.pad))
+
+
+@register_method("cpc", CPCConfig)
+class CPC(SSLMethod):
+    """CPC: patch codes, a top-to-bottom context network, InfoNCE on future rows of patches."""
+
+    config_class = CPCConfig
+
+    def __init__(self, cfg: CPCConfig, data=None):
+        super().__init__(cfg, data)
+        cfg = self.cfg  # a dataclass even when rebuilt from a checkpoint's dict
+        size = self.data_info.image_size
+        self.patch = 2 * size // (cfg.grid + 1)
+        self.stride = self.patch // 2
+        if (
+            cfg.grid < cfg.pred_steps + 1
+            or self.patch < 4
+            or (cfg.grid - 1) * self.stride + self.patch > size
+        ):
+            raise ValueError(
+                f"CPC grid {cfg.grid} with {cfg.pred_steps} prediction steps does not fit {size}px images: "
+                f"need grid > pred_steps and patches of >= 4 px (patch side = 2 * image / (grid + 1))"
+            )
+        # g_enc works on patches, so it is built for the patch size (replacing the image-size backbone).
+        self.backbone = build_backbone(cfg.backbone, self.data_info.channels, self.patch)
+        d = self.feature_dim
+        layers: list[nn.Module] = [CausalRowConv(d, cfg.context_dim)]
+        for _ in range(cfg.context_layers - 1):
+            layers += [nn.ReLU(), CausalRowConv(cfg.context_dim, cfg.context_dim)]
+        self.context = nn.Sequential(*layers)
+        self.predictors = nn.ModuleList(
+            nn.Conv2d(cfg.context_dim, d, 1, bias=False) for _ in range(cfg.pred_steps)
+        )
+
+    def patch_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> z (N, D, grid, grid)."""
+        n, c, g = x.shape[0], x.shape[1], self.cfg.grid
+        patches = x.unfold(2, self.patch, self.stride).unfold(3, self.patch, self.stride)[:, :, :g, :g]
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(n * g * g, c, self.patch, self.patch)
+        return self.backbone(patches.contiguous()).view(n, g, g, -1).permute(0, 3, 1, 2)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_codes(x).mean((2, 3))
+
+    def ssl_loss(self, views, batch):
+        z = self.patch_codes(views[0])
+        c = self.context(z)
+        losses = []
+        for k, w_k in enumerate(self.predictors, start=1):
+            pred = w_k(c[:, :, :-k])  # contexts of rows 0 .. G-1-k predict rows k .. G-1
+            target = z[:, :, k:]
+            queries = pred.permute(0, 2, 3, 1).reshape(-1, pred.shape[1])
+            keys = target.permute(0, 2, 3, 1).reshape(-1, target.shape[1])
+            losses.append(
+                info_nce(queries, keys, torch.arange(len(keys), device=keys.device), self.cfg.temperature)
+            )
+        loss = torch.stack(losses).mean()
+        return loss, z.mean((2, 3))

@@ -1,0 +1,100 @@
+"""DINO: self-distillation with no labels (Caron et al. 2021; methods.md §3.7).
+
+    s_v = g_s(x_v) for every view v (global and local crops),  t_v = g_t(x_v) for the global crops only
+    L = mean over pairs (t_v, s_u), u != v, of H(t_v, s_u)
+    H(t, s) = -softmax((t - C)/τ_t) · log softmax(s/τ_s)
+    θ_t <- l θ_t + (1 - l) θ_s,   C <- m C + (1 - m) mean_all_ranks(t)
+
+Notation (methods.md erratum 26): ``momentum_start/end`` is the teacher momentum l (cosine 0.996 -> 1),
+``center_momentum`` is m, ``teacher_temp`` is τ_t, warmed up linearly from ``teacher_temp_start``.
+τ_t and l are pure functions of ``global_step``, so a resumed run uses the same values as an
+uninterrupted one. The head's last layer is frozen for ``freeze_last_layer_epochs`` (stability).
+Not implemented: the weight-decay schedule 0.04 -> 0.4 (weight decay is constant here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lightning_gen import schedules
+from lightning_gen.config import choice
+from lightning_gen.losses.dino import DINOLoss
+from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
+from lightning_gen.nets.heads import DINOHead
+from lightning_gen.registry import register_method
+
+
+@dataclass
+class DINOConfig(SSLConfig):
+    optimizer: str = choice("adamw", "adam", "adamw", "sgd", "lars")
+    lr: float = 5e-4
+    lr_scaling: str = choice("linear", "none", "linear", "sqrt")
+    weight_decay: float = 0.04
+    warmup_epochs: float = 10.0
+    min_lr_ratio: float = 2e-3  # 1e-6 at the end for lr 5e-4
+    out_dim: int = 65536  # K prototypes
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    student_temp: float = 0.1
+    teacher_temp_start: float = 0.04
+    teacher_temp: float = 0.04  # final τ_t; the paper goes up to 0.07 (above is unstable)
+    teacher_temp_warmup_epochs: float = 30.0
+    center_momentum: float = 0.9
+    momentum_start: float = 0.996
+    momentum_end: float = 1.0
+    freeze_last_layer_epochs: int = 1
+
+
+@register_method("dino", DINOConfig)
+class DINO(SSLMethod):
+    """DINO: student/teacher self-distillation over multi-crop views with centering and sharpening."""
+
+    config_class = DINOConfig
+
+    def __init__(self, cfg: DINOConfig, data=None):
+        super().__init__(cfg, data)
+        cfg = self.cfg  # a dataclass even when rebuilt from a checkpoint's dict
+        if self.views.num_global < 2:
+            raise ValueError("DINO needs at least 2 global crops: set method.views.global_crops.n >= 2")
+        self.head = DINOHead(self.feature_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim)
+        self.teacher_backbone = self.momentum_copy(self.backbone)
+        self.teacher_head = self.momentum_copy(self.head)
+        self.loss_fn = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
+
+    def frozen_module_names(self) -> set[str]:
+        return {"teacher_backbone", "teacher_head", "loss_fn"}
+
+    def momentum_pairs(self):
+        return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
+
+    def teacher_temp_at(self, step: int) -> float:
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        per_epoch = total / max(self.trainer.max_epochs or 1, 1)
+        warmup = int(round(self.cfg.teacher_temp_warmup_epochs * per_epoch))
+        return schedules.linear_warmup(step, warmup, self.cfg.teacher_temp_start, self.cfg.teacher_temp)
+
+    def ssl_loss(self, views, batch):
+        n_global = self.views.num_global
+        # Views of one resolution go through the networks together (one forward per crop size).
+        global_feats = self.backbone(torch.cat(views[:n_global]))
+        student = list(self.head(global_feats).chunk(n_global))
+        if len(views) > n_global:
+            student += list(
+                self.head(self.backbone(torch.cat(views[n_global:]))).chunk(len(views) - n_global)
+            )
+        with torch.no_grad():
+            teacher = list(
+                self.teacher_head(self.teacher_backbone(torch.cat(views[:n_global]))).chunk(n_global)
+            )
+        tau_t = self.teacher_temp_at(self.global_step)
+        loss = self.loss_fn(student, teacher, tau_t)
+        self.loss_fn.update_center(teacher)
+        self.log("train/teacher_temp", tau_t, on_step=True, on_epoch=False)
+        return loss, global_feats.chunk(n_global)[0]
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.current_epoch < self.cfg.freeze_last_layer_epochs:
+            for p in self.head.last_layer.parameters():
+                p.grad = None

@@ -1,0 +1,133 @@
+"""MoCo v1/v2/v3 (He et al. 2020; Chen et al. 2020; Chen, Xie, He 2021; methods.md §3.3-3.5), one class.
+
+``version`` picks the paper (``conf/method/moco_v1.yaml``, ``moco_v2.yaml``, ``moco_v3.yaml``):
+
+- v1: linear head to C = 128, queue of K keys, τ = 0.07, m = 0.999, MoCo v1 augmentation.
+- v2: v1 with a 2-layer MLP head (2048 hidden), τ = 0.2, blur ("aug+") and a cosine LR.
+- v3: no queue; 3-layer projector and 2-layer predictor with BN, symmetric loss over in-batch
+  keys gathered from all ranks, τ = 1.0 (ResNet) / 0.2 (ViT), m cosine 0.99 -> 1.
+
+    q = normalize(g_q(f_q(x_q))),  k = normalize(g_k(f_k(x_k))) (no gradient)
+    L = CE([q·k, q·queue] / τ, 0)                                  (v1, v2)
+    L = 2τ [CE(q1 K2ᵀ/τ, own) + CE(q2 K1ᵀ/τ, own)]                 (v3, K = keys of all ranks)
+    θ_k <- m θ_k + (1 - m) θ_q   for the key encoder *and* the key head
+
+The queue is a buffer (in every checkpoint), filled with the keys of all ranks in rank order, so
+it is identical everywhere; its equality is checked across ranks at every epoch end. Key batches
+use shuffle-BN (``shuffle_bn``) or SyncBN (``trainer.sync_batchnorm=true``), never both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_gen.config import choice
+from lightning_gen.distributed import batch_shuffle, batch_unshuffle, gather_no_grad, is_distributed, rank
+from lightning_gen.losses.contrastive import KeyQueue, info_nce, moco_loss
+from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
+from lightning_gen.nets.heads import MLPHead
+from lightning_gen.registry import register_method
+
+
+@dataclass
+class MoCoConfig(SSLConfig):
+    version: str = choice("v2", "v1", "v2", "v3")
+    optimizer: str = choice("sgd", "adam", "adamw", "sgd", "lars")
+    lr: float = 0.03
+    lr_scaling: str = choice("linear", "none", "linear", "sqrt")
+    weight_decay: float = 1e-4
+    temperature: float = 0.2
+    queue_size: int = 65536  # K (v1/v2)
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 128
+    pred_hidden_dim: int = 4096  # v3 predictor
+    momentum_start: float = 0.999
+    momentum_end: float = 0.999
+    shuffle_bn: bool = True  # v1/v2 key encoder; mutually exclusive with trainer.sync_batchnorm
+
+
+@register_method("moco", MoCoConfig)
+class MoCo(SSLMethod):
+    """MoCo v1/v2 (momentum key encoder + queue) and v3 (symmetric, predictor, no queue)."""
+
+    config_class = MoCoConfig
+
+    def __init__(self, cfg: MoCoConfig, data=None):
+        super().__init__(cfg, data)
+        cfg = self.cfg  # a dataclass even when rebuilt from a checkpoint's dict
+        d = self.feature_dim
+        if cfg.version == "v1":
+            self.projector = MLPHead(d, cfg.proj_hidden_dim, cfg.proj_dim, layers=1)
+        elif cfg.version == "v2":
+            self.projector = MLPHead(d, cfg.proj_hidden_dim, cfg.proj_dim, layers=2, bn=False)
+        else:
+            self.projector = MLPHead(d, cfg.proj_hidden_dim, cfg.proj_dim, layers=3, last_bn=True)
+            self.predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, layers=2, last_bn=True)
+        self.backbone_k = self.momentum_copy(self.backbone)
+        self.projector_k = self.momentum_copy(self.projector)
+        if self.uses_queue:
+            self.queue = KeyQueue(cfg.queue_size, cfg.proj_dim)
+
+    @property
+    def uses_queue(self) -> bool:
+        return self.cfg.version in ("v1", "v2")
+
+    def frozen_module_names(self) -> set[str]:
+        return {"backbone_k", "projector_k", "queue"}
+
+    def momentum_pairs(self):
+        return [(self.backbone, self.backbone_k), (self.projector, self.projector_k)]
+
+    def on_fit_start(self) -> None:
+        # Lightning only converts BN to SyncBN with >1 process, so the requested flag is checked too.
+        connector = getattr(self.trainer, "_accelerator_connector", None)
+        requested = getattr(connector, "_layer_sync", None) is not None
+        synced = requested or any(isinstance(m, nn.SyncBatchNorm) for m in self.modules())
+        if self.uses_queue and self.cfg.shuffle_bn and synced:
+            raise ValueError(
+                "MoCo: shuffle-BN (method.shuffle_bn=true) and SyncBN (trainer.sync_batchnorm=true) are both"
+                " on; they are alternatives: set method.shuffle_bn=false or trainer.sync_batchnorm=false"
+            )
+
+    @torch.no_grad()
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        shuffle = self.uses_queue and self.cfg.shuffle_bn
+        if shuffle:
+            x, perm = batch_shuffle(x)
+        k = self.projector_k(self.backbone_k(x))
+        return batch_unshuffle(k, perm) if shuffle else k
+
+    def ssl_loss(self, views, batch):
+        if self.uses_queue:
+            features = self.backbone(views[0])
+            q, k = self.projector(features), self.keys(views[1])
+            loss, logits = moco_loss(q, k, self.queue.keys.clone(), self.cfg.temperature)
+            self.queue.enqueue(F.normalize(k.float(), dim=1))
+            self.log(
+                "train/contrast_acc", (logits.argmax(1) == 0).float().mean(), on_step=True, on_epoch=True
+            )
+            return loss, features
+        f1, f2 = self.backbone(views[0]), self.backbone(views[1])
+        q1, q2 = self.predictor(self.projector(f1)), self.predictor(self.projector(f2))
+        k1, k2 = self.keys(views[0]), self.keys(views[1])
+        loss = self.symmetric_contrast(q1, k2) + self.symmetric_contrast(q2, k1)
+        return loss, f1
+
+    def symmetric_contrast(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """MoCo v3's ctr(q, k): in-batch keys of all ranks, own key positive, scaled by 2τ."""
+        q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+        keys = gather_no_grad(k)
+        targets = torch.arange(len(q), device=q.device) + len(q) * rank()
+        return info_nce(q, keys, targets, self.cfg.temperature) * 2 * self.cfg.temperature
+
+    def on_train_epoch_end(self) -> None:
+        # The queue must be the same dictionary on every rank; a cheap fingerprint catches any drift.
+        if self.uses_queue and is_distributed():
+            fingerprint = torch.stack([self.queue.keys.double().sum(), self.queue.ptr.double()]).view(1, 2)
+            seen = gather_no_grad(fingerprint)
+            if not torch.equal(seen, seen[:1].expand_as(seen)):
+                raise RuntimeError(f"MoCo queue differs between ranks (sum, ptr per rank: {seen.tolist()})")

@@ -1,0 +1,129 @@
+"""Cross-rank maths on 2 real gloo processes (torch.multiprocessing.spawn) vs 1 process, numerically.
+
+Each worker computes what one DDP rank computes and writes its results to disk; the test compares
+them with a single-process computation on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from lightning_gen.distributed import batch_shuffle, batch_unshuffle
+from lightning_gen.losses.contrastive import KeyQueue, nt_xent
+from lightning_gen.losses.dino import DINOLoss
+
+WORLD, N, D_IN, D_OUT, TAU = 2, 4, 6, 5, 0.2
+
+
+def make_problem():
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(D_IN, 8), torch.nn.Tanh(), torch.nn.Linear(8, D_OUT))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    views = torch.randn(2, WORLD * N, D_IN, generator=g)  # (view, sample, feature)
+    keys = torch.randn(3, WORLD * N, D_OUT, generator=g)  # 3 steps of MoCo keys
+    teacher = torch.randn(2, WORLD * N, D_OUT, generator=g)  # 2 global views of DINO teacher outputs
+    return model, views, keys, teacher
+
+
+def local_slice(x: torch.Tensor, r: int) -> torch.Tensor:
+    return x[..., r * N : (r + 1) * N, :]
+
+
+def worker(r: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=r, world_size=WORLD)
+    torch.manual_seed(100 + r)  # ranks draw different random numbers, as real ones do
+    model, views, keys, teacher = make_problem()
+    results = {}
+
+    # NT-Xent with gathered negatives; DDP averages gradients over ranks (done here by all_reduce).
+    local = local_slice(views, r)
+    z = model(torch.cat([local[0], local[1]]))
+    index = (torch.arange(N) + r * N).repeat(2)
+    loss = nt_xent(z, index, TAU)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    for g in grads:
+        dist.all_reduce(g)
+        g /= WORLD
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    results.update(loss=mean_loss / WORLD, grads=grads)
+
+    # MoCo queue: every rank enqueues its own keys; the dictionaries must end identical.
+    torch.manual_seed(7)  # same initial queue on every rank (seed_everything does this in a run)
+    queue = KeyQueue(10, D_OUT)
+    for step_keys in keys:
+        queue.enqueue(local_slice(step_keys, r))
+    results.update(queue=queue.keys.clone(), ptr=queue.ptr.clone())
+
+    # DINO center: all-reduced mean of the teacher outputs.
+    center = DINOLoss(D_OUT)
+    center.update_center(list(local_slice(teacher, r)))
+    results.update(center=center.center.clone())
+
+    # Shuffle-BN: shuffle then unshuffle is the identity on each rank's own rows, and the shuffled
+    # slices of all ranks together are a permutation of the global batch.
+    x = local_slice(views[0], r)
+    shuffled, perm = batch_shuffle(x)
+    results.update(shuffled=shuffled, perm=perm, roundtrip=batch_unshuffle(shuffled, perm), own=x)
+    torch.save(results, f"{out_dir}/rank{r}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    mp.spawn(worker, args=(str(tmp_path / "pg_init"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    model, views, keys, teacher = make_problem()
+
+    # single process on the concatenated batch
+    z = model(torch.cat([views[0], views[1]]))
+    loss = nt_xent(z, torch.arange(WORLD * N).repeat(2), TAU)
+    loss.backward()
+    for result in ranks:
+        assert torch.allclose(result["loss"], loss.detach(), atol=1e-6), (result["loss"], loss)
+        for got, want in zip(result["grads"], [p.grad for p in model.parameters()]):
+            assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+
+    # A gather *without* gradient would get this wrong: the negatives' gradient goes missing.
+    assert not torch.allclose(ranks[0]["grads"][0], torch.zeros_like(ranks[0]["grads"][0]))
+
+    torch.manual_seed(7)
+    queue = KeyQueue(10, D_OUT)
+    for step_keys in keys:  # rank order = concatenation order
+        queue.enqueue(step_keys)
+    for result in ranks:
+        assert torch.equal(result["queue"], ranks[0]["queue"]) and int(result["ptr"]) == int(ranks[0]["ptr"])
+        assert torch.allclose(result["queue"], queue.keys, atol=1e-6) and int(result["ptr"]) == int(queue.ptr)
+
+    center = DINOLoss(D_OUT)
+    center.update_center(list(teacher))
+    for result in ranks:
+        assert torch.allclose(result["center"], center.center, atol=1e-6)
+
+    everything = torch.cat([r["shuffled"] for r in ranks])
+    assert torch.equal(ranks[0]["perm"], ranks[1]["perm"])
+    assert torch.allclose(everything, views[0][ranks[0]["perm"]])
+    for result in ranks:
+        assert torch.equal(result["roundtrip"], result["own"])
+
+
+def test_nt_xent_without_gather_differs_from_global():
+    """Sanity of the comparison above: local-only negatives give a different loss."""
+    model, views, _, _ = make_problem()
+    z = F.normalize(model(torch.cat([views[0], views[1]])), dim=1)
+    idx = torch.arange(WORLD * N).repeat(2)
+    halves = [
+        nt_xent(
+            torch.cat([z[r * N : (r + 1) * N], z[WORLD * N + r * N : WORLD * N + (r + 1) * N]]),
+            torch.arange(N).repeat(2),
+            TAU,
+            gather=False,
+        )
+        for r in range(WORLD)
+    ]
+    assert abs(float(sum(halves) / WORLD) - float(nt_xent(z, idx, TAU))) > 1e-3
