@@ -1,0 +1,202 @@
+"""The DataModule shape every dataset shares.
+
+Batches are dicts ``{"image": uint8 (N, C, H, W), "label": int64 (N,), "index": int64 (N,)}``:
+uint8 keeps host memory and host-to-device traffic four times smaller than float, and methods
+augment on the device after the transfer (``Method.to_float`` + ``lightning_gen.data.views``).
+Unlabeled samples carry label -1. ``index`` is the sample's position in its split, which is how
+contrastive losses find positives across views and how evaluation drops DistributedSampler padding.
+
+Splits: ``train`` (shuffled, drop_last), ``val`` (held out from train with a seeded permutation,
+or the official test set when ``val_fraction`` is 0), ``test``. ``eval_dataloader(split)`` is the
+plain labeled view of any split for evaluation callbacks: no augmentation, no shuffling, nothing
+dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_gen.methods.base import DataInfo
+
+
+class DatasetMissingError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    name: str = ""
+    root: str = "data"  # where the torchvision on-disk layout lives
+    download: bool = False  # prepare_data downloads (on one process) only when true
+    batch_size: int = 128  # per device; the global batch is printed at start
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    pin_memory: bool = False
+    image_size: int | None = None  # resize once at load time; None keeps the native size
+    val_fraction: float = 0.1  # held out from train, seeded; 0 -> validate on the test split
+    max_train_samples: int | None = None  # a deterministic subset, for quick runs and tests
+    split_seed: int = 0
+
+
+class ImageTensorDataset(Dataset):
+    """uint8 images kept in memory as one tensor, with labels and the sample index."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        assert images.dtype == torch.uint8 and images.ndim == 4, "images must be uint8 (N, C, H, W)"
+        self.images, self.labels = images, labels.long()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
+        return {"image": self.images[i], "label": self.labels[i], "index": i}
+
+
+def resize_uint8(images: torch.Tensor, size: int | None, chunk: int = 4096) -> torch.Tensor:
+    """Resize a uint8 (N, C, H, W) tensor to size x size (bilinear, antialiased when shrinking)."""
+    if size is None or images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = []
+    for part in images.split(chunk):
+        x = F.interpolate(part.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out.append(x.round().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base of all DataModules: splits, loaders and the evaluation view. Subclasses implement ``load``."""
+
+    config_class = DataConfig
+    channels = 3
+    num_classes = 10
+    native_size = 32
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    has_val_split = False  # True where the dataset ships a validation split (image folders)
+
+    def __init__(self, cfg: DataConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.root = Path(cfg.root).expanduser()
+        self.datasets: dict[str, Dataset] = {}
+
+    # ------------------------------------------------------------------ to implement
+    def expected_files(self) -> list[Path]:
+        """Files that must exist for ``load`` to work (named in the missing-dataset error)."""
+        return []
+
+    def download(self) -> None:
+        raise DatasetMissingError(f"{self.registry_name} cannot be downloaded automatically")
+
+    def load(self, split: str) -> Dataset:
+        """The dataset of ``split`` in ("train", "test", and dataset-specific ones like "unlabeled")."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+    @property
+    def info(self) -> DataInfo:
+        return DataInfo(
+            name=self.registry_name, channels=self.channels, image_size=self.image_size,
+            num_classes=self.num_classes, mean=tuple(self.mean), std=tuple(self.std), batch_size=self.cfg.batch_size,
+        )
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.image_size or self.native_size
+
+    def download_command(self) -> str:
+        return f"lgen prepare data={self.registry_name} data.root={self.cfg.root} data.download=true"
+
+    def check_files(self) -> None:
+        missing = [p for p in self.expected_files() if not p.exists()]
+        if missing:
+            listing = "\n  ".join(str(p) for p in self.expected_files())
+            raise DatasetMissingError(
+                f"dataset {self.registry_name!r} not found under {self.root.resolve()}: missing {missing[0]}.\n"
+                f"Expected files:\n  {listing}\n"
+                f"Download it with:\n  {self.download_command()}\n"
+                f"or point data.root at the folder that holds it."
+            )
+
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process per node (rank 0): the only place that downloads.
+        if self.cfg.download and any(not p.exists() for p in self.expected_files()):
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.download()
+        self.check_files()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self.check_files()
+        train = self.load("train")
+        if self.cfg.max_train_samples is not None and self.cfg.max_train_samples < len(train):
+            keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg.split_seed))
+            train = _subset(train, keep[: self.cfg.max_train_samples].sort().values)
+        test = self.load("test")
+        if self.has_val_split or self.cfg.val_fraction <= 0:
+            self.datasets.update(train=train, val=test, test=test)
+        else:
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg.split_seed))
+            n_val = max(1, int(round(len(train) * self.cfg.val_fraction)))
+            self.datasets.update(
+                train=_subset(train, order[n_val:].sort().values),
+                val=_subset(train, order[:n_val].sort().values),
+                test=test,
+            )
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items())
+        rank_zero_info(f"[data] {self.registry_name}: {sizes} images of {self.channels}x{self.image_size}x{self.image_size}")
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup()
+        if split not in self.datasets:
+            raise KeyError(f"{self.registry_name} has no split {split!r}; splits: {', '.join(self.datasets)}")
+        workers = self.cfg.num_workers
+        return DataLoader(
+            self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+            num_workers=workers, pin_memory=self.cfg.pin_memory, persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        train = self.datasets.get("train") if self.datasets else None
+        drop_last = train is None or len(train) >= self.cfg.batch_size
+        return self._loader("train", self.cfg.batch_size, shuffle=True, drop_last=drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.cfg.eval_batch_size, shuffle=False, drop_last=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.cfg.eval_batch_size, shuffle=False, drop_last=False)
+
+    def eval_dataloader(self, split: str = "train") -> DataLoader:
+        """Plain labeled view of ``split`` for evaluation: no augmentation, no shuffling, nothing dropped."""
+        return self._loader(split, self.cfg.eval_batch_size, shuffle=False, drop_last=False)
+
+
+class _SubsetWithIndex(Dataset):
+    """A subset whose ``index`` field is the position within the subset (0..len-1)."""
+
+    def __init__(self, dataset: Dataset, indices: torch.Tensor):
+        self.dataset, self.indices = dataset, indices.tolist()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        item = dict(self.dataset[self.indices[i]])
+        item["index"] = i
+        return item
+
+
+def _subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
+    if isinstance(dataset, ImageTensorDataset):  # stay one contiguous tensor: fast and picklable
+        return ImageTensorDataset(dataset.images[indices], dataset.labels[indices])
+    return _SubsetWithIndex(dataset, indices)
