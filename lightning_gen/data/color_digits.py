@@ -34,7 +34,7 @@ def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tenso
 
 @register_datamodule("color_digits", ColorDigitsConfig)
 class ColorDigitsDataModule(DigitsDataModule):
-    """The embedded digits in colour (hue tied to the class by default); for colorization without downloads."""
+    """The embedded digits in colour (hue tied to the class by default): colorization without downloads."""
 
     channels = 3
     mean, std = (0.2, 0.2, 0.2), (0.3, 0.3, 0.3)

@@ -74,11 +74,7 @@ class Method(L.LightningModule):
         self.data_info = data or DataInfo()
         # Plain dicts in the checkpoint: `load_method` rebuilds the exact method from them alone.
         self.save_hyperparameters(
-            {
-                "method": self.registry_name,
-                "cfg": dataclasses.asdict(cfg),
-                "data": dataclasses.asdict(self.data_info),
-            }
+            {"method": self.registry_name, "cfg": dataclasses.asdict(cfg), "data": dataclasses.asdict(self.data_info)}
         )
         self.online_probe: nn.Module | None = None
 
@@ -103,9 +99,7 @@ class Method(L.LightningModule):
     # ---------------------------------------------------------------- what evaluation uses
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Representation (N, D) of float images as produced by ``to_float``. Representation methods override."""
-        raise NotImplementedError(
-            f"method {self.registry_name!r} does not expose embed(x): it learns no encoder"
-        )
+        raise NotImplementedError(f"method {self.registry_name!r} does not expose embed(x): it learns no encoder")
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """Representation of uint8 images, with this method's own preprocessing."""
@@ -142,14 +136,7 @@ class Method(L.LightningModule):
         loss = F.cross_entropy(logits[labeled], labels[labeled])
         acc = (logits[labeled].argmax(1) == labels[labeled]).float().mean()
         on_step = stage == "train"
-        self.log(
-            f"{stage}/probe_acc",
-            acc,
-            on_step=on_step,
-            on_epoch=True,
-            sync_dist=not on_step,
-            prog_bar=stage == "val",
-        )
+        self.log(f"{stage}/probe_acc", acc, on_step=on_step, on_epoch=True, sync_dist=not on_step, prog_bar=stage == "val")
         self.log(f"{stage}/probe_loss", loss, on_step=on_step, on_epoch=True, sync_dist=not on_step)
         return loss
 
@@ -200,13 +187,8 @@ class Method(L.LightningModule):
         groups = self.parameter_groups(self.trainable_modules(), self.scaled_lr(), self.cfg.weight_decay)
         if self.online_probe is not None:
             groups.append(
-                {
-                    "params": list(self.online_probe.parameters()),
-                    "weight_decay": 0.0,
-                    "base_lr": self.cfg.probe_lr,
-                    "exclude_lars": True,
-                    "fixed_lr": True,
-                }
+                {"params": list(self.online_probe.parameters()), "weight_decay": 0.0,
+                 "base_lr": self.cfg.probe_lr, "exclude_lars": True, "fixed_lr": True}
             )
         return self.build_optimizer(groups)
 
@@ -253,9 +235,7 @@ def load_method(checkpoint_path: str, map_location: str = "cpu") -> Method:
     checkpoint = load_checkpoint(checkpoint_path, map_location=map_location)
     hparams = checkpoint.get("hyper_parameters", {})
     if "method" not in hparams:
-        raise ValueError(
-            f"{checkpoint_path} was not written by lightning_gen: it has no method name in its hyperparameters"
-        )
+        raise ValueError(f"{checkpoint_path} was not written by lightning_gen: it has no method name in its hyperparameters")
     entry = registry.get("method", hparams["method"])
     model = entry.cls(hparams["cfg"], hparams["data"])
     model.load_state_dict(checkpoint["state_dict"])

@@ -90,7 +90,7 @@ def ab_gamut_bins(step: float = 10.0, levels: int = 64) -> torch.Tensor:
 def soft_encode(
     ab: torch.Tensor, centres: torch.Tensor, neighbours: int = 5, sigma: float = 5.0
 ) -> torch.Tensor:
-    """Soft one-hot targets (P, Q) of ab values (P, 2): Gaussian weights on the nearest bins (Zhang: 5, sigma 5)."""
+    """Soft one-hot targets (P, Q) of ab (P, 2): Gaussian weights on the nearest bins (Zhang: 5, sigma 5)."""
     distance = torch.cdist(ab.float(), centres.to(ab.device).float())
     near, index = distance.topk(neighbours, dim=1, largest=False)
     weights = torch.softmax(-near.pow(2) / (2 * sigma**2), dim=1)

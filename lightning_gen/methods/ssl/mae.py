@@ -1,4 +1,4 @@
-"""Masked autoencoders (He et al. 2021/2022, "Masked Autoencoders Are Scalable Vision Learners"; methods.md §2.7).
+"""Masked autoencoders (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners"), §2.7.
 
 Split the image into non-overlapping patches and mask a large random subset (75%). The ViT
 encoder runs on the *visible* patches only (no mask tokens: a quarter of the tokens, hence cheap),
@@ -73,7 +73,7 @@ class MAEDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, encoded: torch.Tensor, keep: torch.Tensor, num_patches: int) -> torch.Tensor:
-        """``encoded`` (N, 1 + V, D_enc) with [CLS] first; ``keep`` (N, V) positions of the visible patches."""
+        """``encoded`` (N, 1 + V, D_enc), [CLS] first; ``keep`` (N, V): positions of the visible patches."""
         tokens = self.embed(encoded)
         n, width = len(tokens), tokens.shape[-1]
         full = self.mask_token.expand(n, num_patches, width).clone()

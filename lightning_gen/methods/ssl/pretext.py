@@ -74,9 +74,9 @@ class TileGrid:
         object.__setattr__(self, "tile", tile)
         if tile + gap > cell:
             raise ValueError(
-                f"tiles of {tile} px with a gap of {gap} px do not fit in the {cell} px cells of a {self.grid}x"
-                f"{self.grid} grid over {self.image_size} px images: lower method.tile_size / method.gap or "
-                f"raise data.image_size"
+                f"tiles of {tile} px with a gap of {gap} px do not fit in the {cell} px cells of a "
+                f"{self.grid}x{self.grid} grid over {self.image_size} px images: "
+                f"lower method.tile_size / method.gap or raise data.image_size"
             )
 
     @property
@@ -116,7 +116,7 @@ def crop(x: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, size: int) ->
 
 
 def extract_tiles(x: torch.Tensor, grid: TileGrid, jitter: bool, generator: torch.Generator | None = None):
-    """Tiles (N, grid*grid, C, tile, tile) in reading order (tile j comes from row j // grid, col j % grid)."""
+    """Tiles (N, grid*grid, C, tile, tile) in reading order: tile j is cell (j // grid, j % grid)."""
     if x.shape[-1] != grid.image_size or x.shape[-2] != grid.image_size:
         raise ValueError(
             f"images are {tuple(x.shape[-2:])}, the tile grid was built for {grid.image_size} px"
