@@ -19,8 +19,13 @@ from lightning_gen.methods.ssl.color import (
 def reference_lab(rgb: np.ndarray) -> np.ndarray:
     """CIE 1976 L*a*b* of sRGB (..., 3) in the kappa/epsilon form of the CIE standard (Lindbloom)."""
     linear = np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    m = np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
-                  [0.0193339, 0.1191920, 0.9503041]])
+    m = np.array(
+        [
+            [0.4124564, 0.3575761, 0.1804375],
+            [0.2126729, 0.7151522, 0.0721750],
+            [0.0193339, 0.1191920, 0.9503041],
+        ]
+    )
     xyz = linear @ m.T / np.array([0.95047, 1.0, 1.08883])
     epsilon, kappa = 216 / 24389, 24389 / 27
     f = np.where(xyz > epsilon, np.cbrt(xyz), (kappa * xyz + 16) / 116)

@@ -73,15 +73,21 @@ def test_rotation_rejects_non_square_images():
 @pytest.mark.parametrize("size,grid", [(40, 3), (64, 3), (33, 2)])
 def test_tiles_are_contiguous_crops_inside_their_cells_with_the_gap(size, grid):
     layout = TileGrid(size, grid)
-    tiles = extract_tiles(coordinate_images(4, size), layout, jitter=True, generator=torch.Generator().manual_seed(0))
+    tiles = extract_tiles(
+        coordinate_images(4, size), layout, jitter=True, generator=torch.Generator().manual_seed(0)
+    )
     assert tiles.shape == (4, grid * grid, 2, layout.tile, layout.tile)
     margin = (size - grid * layout.cell) // 2
     tops = tiles[:, :, 0, 0, 0] % 1000
     lefts = tiles[:, :, 1, 0, 0] % 1000
     for j in range(grid * grid):
         steps = torch.arange(layout.tile).float()
-        assert torch.equal(tiles[:, j, 0] % 1000, (tops[:, j, None] + steps).unsqueeze(-1).expand(-1, -1, layout.tile))
-        assert torch.equal(tiles[:, j, 1] % 1000, (lefts[:, j, None] + steps).unsqueeze(1).expand(-1, layout.tile, -1))
+        assert torch.equal(
+            tiles[:, j, 0] % 1000, (tops[:, j, None] + steps).unsqueeze(-1).expand(-1, -1, layout.tile)
+        )
+        assert torch.equal(
+            tiles[:, j, 1] % 1000, (lefts[:, j, None] + steps).unsqueeze(1).expand(-1, layout.tile, -1)
+        )
         cell_top = margin + (j // grid) * layout.cell + layout.gap // 2
         cell_left = margin + (j % grid) * layout.cell + layout.gap // 2
         assert ((tops[:, j] >= cell_top) & (tops[:, j] <= cell_top + layout.max_jitter)).all()

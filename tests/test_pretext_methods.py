@@ -29,7 +29,9 @@ def test_mae_mask_hides_exactly_the_stated_fraction_per_sample():
 
 
 def test_patch_pixels_follow_the_vit_token_order():
-    x = torch.arange(4).view(1, 1, 2, 2).float().repeat_interleave(4, 2).repeat_interleave(4, 3)  # 8x8, 4 patches
+    x = (
+        torch.arange(4).view(1, 1, 2, 2).float().repeat_interleave(4, 2).repeat_interleave(4, 3)
+    )  # 8x8, 4 patches
     patches = patch_pixels(x, 4)
     assert torch.equal(patches[0].mean(1), torch.arange(4).float())  # raster order, like conv + flatten(2)
     x = torch.randn(2, 3, 8, 8)
@@ -38,8 +40,10 @@ def test_patch_pixels_follow_the_vit_token_order():
 
 def test_mae_encoder_never_sees_masked_patches():
     torch.manual_seed(0)
-    mae = MAE(MAEConfig(backbone=TINY_VIT, decoder_width=16, decoder_heads=2, decoder_depth=1),
-              DataInfo(channels=1, image_size=16, num_classes=0)).eval()
+    mae = MAE(
+        MAEConfig(backbone=TINY_VIT, decoder_width=16, decoder_heads=2, decoder_depth=1),
+        DataInfo(channels=1, image_size=16, num_classes=0),
+    ).eval()
     seen = []
     original = mae.encoder.forward_tokens
     mae.encoder.forward_tokens = lambda tokens: (seen.append(tokens), original(tokens))[1]
@@ -62,8 +66,10 @@ def test_mae_encoder_never_sees_masked_patches():
 
 def test_mae_loss_counts_only_masked_patches_with_normalised_targets():
     torch.manual_seed(0)
-    mae = MAE(MAEConfig(backbone=TINY_VIT, decoder_width=16, decoder_heads=2, decoder_depth=1),
-              DataInfo(channels=1, image_size=16, num_classes=0))
+    mae = MAE(
+        MAEConfig(backbone=TINY_VIT, decoder_width=16, decoder_heads=2, decoder_depth=1),
+        DataInfo(channels=1, image_size=16, num_classes=0),
+    )
     x = torch.randn(2, 1, 16, 16) * 3 + 1
     target = mae.targets(x)
     assert torch.allclose(target.mean(-1), torch.zeros(2, 16), atol=1e-5)
@@ -77,7 +83,9 @@ def test_mae_loss_counts_only_masked_patches_with_normalised_targets():
 
     mae.forward_mae = perfect_on_masked
     loss, _ = mae.pretext_loss(x, "train")
-    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-10)  # visible patches are wrong by 10, and do not count
+    assert float(loss.detach()) == pytest.approx(
+        0.0, abs=1e-10
+    )  # visible patches are wrong by 10, and do not count
 
 
 def test_mae_rejects_a_non_vit_backbone():
@@ -90,7 +98,9 @@ def test_mae_rejects_a_non_vit_backbone():
 
 def test_inpainting_sees_no_hole_pixels_and_scores_only_the_hole():
     torch.manual_seed(0)
-    method = Inpainting(InpaintingConfig(backbone=SMALL_CONV, decoder_width=8), DataInfo(channels=1, image_size=16))
+    method = Inpainting(
+        InpaintingConfig(backbone=SMALL_CONV, decoder_width=8), DataInfo(channels=1, image_size=16)
+    )
     x = torch.randn(2, 1, 16, 16)
     mask = method.masks(x)
     inputs = []
@@ -102,7 +112,9 @@ def test_inpainting_sees_no_hole_pixels_and_scores_only_the_hole():
 
 def test_adversarial_gradients_reach_each_player_only_from_its_own_loss():
     torch.manual_seed(0)
-    cfg = InpaintingConfig(backbone=SMALL_CONV, decoder_width=8, adversarial=True, adv_weight=0.5, disc_width=8)
+    cfg = InpaintingConfig(
+        backbone=SMALL_CONV, decoder_width=8, adversarial=True, adv_weight=0.5, disc_width=8
+    )
     method = Inpainting(cfg, DataInfo(channels=1, image_size=16))
     x = torch.randn(4, 1, 16, 16)
     loss, parts = method.pretext_loss(x, "train")
@@ -142,9 +154,13 @@ def test_colorization_counts_the_prior_and_embeds(split_brain, loss):
     assert float(method.ab_counts.sum()) == pytest.approx(counted, rel=1e-5)  # validation does not count
     assert method.embed(x).shape == (3, 32 if split_brain else 16)
     shown = method.images_for_logging({"image": (x * 255).to(torch.uint8)})
-    assert set(shown) >= {"input", "grey", "colorized"} and all(0 <= v.min() and v.max() <= 1 for v in shown.values())
+    assert set(shown) >= {"input", "grey", "colorized"} and all(
+        v.min() >= 0 and v.max() <= 1 for v in shown.values()
+    )
     grey = shown["grey"]
-    assert torch.allclose(grey[:, 0], grey[:, 1], atol=1e-3) and torch.allclose(grey[:, 1], grey[:, 2], atol=1e-3)
+    assert torch.allclose(grey[:, 0], grey[:, 1], atol=1e-3) and torch.allclose(
+        grey[:, 1], grey[:, 2], atol=1e-3
+    )
 
 
 def test_colour_digits_hue_follows_the_class():

@@ -17,8 +17,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import FAST
+
 from lightning_gen.methods.base import load_method
 from lightning_gen.methods.ssl.pretext import maximal_hamming_permutations
 
@@ -42,7 +42,11 @@ def metrics(run_dir) -> dict[str, list[float]]:
 
 def check_run(run_dir, image_size: int) -> torch.nn.Module:
     logged = metrics(run_dir)
-    assert logged["val/probe_acc"] and logged["val/loss"] and all(map(torch.isfinite, map(torch.tensor, logged["val/loss"])))
+    assert (
+        logged["val/probe_acc"]
+        and logged["val/loss"]
+        and all(map(torch.isfinite, map(torch.tensor, logged["val/loss"])))
+    )
     method = load_method(str(run_dir / "checkpoints" / "last.ckpt"))
     images = torch.randint(0, 256, (4, method.data_info.channels, image_size, image_size), dtype=torch.uint8)
     features = method.embed_images(images)
