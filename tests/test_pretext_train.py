@@ -1,8 +1,9 @@
 """Every pretext method trains through the real CLI (`lgen train`), on one process and with 2-process DDP.
 
 Single process: all six methods (colorization as split-brain, inpainting with the adversarial
-loss and random masks, so the less common paths run too); the checkpoint is reloaded with
-``load_method`` and embeds images, and colorization / inpainting / MAE leave image grids in samples/.
+loss and random masks, so the less common paths run too; these two also log to an offline W&B
+run). The checkpoint is reloaded with ``load_method`` and embeds images; colorization, inpainting
+and MAE leave image grids in samples/ (and in the W&B run's media).
 
 DDP (gloo, 2 CPU processes; ~40-60 s each, so only where cross-process state exists):
 jigsaw (the permutation set must be the same on every rank: the method checks it and the test
@@ -32,6 +33,7 @@ CASES = {
     "mae": ["experiment=mae_digits", "method.backbone.depth=2", "method.decoder_depth=1"],
 }
 GRIDS = {"split_brain": "colorized", "inpainting": "inpainted", "mae": "reconstruction"}
+WANDB_OFFLINE = ["logger.wandb.enabled=true", "logger.wandb.mode=offline"]  # after FAST, which disables it
 
 
 def metrics(run_dir) -> dict[str, list[float]]:
@@ -58,13 +60,16 @@ def check_run(run_dir, image_size: int) -> torch.nn.Module:
 def test_trains_single_process(lgen, name):
     args = CASES[name]
     experiment = args[0].split("=")[1]
-    lgen("train", *FAST, *args, "run_id=single")
+    with_wandb = WANDB_OFFLINE if name in ("split_brain", "inpainting") else []
+    lgen("train", *FAST, *args, *with_wandb, "run_id=single")
     run_dir = lgen.cwd / "runs" / experiment / "single"
     size = next((int(a.split("=")[1]) for a in reversed(args) if a.startswith("data.image_size=")), 16)
     method = check_run(run_dir, size)
     if name in GRIDS:
         grids = list((run_dir / "samples").glob("*.png"))
         assert grids and GRIDS[name] in grids[0].name
+    if with_wandb:  # the same grid went to the (offline) W&B run as an image
+        assert list((run_dir / "wandb").glob("offline-run-*/files/media/images/**/*.png"))
     if name == "jigsaw":
         saved = json.loads((run_dir / "jigsaw_permutations.json").read_text())
         assert torch.equal(torch.tensor(saved["permutations"]), method.permutations)
