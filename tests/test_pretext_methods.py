@@ -174,3 +174,15 @@ def test_colour_digits_hue_follows_the_class():
         ink = brightest[train.labels == digit].mean(0)
         other = brightest[train.labels == (digit + 5) % 10].mean(0)
         assert (ink - other).abs().max() > 0.2  # classes five hue-tenths apart have clearly different ink
+
+
+def test_mae_runs_under_bf16_autocast():
+    # bf16-mixed is the default precision on hardware with fast bf16: mask tokens must follow the dtype.
+    mae = MAE(
+        MAEConfig(backbone=TINY_VIT, decoder_width=16, decoder_heads=2, decoder_depth=1),
+        DataInfo(channels=1, image_size=16, num_classes=0),
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = mae.pretext_loss(torch.randn(2, 1, 16, 16), "train")
+    loss.backward()
+    assert torch.isfinite(loss.detach())

@@ -76,7 +76,7 @@ class MAEDecoder(nn.Module):
         """``encoded`` (N, 1 + V, D_enc), [CLS] first; ``keep`` (N, V): positions of the visible patches."""
         tokens = self.embed(encoded)
         n, width = len(tokens), tokens.shape[-1]
-        full = self.mask_token.expand(n, num_patches, width).clone()
+        full = self.mask_token.to(tokens.dtype).expand(n, num_patches, width).clone()  # bf16 autocast
         full.scatter_(1, keep[..., None].expand(-1, -1, width), tokens[:, 1:])
         x = torch.cat([tokens[:, :1], full], dim=1) + self.pos_embed
         for block in self.blocks:
