@@ -186,3 +186,16 @@ def test_mae_runs_under_bf16_autocast():
         loss, _ = mae.pretext_loss(torch.randn(2, 1, 16, 16), "train")
     loss.backward()
     assert torch.isfinite(loss.detach())
+
+
+def test_checkpoint_hyperparameters_rebuild_the_nested_backbone_config():
+    # load_method rebuilds a method from plain dicts; a nested section must come back as its dataclass.
+    import dataclasses
+
+    from lightning_gen.methods.ssl.jigsaw import Jigsaw, JigsawConfig
+
+    cfg = JigsawConfig(backbone=SMALL_CONV, num_permutations=10, head_hidden=0)
+    method = Jigsaw(cfg, DataInfo(channels=1, image_size=40, num_classes=10))
+    rebuilt = Jigsaw(method.hparams["cfg"], method.hparams["data"])
+    assert isinstance(rebuilt.cfg.backbone, BackboneConfig) and rebuilt.cfg == cfg
+    assert dataclasses.asdict(rebuilt.cfg) == method.hparams["cfg"]
