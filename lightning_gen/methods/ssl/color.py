@@ -13,8 +13,8 @@ Each branch is evaluated on an input clamped into its own domain, so ``torch.whe
 multiplies an infinite derivative (of t^(1/3) at 0) by zero: gradients are finite everywhere.
 
 Quantised ab (Zhang, Isola & Efros 2016): a grid of ``step``-wide bins over ab, keeping only the
-bins that some sRGB colour reaches. For step 10 this exact sRGB gamut gives 261 bins; the paper's
-313 were read off its own (ImageNet, JPEG) data, which also fills some out-of-gamut bins.
+bins that some sRGB colour reaches. For step 10 this exact sRGB gamut gives 261 bins; the paper
+reports 313, drawn in a way the notes do not give, so the set here is computed rather than copied.
 """
 
 from __future__ import annotations
