@@ -75,16 +75,25 @@ def models(batch: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peaks = {False: measured_matmul_peak(device, torch.float32), True: measured_matmul_peak(device, torch.bfloat16)}
-    print(f"device: {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-          f"cpu capability {torch.backends.cpu.get_cpu_capability()} | precision=auto -> "
-          f"{resolve_precision('auto', 'auto')}")
-    print(f"measured matmul peak: fp32 {peaks[False] / 1e9:.1f} GFLOP/s, bf16 {peaks[True] / 1e9:.1f} GFLOP/s\n")
+    peaks = {
+        False: measured_matmul_peak(device, torch.float32),
+        True: measured_matmul_peak(device, torch.bfloat16),
+    }
+    print(
+        f"device: {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+        f"cpu capability {torch.backends.cpu.get_cpu_capability()} | precision=auto -> "
+        f"{resolve_precision('auto', 'auto')}"
+    )
+    print(
+        f"measured matmul peak: fp32 {peaks[False] / 1e9:.1f} GFLOP/s, bf16 {peaks[True] / 1e9:.1f} GFLOP/s\n"
+    )
     header = f"{'model':32s} {'precision':10s} {'layout':14s} {'img/s':>9s} {'ms/step':>9s} {'GFLOP/s':>9s} {'% peak':>7s} {'mem MiB':>8s}"
     print(header)
     print("-" * len(header))
@@ -99,12 +108,17 @@ def main() -> None:
                     torch.cuda.reset_peak_memory_stats()
                 rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 seconds = time_steps(model, x, bf16, args.steps)
-                memory = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-                          else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024)
+                memory = (
+                    torch.cuda.max_memory_allocated() / 2**20
+                    if device.type == "cuda"
+                    else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+                )
                 achieved = flops / seconds
-                print(f"{name:32s} {'bf16-mixed' if bf16 else 'fp32':10s} "
-                      f"{'channels_last' if channels_last else 'NCHW':14s} {x.shape[0] / seconds:9.1f} "
-                      f"{seconds * 1e3:9.1f} {achieved / 1e9:9.1f} {100 * achieved / peaks[bf16]:6.1f}% {memory:8.0f}")
+                print(
+                    f"{name:32s} {'bf16-mixed' if bf16 else 'fp32':10s} "
+                    f"{'channels_last' if channels_last else 'NCHW':14s} {x.shape[0] / seconds:9.1f} "
+                    f"{seconds * 1e3:9.1f} {achieved / 1e9:9.1f} {100 * achieved / peaks[bf16]:6.1f}% {memory:8.0f}"
+                )
 
 
 if __name__ == "__main__":

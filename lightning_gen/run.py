@@ -116,8 +116,11 @@ def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: b
         ),
         # Lightning >= 2.5 refreshes last.ckpt only when a top-k checkpoint is written, i.e. when the
         # monitored metric improves: a separate unmonitored checkpoint keeps last.ckpt the newest state.
-        *([ModelCheckpoint(dirpath=ckpt_dir, filename="latest", monitor=None, save_top_k=1, save_last=True)]
-          if validates else []),
+        *(
+            [ModelCheckpoint(dirpath=ckpt_dir, filename="latest", monitor=None, save_top_k=1, save_last=True)]
+            if validates
+            else []
+        ),
         NonFiniteLossGuard(ckpt_dir),
     ]
     if SLURMEnvironment.detect():  # Lightning's SIGUSR1 requeue, run where all ranks agree
@@ -279,7 +282,9 @@ def train(cfg: DictConfig) -> Run:
         loggers = build_loggers(cfg, run_dir)
         if getattr(method, "ddp_find_unused_parameters", False) and cfg.trainer.strategy in ("auto", "ddp"):
             # e.g. a GAN's D step leaves G without gradients: DDP must be told (only matters with >1 process)
-            cfg.trainer.strategy = "ddp_find_unused_parameters_true" if _multi_process(cfg) else cfg.trainer.strategy
+            cfg.trainer.strategy = (
+                "ddp_find_unused_parameters_true" if _multi_process(cfg) else cfg.trainer.strategy
+            )
         trainer = build_trainer(cfg, callbacks, loggers, run_dir)
         for logger in loggers:
             logger.log_hyperparams(to_dict(cfg))
@@ -299,7 +304,11 @@ def train(cfg: DictConfig) -> Run:
 
 def _multi_process(cfg: DictConfig) -> bool:
     devices = cfg.trainer.devices
-    count = len(devices) if not isinstance(devices, int | str) else (int(devices) if str(devices).isdigit() else 2)
+    count = (
+        len(devices)
+        if not isinstance(devices, int | str)
+        else (int(devices) if str(devices).isdigit() else 2)
+    )
     return count * cfg.trainer.num_nodes > 1
 
 
