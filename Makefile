@@ -19,7 +19,7 @@ train: setup
 	$(VENV)/bin/lgen train
 
 test: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check .
