@@ -229,6 +229,11 @@ def compose(args: list[str] | tuple[str, ...] = ()) -> DictConfig:
     root_path = conf_dir() / "config.yaml"
     selections, cfg = _split_defaults(_load_yaml(root_path), str(root_path))
 
+    # The root's default experiment is the embedded default of a bare `lgen train`. Picking a method
+    # or dataset on the command line without an experiment means "this method/data with its own
+    # defaults", so the default experiment (written for the autoencoder on digits) is not applied.
+    if "experiment" not in cli_selections and {"method", "data"} & cli_selections.keys():
+        selections.pop("experiment", None)
     experiment = cli_selections.get("experiment", selections.get("experiment"))
     experiment_body = OmegaConf.create({})
     if experiment not in (None, "null", "none"):
@@ -256,7 +261,7 @@ def compose(args: list[str] | tuple[str, ...] = ()) -> DictConfig:
     except OmegaConfBaseException as error:
         raise ConfigError(f"cannot read overrides {dotted}: {error}") from error
     if cfg.get("experiment") is None:
-        cfg.experiment = experiment or f"{cfg.method.get('name', 'method')}_{cfg.data.get('name', 'data')}"
+        cfg.experiment = experiment or f"{selections.get('method') or 'method'}_{selections.get('data') or 'data'}"
     return validate(cfg)
 
 

@@ -31,6 +31,17 @@ def test_method_option_file_and_types():
     assert OmegaConf.get_type(cfg.method).__name__ == "AutoencoderConfig"
 
 
+def test_choosing_a_method_without_an_experiment_drops_the_default_experiment():
+    # `lgen train` alone is the embedded default (ae_digits); `lgen train method=...` is that method
+    # with its own defaults, not the autoencoder experiment's overrides applied to it.
+    plain = compose(["method=denoising_autoencoder"])
+    assert plain.experiment == "denoising_autoencoder_digits"
+    assert "linear_probe" not in plain.callbacks  # ae_digits.yaml adds the evaluation callbacks
+    assert "linear_probe" in compose([]).callbacks
+    kept = compose(["experiment=ae_digits", "method=denoising_autoencoder"])
+    assert kept.experiment == "ae_digits" and "linear_probe" in kept.callbacks
+
+
 @pytest.mark.parametrize(
     "override, expected",
     [
