@@ -39,7 +39,6 @@ PLUGINS = {
         "lightning_gen.eval.fid_extractor",
         "train the small domain feature extractor for FID on digits/MNIST",
     ),
-    "cluster": ("lightning_gen.cluster.local", "start/stop a one-node SLURM cluster on this machine"),
 }
 
 

@@ -261,7 +261,9 @@ def compose(args: list[str] | tuple[str, ...] = ()) -> DictConfig:
     except OmegaConfBaseException as error:
         raise ConfigError(f"cannot read overrides {dotted}: {error}") from error
     if cfg.get("experiment") is None:
-        cfg.experiment = experiment or f"{selections.get('method') or 'method'}_{selections.get('data') or 'data'}"
+        cfg.experiment = (
+            experiment or f"{selections.get('method') or 'method'}_{selections.get('data') or 'data'}"
+        )
     return validate(cfg)
 
 

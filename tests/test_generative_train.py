@@ -12,12 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FAST, lgen_env, run_lgen
 
 from lightning_gen import schedules
 from lightning_gen.callbacks.fid import FID, FIDConfig, InceptionFeatures
 from lightning_gen.config import ConfigError
 from lightning_gen.methods.base import DataInfo, load_method
+from tests.conftest import FAST, lgen_env, run_lgen
 
 ENV = lgen_env(OMP_NUM_THREADS="1")  # tiny tensors: a second thread per process only thrashes a shared CPU
 

@@ -18,10 +18,10 @@ import json
 
 import pytest
 import torch
-from conftest import FAST
 
 from lightning_gen.methods.base import load_method
 from lightning_gen.methods.ssl.pretext import maximal_hamming_permutations
+from tests.conftest import FAST
 
 SMALL = ["method.backbone.conv_width=8", "method.backbone.conv_dim=32"]
 CASES = {
