@@ -50,6 +50,8 @@ CASES = {
         "method.teacher_temp=0.07",
         "method.teacher_temp_warmup_epochs=2",
         "method.out_dim=256",
+        "method.weight_decay=0.04",
+        "method.weight_decay_end=0.4",
     ],
     "cpc_digits": [],
 }
@@ -64,6 +66,7 @@ def test_train_interrupt_and_resume(lgen, experiment):
     assert first["global_step"] == 2
     momentum = step_values(run_dir, "train/momentum") if "momentum_end=1.0" in " ".join(args) else {}
     temps = step_values(run_dir, "train/teacher_temp") if experiment.startswith("dino") else {}
+    decays = step_values(run_dir, "train/weight_decay") if experiment.startswith("dino") else {}
 
     lgen(*args)  # resume=auto finds last.ckpt
     final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
@@ -81,6 +84,12 @@ def test_train_interrupt_and_resume(lgen, experiment):
         for step, value in temps.items():
             assert value == pytest.approx(0.04 + 0.03 * min(step / TOTAL_STEPS, 1.0), abs=1e-6), step
         assert not torch.equal(first["state_dict"]["loss_fn.center"], torch.zeros(1, 256))
+        decays.update(step_values(run_dir, "train/weight_decay"))
+        assert sorted(decays) == list(range(TOTAL_STEPS))
+        for step, value in decays.items():  # cosine 0.04 -> 0.4, the same before and after the resume
+            assert value == pytest.approx(cosine(step, TOTAL_STEPS, 0.04, 0.4), abs=1e-6), step
+        decayed = [g for g in final["optimizer_states"][0]["param_groups"] if g.get("scheduled_decay")]
+        assert decayed and all(g["weight_decay"] == pytest.approx(decays[TOTAL_STEPS - 1]) for g in decayed)
     if experiment.startswith("moco_v2"):
         q0, q1 = first["state_dict"]["queue.keys"], final["state_dict"]["queue.keys"]
         assert int(first["state_dict"]["queue.ptr"]) == 32 and int(final["state_dict"]["queue.ptr"]) == 64

@@ -8,8 +8,8 @@
 Notation (methods.md erratum 26): ``momentum_start/end`` is the teacher momentum l (cosine 0.996 -> 1),
 ``center_momentum`` is m, ``teacher_temp`` is τ_t, warmed up linearly from ``teacher_temp_start``.
 τ_t and l are pure functions of ``global_step``, so a resumed run uses the same values as an
-uninterrupted one. The head's last layer is frozen for ``freeze_last_layer_epochs`` (stability).
-Not implemented: the weight-decay schedule 0.04 -> 0.4 (weight decay is constant here).
+uninterrupted one, and so is the weight decay, a cosine from ``weight_decay`` to ``weight_decay_end``
+(0.04 -> 0.4 in the paper). The head's last layer is frozen for ``freeze_last_layer_epochs`` (stability).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class DINOConfig(SSLConfig):
     lr: float = 5e-4
     lr_scaling: str = choice("linear", "none", "linear", "sqrt")
     weight_decay: float = 0.04
+    weight_decay_end: float = 0.4  # cosine schedule from weight_decay; set equal for a constant decay
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 2e-3  # 1e-6 at the end for lr 5e-4
     out_dim: int = 65536  # K prototypes
@@ -74,6 +75,20 @@ class DINO(SSLMethod):
         per_epoch = total / max(self.trainer.max_epochs or 1, 1)
         warmup = int(round(self.cfg.teacher_temp_warmup_epochs * per_epoch))
         return schedules.linear_warmup(step, warmup, self.cfg.teacher_temp_start, self.cfg.teacher_temp)
+
+    def weight_decay_at(self, step: int) -> float:
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        return schedules.cosine(step, total, self.cfg.weight_decay, self.cfg.weight_decay_end)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        super().on_train_batch_start(batch, batch_idx)
+        decay = self.weight_decay_at(self.global_step)
+        for optimizer in self._optimizers():
+            for group in optimizer.param_groups:
+                # Only the groups built with decay (not biases, norms or the online probe) follow it.
+                if group.setdefault("scheduled_decay", group["weight_decay"] > 0):
+                    group["weight_decay"] = decay
+        self.log("train/weight_decay", decay, on_step=True, on_epoch=False)
 
     def ssl_loss(self, views, batch):
         n_global = self.views.num_global
