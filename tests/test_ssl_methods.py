@@ -210,3 +210,30 @@ def test_every_ssl_experiment_composes_and_builds():
         info = DataInfo(name=cfg.data.name, channels=1 if cfg.data.name == "digits" else 3, image_size=size)
         method = registry.build("method", section_object(cfg.method), data=info)
         assert method.embed(torch.zeros(2, info.channels, size, size)).shape[0] == 2, name
+
+
+def test_moco_v3_vit_keeps_the_random_patch_projection_frozen():
+    """MoCo v3's stability trick: with method.freeze_patch_embed the ViT patch projection gets no
+    gradient and no optimizer slot; any other backbone is a clear error."""
+    from lightning_gen import registry
+    from lightning_gen.config import ConfigError, compose, section_object
+    from lightning_gen.methods.base import DataInfo
+
+    small_vit = ["method.backbone.depth=1", "method.backbone.width=32", "method.backbone.heads=2"]
+    small_vit += ["method.backbone.patch_size=4", "method.proj_hidden_dim=32", "method.pred_hidden_dim=32"]
+    cfg = compose(["experiment=moco_v3_vit_imagenet", *small_vit])
+    info = DataInfo(name="folder", channels=3, image_size=16)
+    method = registry.build("method", section_object(cfg.method), data=info)
+    frozen = {id(p) for p in method.backbone.patch_embed.parameters()}
+    trained = {
+        id(p) for g in method.parameter_groups(method.trainable_modules(), 0.1, 0.1) for p in g["params"]
+    }
+    assert frozen and not frozen & trained
+    assert {id(p) for p in method.backbone.blocks.parameters()} <= trained
+    loss, _ = method.ssl_loss([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)], {})
+    loss.backward()
+    assert all(p.grad is None for p in method.backbone.patch_embed.parameters())
+
+    conv = compose(["experiment=moco_v3_digits", "method.freeze_patch_embed=true"])
+    with pytest.raises((ValueError, ConfigError), match="needs a ViT backbone"):
+        registry.build("method", section_object(conv.method), data=DataInfo(name="digits", image_size=16))

@@ -48,6 +48,8 @@ class MoCoConfig(SSLConfig):
     momentum_start: float = 0.999
     momentum_end: float = 0.999
     shuffle_bn: bool = True  # v1/v2 key encoder; mutually exclusive with trainer.sync_batchnorm
+    # v3 with a ViT: keep the random patch projection fixed (the paper's fix for training instability)
+    freeze_patch_embed: bool = False
 
 
 @register_method("moco", MoCoConfig)
@@ -67,6 +69,13 @@ class MoCo(SSLMethod):
         else:
             self.projector = MLPHead(d, cfg.proj_hidden_dim, cfg.proj_dim, layers=3, last_bn=True)
             self.predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, layers=2, last_bn=True)
+        if cfg.freeze_patch_embed:
+            if not hasattr(self.backbone, "patch_embed"):
+                raise ValueError(
+                    "method.freeze_patch_embed=true needs a ViT backbone (method.backbone.name=vit); "
+                    f"this one is {cfg.backbone.name!r}"
+                )
+            self.backbone.patch_embed.requires_grad_(False)  # the optimizer never sees it
         self.backbone_k = self.momentum_copy(self.backbone)
         self.projector_k = self.momentum_copy(self.projector)
         if self.uses_queue:
