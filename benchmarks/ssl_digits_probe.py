@@ -3,7 +3,8 @@
 For every checkpoint given, ``embed`` features of the (un-augmented) digits train and test splits
 are fitted with scikit-learn's logistic regression (standardised features), once for the trained
 encoder and once for the same method rebuilt from the checkpoint's config with fresh random
-weights (seed 0). Prints a markdown table.
+weights (seed 0); the same features also go through the project's kNN evaluator (cosine, k = 20,
+T = 0.07, the train split as the bank). Prints a markdown table.
 
     python benchmarks/ssl_digits_probe.py runs/simclr_digits/readme/checkpoints/last.ckpt ...
 """
@@ -61,15 +62,31 @@ def probe_accuracy(method, data, per_class: int | None = None, repeats: int = 5)
     return float(np.mean(scores))
 
 
+def knn_top1(method, data) -> float:
+    from lightning_gen.eval.knn import KNNConfig, knn_accuracy
+
+    x_train, y_train = features(method, data.eval_dataloader("train"))
+    x_test, y_test = features(method, data.eval_dataloader("test"))
+    result = knn_accuracy(
+        torch.from_numpy(x_train),
+        torch.from_numpy(y_train),
+        torch.from_numpy(x_test),
+        torch.from_numpy(y_test),
+        10,
+        KNNConfig(k=[20]),
+    )
+    return result["top1_k20"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+")
     args = parser.parse_args()
     print(
         "| experiment | method | trained, 10 labels/class | random init, 10 labels/class "
-        "| trained, all labels | random init, all labels |"
+        "| trained, all labels | random init, all labels | trained, kNN k=20 | random init, kNN k=20 |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for path in args.checkpoints:
         hparams = load_checkpoint(path)["hyper_parameters"]
         data = DigitsDataModule(
@@ -82,6 +99,7 @@ def main() -> int:
         experiment = Path(path).parents[2].name
         name = hparams["method"] + (f" {hparams['cfg']['version']}" if "version" in hparams["cfg"] else "")
         cells = [probe_accuracy(m, data, k) for k in (10, None) for m in (trained, random_init)]
+        cells += [knn_top1(m, data) for m in (trained, random_init)]
         print(f"| {experiment} | {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |", flush=True)
     return 0
 

@@ -115,9 +115,14 @@ def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: b
             auto_insert_metric_name=False,
         ),
         # Lightning >= 2.5 refreshes last.ckpt only when a top-k checkpoint is written, i.e. when the
-        # monitored metric improves: a separate unmonitored checkpoint keeps last.ckpt the newest state.
+        # monitored metric improves, so resuming from it could go back in time. An unmonitored
+        # checkpoint *named* last keeps last.ckpt the newest state, written when Lightning would.
         *(
-            [ModelCheckpoint(dirpath=ckpt_dir, filename="latest", monitor=None, save_top_k=1, save_last=True)]
+            [
+                ModelCheckpoint(
+                    ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False
+                )
+            ]
             if validates
             else []
         ),

@@ -49,6 +49,15 @@ def test_train_writes_run_directory_and_resume_continues(lgen):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in last["state_dict"].items())
 
 
+def test_last_checkpoint_is_the_newest_state_even_when_the_metric_stops_improving(lgen):
+    # lr=0: val/loss is the same every epoch, so the best checkpoint stays at epoch 0; Lightning >= 2.5
+    # would then leave last.ckpt there too, and resuming would silently go back two epochs.
+    lgen("train", "experiment=ae_digits", *FAST, "run_id=flat", "trainer.max_epochs=3", "method.lr=0")
+    ckpt_dir = lgen.cwd / "runs" / "ae_digits" / "flat" / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch000-step000003.ckpt", "last.ckpt"]
+    assert load_checkpoint(ckpt_dir / "last.ckpt")["global_step"] == 9
+
+
 def test_corrupt_last_checkpoint_names_file_and_fallback(lgen):
     lgen("train", "experiment=ae_digits", *FAST, "run_id=c", "callbacks.images.enabled=false")
     ckpt_dir = lgen.cwd / "runs" / "ae_digits" / "c" / "checkpoints"

@@ -35,18 +35,19 @@ def plot_embeddings(
     x: torch.Tensor, labels: torch.Tensor, path: Path, title: str = "", seed: int = 0, tsne: bool = True
 ) -> Path:
     """Save a PNG with PCA (and t-SNE) scatter plots of ``x`` coloured by ``labels``; returns the path."""
+    # The object-oriented API draws off-screen without touching pyplot's global backend (a notebook's
+    # inline plots keep working while a callback saves these).
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     views = {"PCA": pca_2d(x)}
     if tsne and len(x) > 5:
         views["t-SNE"] = tsne_2d(x, seed)
     labels = labels.cpu().numpy()
-    fig, axes = plt.subplots(1, len(views), figsize=(5 * len(views), 4.6), squeeze=False)
+    fig = Figure(figsize=(5 * len(views), 4.6))
+    axes = fig.subplots(1, len(views), squeeze=False)
     classes = np.unique(labels)
-    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
     for ax, (name, xy) in zip(axes[0], views.items()):
         for i, c in enumerate(classes):
             mask = labels == c
@@ -65,5 +66,4 @@ def plot_embeddings(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
