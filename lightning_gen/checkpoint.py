@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
@@ -33,6 +34,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return load_checkpoint(path, map_location=map_location)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``<dir>/last.ckpt`` = the newest state, written at the end of every training epoch (after that
+    epoch's validation, if any).
+
+    Not Lightning's ``save_last``: since 2.5 it refreshes last.ckpt only together with a new top-k
+    checkpoint, i.e. when the monitored metric improves and only on validation epochs, so a resume
+    could go back in time, and a run validating every 5 epochs had no checkpoint after epoch 1.
+    """
+
+    def __init__(self, dirpath: str | Path):
+        super().__init__(
+            dirpath,
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        )
+
+    @property
+    def state_key(self) -> str:  # distinct from an unmonitored top-k ModelCheckpoint's key
+        return "LastCheckpoint"
 
 
 def load_checkpoint(path, map_location="cpu") -> dict[str, Any]:

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
 from lightning_gen import registry
-from lightning_gen.checkpoint import AtomicCheckpointIO, resume_path
+from lightning_gen.checkpoint import AtomicCheckpointIO, LastCheckpoint, resume_path
 from lightning_gen.config import section_object, to_dict, to_yaml
 from lightning_gen.methods.base import Method
 
@@ -111,21 +111,9 @@ def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: b
             monitor=monitor if validates else None,
             mode=mode,
             save_top_k=cfg.trainer.keep_best if validates else 1,
-            save_last=not validates,
             auto_insert_metric_name=False,
         ),
-        # Lightning >= 2.5 refreshes last.ckpt only when a top-k checkpoint is written, i.e. when the
-        # monitored metric improves, so resuming from it could go back in time. An unmonitored
-        # checkpoint *named* last keeps last.ckpt the newest state, written when Lightning would.
-        *(
-            [
-                ModelCheckpoint(
-                    ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False
-                )
-            ]
-            if validates
-            else []
-        ),
+        LastCheckpoint(ckpt_dir),
         NonFiniteLossGuard(ckpt_dir),
     ]
     if SLURMEnvironment.detect():  # Lightning's SIGUSR1 requeue, run where all ranks agree
