@@ -3,6 +3,11 @@
     python benchmarks/sampling.py --ddpm runs/ddpm_digits/<run>/checkpoints/last.ckpt \
         --flow runs/flow_digits/<run>/checkpoints/last.ckpt --n 1000
 
+For a class-conditional checkpoint (ddpm_cfg_digits) ``--guidance 0 1 3`` repeats the DDIM rows for
+each classifier-free guidance weight w; samples then ask for the classes in turn, and the table adds
+the fraction the digits classifier (the same network as the FID extractor) assigns to the requested
+class: the fidelity/diversity trade-off of guidance in two columns.
+
 FID uses the digits domain extractor (lgen fid-extractor data=digits data.image_size=16) against the
 train split, the same statistics as `val/fid_digits` during training. Prints a markdown table.
 """
@@ -35,9 +40,21 @@ def real_features(method, extractor, device) -> torch.Tensor:
     return features(extractor, images, device)
 
 
+def requested_labels(method, n: int, device) -> torch.Tensor | None:
+    """Classes in turn (0, 1, ..., 9, 0, ...) for a conditional model; None for an unconditional one."""
+    if not getattr(method, "conditional", False):
+        return None
+    return torch.arange(n, device=device) % method.data_info.num_classes
+
+
 def run(method, n: int, batch: int, device, **options) -> tuple[torch.Tensor, float]:
     out, started = [], None
+    labels = requested_labels(method, n, device)
+    if labels is not None:
+        options["cond"] = None  # replaced per chunk below
     for c, start in enumerate(range(0, n, batch)):
+        if labels is not None:
+            options["cond"] = labels[start : start + batch]
         generator = torch.Generator(device).manual_seed(c)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -59,6 +76,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--ddim-steps", type=int, nargs="*", default=[10, 50, 100])
     parser.add_argument("--flow-steps", type=int, nargs="*", default=[10, 50, 100])
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        nargs="*",
+        default=None,
+        help="CFG weights for the DDIM rows of a conditional DDPM (default: the checkpoint's own)",
+    )
     parser.add_argument("--skip-ddpm", action="store_true", help="leave out the 1000-step ancestral sampler")
     parser.add_argument("--extractor")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -72,19 +96,36 @@ def main() -> None:
     rows = []
     if not args.skip_ddpm:
         rows.append(("ddpm", f"DDPM ancestral, {ddpm.schedule.T} steps", dict(sampler="ddpm")))
-    rows += [("ddpm", f"DDIM, {s} steps", dict(sampler="ddim", steps=s)) for s in args.ddim_steps]
+    if args.guidance is None:
+        rows += [("ddpm", f"DDIM, {s} steps", dict(sampler="ddim", steps=s)) for s in args.ddim_steps]
+    else:
+        rows += [
+            ("ddpm", f"DDIM, {s} steps, w={w:g}", dict(sampler="ddim", steps=s, guidance=w))
+            for s in args.ddim_steps
+            for w in args.guidance
+        ]
     models = {"ddpm": ddpm}
     if args.flow:
         models["flow"] = load_method(args.flow).to(device)
         rows += [("flow", f"rectified flow Euler, {s} steps", dict(steps=s)) for s in args.flow_steps]
     print(f"device {device}, {args.n} samples per row, FID (digits extractor) vs {len(real)} train images\n")
-    print("| model | sampler | ms / image | FID digits |")
-    print("|---|---|---:|---:|")
+    conditional = any(getattr(m, "conditional", False) for m in models.values())
+    print("| model | sampler | ms / image | FID digits |" + (" requested class |" if conditional else ""))
+    print("|---|---|---:|---:|" + ("---:|" if conditional else ""))
     for model, name, options in rows:
         with torch.autocast(device.type, enabled=False):
             images, per_image = run(models[model], args.n, args.batch, device, **options)
         fid = fid_from_features(real, features(extractor, images, device))
-        print(f"| {model} | {name} | {per_image * 1000:.2f} | {fid:.2f} |", flush=True)
+        row = f"| {model} | {name} | {per_image * 1000:.2f} | {fid:.2f} |"
+        labels = requested_labels(models[model], args.n, device)
+        if labels is not None:
+            predicted = torch.cat(
+                [extractor.classify(x.to(device).float()).argmax(1) for x in images.split(500)]
+            )
+            row += f" {(predicted == labels).float().mean().item():.3f} |"
+        elif conditional:
+            row += " - |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":
