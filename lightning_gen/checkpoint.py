@@ -105,15 +105,35 @@ def resume_path(run_dir: Path, resume: str) -> str | None:
     found = [p for p in candidates if p.exists()]
     if not found:
         return None
-    newest = max(found, key=_progress)
+    progress = {p: _progress(p) for p in found}
+    newest = max(found, key=progress.get)
     load_checkpoint(newest)
+    _prune_preemption_checkpoints(run_dir, newest, progress)
     return str(newest)
+
+
+def _prune_preemption_checkpoints(run_dir: Path, newest: Path, progress: dict) -> None:
+    """Delete the ``hpc_ckpt_<n>.ckpt`` files that a checkpoint further along supersedes.
+
+    Every SLURM preemption adds one full checkpoint (Lightning numbers them and never deletes any), so a
+    job requeued ten times would otherwise hold ten copies of the model and optimizer. The one resumed
+    from, ``last.ckpt`` and the ``checkpoints/`` folder are never touched; only global rank 0 deletes.
+    """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return
+    for path in run_dir.glob("hpc_ckpt_*.ckpt"):
+        if path != newest and progress.get(path, (-1, 0.0))[0] < progress[newest][0]:
+            path.unlink(missing_ok=True)
+            print(f"[lgen] removed {path} (superseded by {newest.name} at a later step)", flush=True)
 
 
 def _progress(path: Path) -> tuple[int, float]:
     """(global step, mtime) of a checkpoint: which one is furthest along."""
     try:
         step = int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", -1))
+        mtime = path.stat().st_mtime
     except Exception:
-        step = -1  # unreadable: load_checkpoint reports it if it is the one chosen
-    return step, path.stat().st_mtime
+        return -1, 0.0  # unreadable (load_checkpoint reports it if it is the one chosen) or just removed
+    return step, mtime

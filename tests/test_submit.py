@@ -195,6 +195,22 @@ def test_resume_picks_the_checkpoint_furthest_along(tmp_path):
     assert resume_path(run_dir, "never") is None
 
 
+def test_resume_removes_only_preemption_checkpoints_that_a_later_one_supersedes(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 30}, run_dir / "checkpoints" / "last.ckpt")
+    torch.save({"global_step": 20}, run_dir / "hpc_ckpt_1.ckpt")  # first preemption
+    torch.save({"global_step": 40}, run_dir / "hpc_ckpt_2.ckpt")  # second preemption
+    assert resume_path(run_dir, "auto") == str(run_dir / "hpc_ckpt_2.ckpt")
+    assert not (run_dir / "hpc_ckpt_1.ckpt").exists()  # a full copy of an older state: superseded
+    assert (run_dir / "hpc_ckpt_2.ckpt").exists()  # the one resumed from stays
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()  # never touched
+    torch.save({"global_step": 50}, run_dir / "checkpoints" / "last.ckpt")
+    assert resume_path(run_dir, "never") is None and (run_dir / "hpc_ckpt_2.ckpt").exists()
+    assert resume_path(run_dir, "auto") == str(run_dir / "checkpoints" / "last.ckpt")
+    assert not (run_dir / "hpc_ckpt_2.ckpt").exists()
+
+
 def test_csv_log_continues_across_resumes(tmp_path):
     first = AppendingCSVLogger(save_dir=str(tmp_path), name="", version="")
     first.log_metrics({"loss": 1.0}, step=0)
