@@ -1,5 +1,8 @@
 """Linear-probe accuracy on digits: trained SSL encoders vs random encoders of the same architecture.
 
+Works for any checkpoint with ``embed`` trained on ``digits`` or ``color_digits`` (contrastive, pretext,
+autoencoders); the data are rebuilt from the checkpoint's dataset name and image size.
+
 For every checkpoint given, ``embed`` features of the (un-augmented) digits train and test splits
 are fitted with scikit-learn's logistic regression (standardised features), once for the trained
 encoder and once for the same method rebuilt from the checkpoint's config with fresh random
@@ -22,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gen import registry  # noqa: E402
 from lightning_gen.checkpoint import load_checkpoint  # noqa: E402
-from lightning_gen.data.digits import DigitsConfig, DigitsDataModule  # noqa: E402
+from lightning_gen.config import compose, section_object  # noqa: E402
 from lightning_gen.methods.base import load_method  # noqa: E402
 
 
@@ -89,8 +92,10 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for path in args.checkpoints:
         hparams = load_checkpoint(path)["hyper_parameters"]
-        data = DigitsDataModule(
-            DigitsConfig(name="digits", image_size=hparams["data"]["image_size"], val_fraction=0.15)
+        info = hparams["data"]
+        data = registry.build(
+            "data",
+            section_object(compose([f"data={info['name']}", f"data.image_size={info['image_size']}"]).data),
         )
         data.setup()
         trained = load_method(path)
