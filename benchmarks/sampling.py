@@ -83,6 +83,9 @@ def main() -> None:
         default=None,
         help="CFG weights for the DDIM rows of a conditional DDPM (default: the checkpoint's own)",
     )
+    parser.add_argument(
+        "--eta", type=float, default=None, help="DDIM eta (default: the checkpoint's sample_eta)"
+    )
     parser.add_argument("--skip-ddpm", action="store_true", help="leave out the 1000-step ancestral sampler")
     parser.add_argument("--extractor")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -103,6 +106,14 @@ def main() -> None:
             ("ddpm", f"DDIM, {s} steps, w={w:g}", dict(sampler="ddim", steps=s, guidance=w))
             for s in args.ddim_steps
             for w in args.guidance
+        ]
+    if args.eta is not None:
+        for _model, _name, options in rows:
+            if options.get("sampler") == "ddim":
+                options["eta"] = args.eta
+        rows = [
+            (m, name + (f", eta={args.eta:g}" if o.get("sampler") == "ddim" else ""), o)
+            for m, name, o in rows
         ]
     models = {"ddpm": ddpm}
     if args.flow:

@@ -106,6 +106,12 @@ class Method(L.LightningModule):
             f"method {self.registry_name!r} does not expose embed(x): it learns no encoder"
         )
 
+    def log_loss(self, stage: str, loss: torch.Tensor) -> None:
+        """``<stage>/loss``: per step and epoch while training (rank-local, no sync in the hot loop),
+        the epoch mean over all ranks in validation."""
+        train = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=True, sync_dist=not train)
+
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """Representation of uint8 images, with this method's own preprocessing."""
         return self.embed(self.to_float(images, self.embed_value_range))

@@ -72,14 +72,7 @@ class Autoencoder(Method):
         x_in = self.corrupt(x) if self.denoising and stage == "train" else x
         z = self.encoder(x_in)
         loss = self.reconstruction_loss(self.decoder(z), x)
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=stage == "train",
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=stage != "train",
-        )
+        self.log_loss(stage, loss)
         return loss + self.probe_loss(z, batch["label"], stage)
 
     def training_step(self, batch, batch_idx):

@@ -35,6 +35,10 @@ class DDPMConfig(GenerativeConfig):
     label_dropout: float = 0.1  # p(y -> null) in training; the paper used 0.1-0.2 (the notes say 0.5)
     sampler: str = choice("ddim", "ddpm", "ddim")  # default sampler of sample()/FID
     sample_steps: int = 50  # DDIM steps by default
+    # DDIM's eta by default: 0 is the deterministic sampler of the paper. An undertrained eps-model errs at
+    # high t (where eps ~ x_t), 1/sqrt(alpha_bar) amplifies that into x0_hat, and eta = 0 carries the clipped
+    # error to the end as a noise image; eta = 1 re-noises each step and washes it out (README, samplers).
+    sample_eta: float = 0.0
     guidance: float = 0.0  # default CFG weight w at sampling time
     clip_x0: bool = True  # clamp the predicted x_0 to [-1, 1] while sampling
     lr: float = 2e-4
@@ -72,14 +76,7 @@ class DDPM(GenerativeMethod):
         eps = torch.randn_like(x0)
         y = self.drop_labels(batch["label"], self.cfg.label_dropout) if self.conditional else None
         loss = F.mse_loss(self.net(self.schedule.q_sample(x0, i, eps), i, y).float(), eps.float())
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=stage == "train",
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=stage != "train",
-        )
+        self.log_loss(stage, loss)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -89,8 +86,9 @@ class DDPM(GenerativeMethod):
         return self.step(batch, "val")
 
     @torch.no_grad()
-    def sample(self, n, cond=None, generator=None, sampler=None, steps=None, guidance=None, eta=0.0):
+    def sample(self, n, cond=None, generator=None, sampler=None, steps=None, guidance=None, eta=None):
         self.check_sample_options(cond, {})
+        eta = self.cfg.sample_eta if eta is None else eta
         sampler, guidance = sampler or self.cfg.sampler, self.cfg.guidance if guidance is None else guidance
         if guidance and not self.conditional:
             raise ValueError("guidance needs a conditional model (method.conditional=true)")

@@ -80,14 +80,7 @@ class RectifiedFlow(GenerativeMethod):
         y = self.drop_labels(batch["label"], self.cfg.label_dropout) if self.conditional else None
         err = (self.velocity(self.net, xt, t, y).float() - (z - x).float()).pow(2)
         loss = err.mean() if self.cfg.loss_reduction == "mean" else err.flatten(1).sum(1).mean()
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=stage == "train",
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=stage != "train",
-        )
+        self.log_loss(stage, loss)
         return loss
 
     def training_step(self, batch, batch_idx):
