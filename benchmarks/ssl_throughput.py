@@ -160,8 +160,8 @@ def bare(method: str, batch: int, steps: int, warmup: int, precision: str, chann
                 torch.cuda.synchronize()
             start = time.perf_counter()
         images, labels = b["image"].to(device, non_blocking=True), b["label"].to(device, non_blocking=True)
-        views = model.views(images, channels_last=channels_last)
-        with autocast:
+        with autocast:  # the method makes its views inside training_step, i.e. under Lightning's autocast
+            views = model.views(images, channels_last=channels_last)
             if method == "simclr":
                 feats = [model.backbone(v) for v in views]
                 loss = nt_xent(model.projector(torch.cat(feats)), b["index"].to(device).repeat(2), 0.5)
