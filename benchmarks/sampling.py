@@ -57,17 +57,14 @@ def requested_labels(method, n: int, device) -> torch.Tensor | None:
 def run(method, n: int, batch: int, device, **options) -> tuple[torch.Tensor, float]:
     out, started = [], None
     labels = requested_labels(method, n, device)
-    if labels is not None:
-        options["cond"] = None  # replaced per chunk below
     for c, start in enumerate(range(0, n, batch)):
-        if labels is not None:
-            options["cond"] = labels[start : start + batch]
+        cond = None if labels is None else labels[start : start + batch]
         generator = torch.Generator(device).manual_seed(c)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if started is None:
             started = time.perf_counter()
-        out.append(method.sample(min(batch, n - start), generator=generator, **options))
+        out.append(method.sample(min(batch, n - start), cond=cond, generator=generator, **options))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return torch.cat(out), (time.perf_counter() - started) / n
@@ -108,21 +105,14 @@ def main() -> None:
     rows = []
     if not args.skip_ddpm:
         rows.append(("ddpm", f"DDPM ancestral, {ddpm.schedule.T} steps", dict(sampler="ddpm")))
-    if args.guidance is None:
-        rows += [("ddpm", f"DDIM, {s} steps", dict(sampler="ddim", steps=s)) for s in args.ddim_steps]
-    else:
+    eta = {} if args.eta is None else {"eta": args.eta}  # else the checkpoint's sample_eta
+    eta_name = "" if args.eta is None else f", eta={args.eta:g}"
+    for w in [None] if args.guidance is None else args.guidance:  # None: the checkpoint's own guidance
+        guidance = {} if w is None else {"guidance": w}
+        w_name = "" if w is None else f", w={w:g}"
         rows += [
-            ("ddpm", f"DDIM, {s} steps, w={w:g}", dict(sampler="ddim", steps=s, guidance=w))
+            ("ddpm", f"DDIM, {s} steps{w_name}{eta_name}", dict(sampler="ddim", steps=s, **guidance, **eta))
             for s in args.ddim_steps
-            for w in args.guidance
-        ]
-    if args.eta is not None:
-        for _model, _name, options in rows:
-            if options.get("sampler") == "ddim":
-                options["eta"] = args.eta
-        rows = [
-            (m, name + (f", eta={args.eta:g}" if o.get("sampler") == "ddim" else ""), o)
-            for m, name, o in rows
         ]
     models = {"ddpm": ddpm}
     if args.flow:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gen import registry  # noqa: E402
 from lightning_gen.checkpoint import load_checkpoint  # noqa: E402
-from lightning_gen.config import compose, section_object  # noqa: E402
+from lightning_gen.eval.cli import EvalConfig, build_data  # noqa: E402
 from lightning_gen.methods.base import load_method  # noqa: E402
 
 
@@ -92,13 +92,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for path in args.checkpoints:
         hparams = load_checkpoint(path)["hyper_parameters"]
-        info = hparams["data"]
-        data = registry.build(
-            "data",
-            section_object(compose([f"data={info['name']}", f"data.image_size={info['image_size']}"]).data),
-        )
-        data.setup()
         trained = load_method(path)
+        data = build_data(EvalConfig(ckpt=path), trained, None, [])  # the checkpoint's dataset and size
         torch.manual_seed(0)
         random_init = registry.get("method", hparams["method"]).cls(hparams["cfg"], hparams["data"])
         experiment = Path(path).parents[2].name

@@ -94,7 +94,9 @@ def older_checkpoints(folder: Path) -> list[Path]:
 
 
 def resume_path(run_dir: Path, resume: str) -> str | None:
-    """The checkpoint to resume from for ``resume`` = auto | never | <path>, checked before training."""
+    """The checkpoint to resume from for ``resume`` = auto | never | <path>, checked before training.
+
+    With ``auto`` it also removes the preemption checkpoints the chosen one supersedes."""
     if resume in ("never", "none", "null", "false", "", None):
         return None
     if resume != "auto":
