@@ -15,6 +15,7 @@ Overhead = 1 - framework / bare. Timed steps exclude ``--warmup`` steps.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -62,21 +63,19 @@ def dataset(n: int) -> ImageTensorDataset:
 
 
 class Clock(L.Callback):
+    """Wall time of every training step, measured between consecutive batch ends (so data loading,
+    the host-to-device copy and every Lightning hook are inside), after ``warmup`` steps."""
+
     def __init__(self, warmup: int):
-        self.warmup, self.start, self.end = warmup, None, None
-
-    def _sync(self, module):
-        if module.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if trainer.global_step == self.warmup:
-            self._sync(module)
-            self.start = time.perf_counter()
+        self.warmup, self.last, self.steps = warmup, None, []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self._sync(module)
-        self.end = time.perf_counter()
+        if module.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if self.last is not None and trainer.global_step > self.warmup:
+            self.steps.append(now - self.last)
+        self.last = now
 
 
 class Data(L.LightningDataModule):
@@ -118,7 +117,7 @@ def framework(
     )
     trainer.lgen_channels_last = channels_last
     trainer.fit(model, datamodule=Data(dataset(batch * (warmup + steps)), batch))
-    return steps * batch / (clock.end - clock.start)
+    return batch / statistics.median(clock.steps)
 
 
 def bare(method: str, batch: int, steps: int, warmup: int, precision: str, channels_last: bool, device: str):
@@ -153,12 +152,8 @@ def bare(method: str, batch: int, steps: int, warmup: int, precision: str, chann
         pin_memory=True,
     )
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-    start = None
+    last, step_times = time.perf_counter(), []
     for step, b in enumerate(loader):
-        if step == warmup:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
         images, labels = b["image"].to(device, non_blocking=True), b["label"].to(device, non_blocking=True)
         with autocast:  # the method makes its views inside training_step, i.e. under Lightning's autocast
             views = model.views(images, channels_last=channels_last)
@@ -178,9 +173,13 @@ def bare(method: str, batch: int, steps: int, warmup: int, precision: str, chann
             ema_update(model.backbone_k, model.backbone, 0.999)
             ema_update(model.projector_k, model.projector, 0.999)
             model.queue.enqueue(F.normalize(k.float(), dim=1))
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - start)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if step >= warmup:
+            step_times.append(now - last)
+        last = now
+    return batch / statistics.median(step_times)
 
 
 def main() -> int:

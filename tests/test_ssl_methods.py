@@ -237,3 +237,50 @@ def test_moco_v3_vit_keeps_the_random_patch_projection_frozen():
     conv = compose(["experiment=moco_v3_digits", "method.freeze_patch_embed=true"])
     with pytest.raises((ValueError, ConfigError), match="needs a ViT backbone"):
         registry.build("method", section_object(conv.method), data=DataInfo(name="digits", image_size=16))
+
+
+def test_cpc_patches_are_grid_crops_and_jitter_moves_each_patch_within_range():
+    """CPC's patch grid read back from a coordinate image (channel 0 = row, 1 = column): without
+    jitter patch (i, j) is the window at (i, j) * stride; with ``patch_jitter`` J every patch is a
+    window of the edge-replicated image at its own offset in [-J, J], and the offsets differ."""
+    from lightning_gen.methods.base import DataInfo
+    from lightning_gen.methods.ssl.cpc import CPC, CPCConfig
+
+    method = CPC(CPCConfig(name="cpc", grid=3, pred_steps=2), DataInfo(name="t", channels=2, image_size=16))
+    size, p, s, g = 16, method.patch, method.stride, 3
+    assert (p, s) == (8, 4)
+    line = torch.arange(size, dtype=torch.float)
+    image = torch.stack(torch.meshgrid(line, line, indexing="ij")).expand(5, 2, size, size)
+    window = torch.arange(p, dtype=torch.float)
+    seen = []
+    method.backbone.forward = lambda patches: seen.append(patches) or patches.new_zeros(len(patches), 4)
+
+    method.patch_codes(image)
+    patches = seen[-1].view(5, g, g, 2, p, p)
+    for i in range(g):
+        for j in range(g):
+            assert torch.equal(patches[:, i, j, 0, :, 0], (i * s + window).expand(5, p))
+            assert torch.equal(patches[:, i, j, 1, 0, :], (j * s + window).expand(5, p))
+
+    jitter = 2
+    torch.manual_seed(0)
+    method.patch_codes(image, jitter)
+    patches = seen[-1].view(5, g, g, 2, p, p)
+    offsets = set()
+    for n in range(5):
+        for i in range(g):
+            for j in range(g):
+                found = []
+                for axis, base in ((0, i * s), (1, j * s)):
+                    cut = patches[n, i, j, axis, :, 0] if axis == 0 else patches[n, i, j, axis, 0, :]
+                    matches = [
+                        d
+                        for d in range(-jitter, jitter + 1)
+                        if torch.equal(cut, (base + d + window).clamp(0, size - 1))
+                    ]
+                    assert matches, (n, i, j, axis, cut)
+                    found.append(matches[0])
+                offsets.add(tuple(found))
+                # every row of a patch is the same window (a crop, not a shuffle of pixels)
+                assert torch.equal(patches[n, i, j, 0], patches[n, i, j, 0, :, :1].expand(p, p))
+    assert len(offsets) > 5  # per-patch offsets, not one shift for the whole grid

@@ -7,6 +7,11 @@ vertically causal convolutions gives c_ij. For every offset k = 1..``pred_steps`
 candidate code z is s_k(z, c_ij) = zᵀ W_k c_ij, and InfoNCE asks c_ij to pick the true future
 z_(i+k)j among the codes of all positions and all images of the batch on this rank (local
 negatives). The representation is the patch codes z averaged over the grid.
+
+``patch_jitter`` adds the spatial half of CPC v2's patch augmentation (Hénaff et al. 2020): while
+training, every patch is cut at its own random offset, so the overlap between a patch and the one
+below no longer lets exact pixel matching solve the task (on digits this is the difference between
+codes below a random encoder and clearly above it, README).
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ class CPCConfig(SSLConfig):
     context_dim: int = 256
     context_layers: int = 3
     temperature: float = 1.0
+    # CPC v2's patch augmentation, spatial part: while training every patch is cut at its own random
+    # offset of up to this many pixels, so the 50% overlap no longer lets pixel matching solve the task
+    patch_jitter: int = 0
 
 
 class CausalRowConv(nn.Module):
@@ -88,18 +96,30 @@ class CPC(SSLMethod):
             nn.Conv2d(cfg.context_dim, d, 1, bias=False) for _ in range(cfg.pred_steps)
         )
 
-    def patch_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> z (N, D, grid, grid)."""
-        n, c, g = x.shape[0], x.shape[1], self.cfg.grid
-        patches = x.unfold(2, self.patch, self.stride).unfold(3, self.patch, self.stride)[:, :, :g, :g]
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(n * g * g, c, self.patch, self.patch)
+    def patch_codes(self, x: torch.Tensor, jitter: int = 0) -> torch.Tensor:
+        """(N, C, H, W) -> z (N, D, grid, grid); ``jitter`` > 0 moves every patch by its own random
+        offset in [-jitter, jitter] pixels (edges replicated)."""
+        n, c, g, p = x.shape[0], x.shape[1], self.cfg.grid, self.patch
+        if jitter == 0:
+            patches = x.unfold(2, p, self.stride).unfold(3, p, self.stride)[:, :, :g, :g]
+            patches = patches.permute(0, 2, 3, 1, 4, 5)
+        else:
+            x = F.pad(x, (jitter,) * 4, mode="replicate")
+            corner = torch.arange(g, device=x.device) * self.stride
+            shift = torch.randint(0, 2 * jitter + 1, (2, n, g, g), device=x.device)
+            top = (corner.view(1, g, 1) + shift[0]).unsqueeze(-1) + torch.arange(p, device=x.device)
+            left = (corner.view(1, 1, g) + shift[1]).unsqueeze(-1) + torch.arange(p, device=x.device)
+            image = torch.arange(n, device=x.device).view(n, 1, 1, 1, 1)
+            # advanced indices around a slice: (N, g, g, p, p, C); the permute below puts C first
+            patches = x[image, :, top.unsqueeze(-1), left.unsqueeze(-2)].permute(0, 1, 2, 5, 3, 4)
+        patches = patches.reshape(n * g * g, c, p, p)
         return self.backbone(patches.contiguous()).view(n, g, g, -1).permute(0, 3, 1, 2)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.patch_codes(x).mean((2, 3))
 
     def ssl_loss(self, views, batch):
-        z = self.patch_codes(views[0])
+        z = self.patch_codes(views[0], self.cfg.patch_jitter)
         c = self.context(z)
         losses = []
         for k, w_k in enumerate(self.predictors, start=1):
