@@ -6,10 +6,13 @@ depend on content), the host-to-device copy, the batched on-device views, forwar
 optimizer step, and for MoCo the momentum update and the enqueue. The framework path is a real
 Lightning ``Trainer.fit`` of the registered method (online probe, logging, LR schedule included);
 the bare loop uses the same networks and loss functions with none of that machinery but the probe.
-Overhead = 1 - framework / bare. Timed steps exclude ``--warmup`` steps.
+Images/s = batch / median wall time of the ``--steps`` steps after ``--warmup`` (a step is timed from
+one batch end to the next, data loading included). Overhead = 1 - framework / bare. ``--repeats R``
+runs each path R times in alternating order and compares medians: on a shared CPU machine whole runs
+drift by +-15 % (measured here), more than the overhead itself.
 
     python benchmarks/ssl_throughput.py --steps 20 --warmup 5            # GPU
-    python benchmarks/ssl_throughput.py --steps 3 --warmup 1 --device cpu --precisions 32-true
+    python benchmarks/ssl_throughput.py --device cpu --steps 4 --warmup 2 --repeats 3
 """
 
 from __future__ import annotations
@@ -182,6 +185,11 @@ def bare(method: str, batch: int, steps: int, warmup: int, precision: str, chann
     return batch / statistics.median(step_times)
 
 
+def spread(values: list[float]) -> str:
+    middle = f"{statistics.median(values):.1f}"
+    return middle if len(values) == 1 else f"{middle} ({min(values):.1f}-{max(values):.1f})"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["simclr", "moco_v2"])
@@ -191,6 +199,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of each path, in alternating order; the table shows the median (and the range)",
+    )
     args = parser.parse_args()
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -198,7 +212,8 @@ def main() -> int:
         torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     )
     print(
-        f"# {name}, ResNet-18 32x32, batch {args.batch_size}, {args.steps} timed steps, {args.warmup} warm-up"
+        f"# {name}, ResNet-18 32x32, batch {args.batch_size}, median of {args.steps} steps after {args.warmup}"
+        f" warm-up, {args.repeats} run(s) per path"
     )
     print("| method | precision | channels_last | lightning_gen img/s | bare PyTorch img/s | overhead |")
     print("|---|---|---|---|---|---|")
@@ -206,12 +221,19 @@ def main() -> int:
         for precision in args.precisions:
             for cl in args.channels_last:
                 cl = cl == "true"
-                torch.manual_seed(0)
-                fw = framework(method, args.batch_size, args.steps, args.warmup, precision, cl, args.device)
-                torch.manual_seed(0)
-                ref = bare(method, args.batch_size, args.steps, args.warmup, precision, cl, args.device)
+                runs = {"framework": [], "bare": []}
+                for repeat in range(args.repeats):  # alternate the order: drifts of a shared machine even out
+                    order = ("framework", "bare") if repeat % 2 == 0 else ("bare", "framework")
+                    for path in order:
+                        torch.manual_seed(0)
+                        run = framework if path == "framework" else bare
+                        runs[path].append(
+                            run(method, args.batch_size, args.steps, args.warmup, precision, cl, args.device)
+                        )
+                fw, ref = statistics.median(runs["framework"]), statistics.median(runs["bare"])
                 print(
-                    f"| {method} | {precision} | {cl} | {fw:.1f} | {ref:.1f} | {100 * (1 - fw / ref):+.1f}% |",  # noqa: E501
+                    f"| {method} | {precision} | {cl} | {spread(runs['framework'])} | {spread(runs['bare'])} "
+                    f"| {100 * (1 - fw / ref):+.1f}% |",
                     flush=True,
                 )
     return 0
