@@ -281,6 +281,10 @@ def test_cpc_patches_are_grid_crops_and_jitter_moves_each_patch_within_range():
                     assert matches, (n, i, j, axis, cut)
                     found.append(matches[0])
                 offsets.add(tuple(found))
-                # every row of a patch is the same window (a crop, not a shuffle of pixels)
+                # a crop, not a shuffle of pixels: row coordinates constant along rows, columns down columns
                 assert torch.equal(patches[n, i, j, 0], patches[n, i, j, 0, :, :1].expand(p, p))
+                assert torch.equal(patches[n, i, j, 1], patches[n, i, j, 1, :1, :].expand(p, p))
     assert len(offsets) > 5  # per-patch offsets, not one shift for the whole grid
+
+    with pytest.raises(ValueError, match="patch_jitter"):
+        CPC(CPCConfig(name="cpc", grid=3, pred_steps=2, patch_jitter=-1), DataInfo(name="t", image_size=16))

@@ -85,6 +85,11 @@ class CPC(SSLMethod):
                 f"CPC grid {cfg.grid} with {cfg.pred_steps} prediction steps does not fit {size}px images: "
                 f"need grid > pred_steps and patches of >= 4 px (patch side = 2 * image / (grid + 1))"
             )
+        if not 0 <= cfg.patch_jitter < self.patch:
+            raise ValueError(
+                f"method.patch_jitter={cfg.patch_jitter} must be between 0 and the patch side - 1 "
+                f"({self.patch - 1} px for grid {cfg.grid} on {size}px images)"
+            )
         # g_enc works on patches, so it is built for the patch size (replacing the image-size backbone).
         self.backbone = build_backbone(cfg.backbone, self.data_info.channels, self.patch)
         d = self.feature_dim
