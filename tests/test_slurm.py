@@ -39,6 +39,10 @@ TRAIN = [
     "trainer.accelerator=cpu",
     "callbacks.images.enabled=false",
 ]
+# The weight comparison needs the same float reduction order on both sides: a CPU kernel splits its
+# sums by thread count, and Lightning gives a process cpu_count // local processes threads, which
+# differs between 1 node x 2 processes and 2 "nodes" x 1 process (CI failed on a many-core machine).
+ONE_THREAD = "1"
 JOB = ["cluster.cpus_per_task=1", "cluster.mem=1G", "cluster.time=00:15:00", "cluster.signal_grace_s=30"]
 
 
@@ -128,7 +132,7 @@ class Reference:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lightning_gen", *args],
             cwd=cwd,
-            env=lgen_env(),
+            env=lgen_env(OMP_NUM_THREADS=ONE_THREAD),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -239,7 +243,7 @@ def test_two_nodes_of_one_device_match_one_node_of_two(slurm_env, reference, tmp
 #SBATCH --output={tmp_path}/multinode.out
 #SBATCH --chdir={tmp_path}
 srun bash -c 'export SLURM_NODEID=$SLURM_PROCID SLURM_LOCALID=0 SLURM_NNODES=2 SLURM_JOB_NUM_NODES=2 \\
-  SLURM_NTASKS_PER_NODE=1; exec {command} trainer.num_nodes=2 trainer.devices=1'
+  SLURM_NTASKS_PER_NODE=1 OMP_NUM_THREADS={ONE_THREAD}; exec {command} trainer.num_nodes=2 trainer.devices=1'
 """
     env = slurm_env
     job_id = subprocess.run(
