@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from lightning_gen.distributed import batch_shuffle, batch_unshuffle
-from lightning_gen.losses.contrastive import KeyQueue, nt_xent
+from lightning_gen.losses.contrastive import KeyQueue, info_nce, nt_xent
 from lightning_gen.losses.dino import DINOLoss
 
 WORLD, N, D_IN, D_OUT, TAU = 2, 4, 6, 5, 0.2
@@ -34,6 +34,25 @@ def local_slice(x: torch.Tensor, r: int) -> torch.Tensor:
     return x[..., r * N : (r + 1) * N, :]
 
 
+def info_nce_problem(model, views, gather=True):
+    queries, keys = model(views[0]), torch.tanh(model(views[1]))
+    return info_nce(queries, keys, TAU, gather=gather)
+
+
+def rank_mean_loss_and_grads(model, loss_fn, local) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """What DDP hands every rank: the loss of its own slice and the gradients averaged over ranks."""
+    model.zero_grad()
+    loss = loss_fn(model, local)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    for g in grads:
+        dist.all_reduce(g)
+        g /= WORLD
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    return mean_loss / WORLD, grads
+
+
 def worker(r: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=r, world_size=WORLD)
     torch.manual_seed(100 + r)  # ranks draw different random numbers, as real ones do
@@ -53,6 +72,10 @@ def worker(r: int, init_file: str, out_dir: str) -> None:
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
     results.update(loss=mean_loss / WORLD, grads=grads)
+
+    # InfoNCE with in-batch negatives (CPC, MoCo v3) where queries *and* keys come from the trained
+    # network, as CPC's future patch codes do: the keys of the other rank need their gradient back.
+    results.update(info_nce=rank_mean_loss_and_grads(model, info_nce_problem, local))
 
     # MoCo queue: every rank enqueues its own keys; the dictionaries must end identical.
     torch.manual_seed(7)  # same initial queue on every rank (seed_everything does this in a run)
@@ -88,6 +111,17 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         assert torch.allclose(result["loss"], loss.detach(), atol=1e-6), (result["loss"], loss)
         for got, want in zip(result["grads"], [p.grad for p in model.parameters()]):
             assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+
+    model.zero_grad()
+    loss = info_nce_problem(model, views)
+    loss.backward()
+    for result in ranks:
+        got_loss, got_grads = result["info_nce"]
+        assert torch.allclose(got_loss, loss.detach(), atol=1e-6), (got_loss, loss)
+        for got, want in zip(got_grads, [p.grad for p in model.parameters()]):
+            assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+    halves = [info_nce_problem(model, local_slice(views, r), gather=False) for r in range(WORLD)]
+    assert abs(float(sum(halves) / WORLD) - float(loss)) > 1e-3  # local negatives: a different loss
 
     # A gather *without* gradient would get this wrong: the negatives' gradient goes missing.
     assert not torch.allclose(ranks[0]["grads"][0], torch.zeros_like(ranks[0]["grads"][0]))

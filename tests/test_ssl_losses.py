@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_gen.data import views as V
-from lightning_gen.losses.contrastive import KeyQueue, moco_loss, nt_xent
+from lightning_gen.losses.contrastive import KeyQueue, info_nce, moco_loss, nt_xent
 from lightning_gen.losses.dino import DINOLoss
 
 
@@ -69,6 +69,13 @@ def test_moco_loss_matches_numpy_and_normalises():
     table = np.concatenate([(qn * kn).sum(1, keepdims=True), qn @ queue.numpy().T], 1) / t
     assert loss.item() == pytest.approx(-_np_log_softmax(table)[:, 0].mean(), rel=1e-5)
     assert logits.shape == (4, 8)
+
+
+def test_info_nce_matches_numpy_with_own_key_positive():
+    torch.manual_seed(3)
+    q, k, t = torch.randn(5, 4), torch.randn(5, 4), 0.5
+    table = q.numpy() @ k.numpy().T / t
+    assert info_nce(q, k, t).item() == pytest.approx(-np.diag(_np_log_softmax(table)).mean(), rel=1e-5)
 
 
 def test_key_queue_fifo_wraps_and_lives_in_state_dict():

@@ -50,15 +50,21 @@ def nt_xent(
 
 
 def info_nce(
-    queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+    queries: torch.Tensor, keys: torch.Tensor, temperature: float = 1.0, gather: bool = True
 ) -> torch.Tensor:
-    """Cross-entropy of a (queries x keys) score table: query i's positive is key ``targets[i]``.
+    """InfoNCE with in-batch negatives: query i's positive is key i, every other key a negative.
 
     Scores are raw dot products divided by ``temperature``; normalise the inputs first for cosine
-    scores. Used by MoCo v3 (keys gathered from all ranks) and CPC (keys = future patch codes).
+    scores. With ``gather`` the keys of every rank are candidates (gathered *with* gradient, so
+    keys that come from the trained network get the gradient of the other ranks' queries too); the
+    mean over this rank's queries, averaged over ranks by DDP, then equals the single-process loss
+    and gradients on the concatenated batch (tested on 2 processes). Used by MoCo v3 (momentum
+    keys, which carry no gradient) and CPC (keys = future patch codes, which do).
     """
-    logits = queries.float() @ keys.float().T / temperature
-    return F.cross_entropy(logits, targets)
+    candidates = gather_with_grad(keys) if gather else keys
+    offset = rank() * len(keys) if gather else 0  # where this rank's keys sit among the candidates
+    logits = queries.float() @ candidates.float().T / temperature
+    return F.cross_entropy(logits, torch.arange(len(queries), device=queries.device) + offset)
 
 
 def moco_loss(

@@ -5,8 +5,9 @@ patch is encoded on its own, z_ij = g_enc(x_ij) (the backbone). A context networ
 the rows at and above i ("use top rows as context to predict bottom rows"): a stack of
 vertically causal convolutions gives c_ij. For every offset k = 1..``pred_steps`` the score of a
 candidate code z is s_k(z, c_ij) = zᵀ W_k c_ij, and InfoNCE asks c_ij to pick the true future
-z_(i+k)j among the codes of all positions and all images of the batch on this rank (local
-negatives). The representation is the patch codes z averaged over the grid.
+z_(i+k)j among the codes of all positions and all images of the global batch: under DDP the
+codes of every rank are negatives, gathered with gradient, so N processes train exactly as one
+process on the concatenated batch does (apart from BatchNorm statistics). The representation is the patch codes z averaged over the grid.
 
 ``patch_jitter`` adds the spatial half of CPC v2's patch augmentation (Hénaff et al. 2020): while
 training, every patch is cut at its own random offset, so the overlap between a patch and the one
@@ -132,8 +133,6 @@ class CPC(SSLMethod):
             target = z[:, :, k:]
             queries = pred.permute(0, 2, 3, 1).reshape(-1, pred.shape[1])
             keys = target.permute(0, 2, 3, 1).reshape(-1, target.shape[1])
-            losses.append(
-                info_nce(queries, keys, torch.arange(len(keys), device=keys.device), self.cfg.temperature)
-            )
+            losses.append(info_nce(queries, keys, self.cfg.temperature))
         loss = torch.stack(losses).mean()
         return loss, z.mean((2, 3))

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_gen.config import choice
-from lightning_gen.distributed import batch_shuffle, batch_unshuffle, gather_no_grad, is_distributed, rank
+from lightning_gen.distributed import batch_shuffle, batch_unshuffle, gather_no_grad, is_distributed
 from lightning_gen.losses.contrastive import KeyQueue, info_nce, moco_loss
 from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
 from lightning_gen.nets.heads import MLPHead
@@ -129,9 +129,7 @@ class MoCo(SSLMethod):
     def symmetric_contrast(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """MoCo v3's ctr(q, k): in-batch keys of all ranks, own key positive, scaled by 2τ."""
         q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
-        keys = gather_no_grad(k)
-        targets = torch.arange(len(q), device=q.device) + len(q) * rank()
-        return info_nce(q, keys, targets, self.cfg.temperature) * 2 * self.cfg.temperature
+        return info_nce(q, k, self.cfg.temperature) * 2 * self.cfg.temperature
 
     def on_train_epoch_end(self) -> None:
         # The queue must be the same dictionary on every rank; a cheap fingerprint catches any drift.
