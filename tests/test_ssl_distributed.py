@@ -34,15 +34,23 @@ def local_slice(x: torch.Tensor, r: int) -> torch.Tensor:
     return x[..., r * N : (r + 1) * N, :]
 
 
-def info_nce_problem(model, views, gather=True):
+def nt_xent_problem(model, views, first_index=0):
+    z = model(torch.cat([views[0], views[1]]))
+    return nt_xent(z, (torch.arange(len(views[0])) + first_index).repeat(2), TAU)
+
+
+def info_nce_problem(model, views, first_index=0, gather=True):
     queries, keys = model(views[0]), torch.tanh(model(views[1]))
     return info_nce(queries, keys, TAU, gather=gather)
 
 
-def rank_mean_loss_and_grads(model, loss_fn, local) -> tuple[torch.Tensor, list[torch.Tensor]]:
+PROBLEMS = {"nt_xent": nt_xent_problem, "info_nce": info_nce_problem}
+
+
+def rank_mean_loss_and_grads(model, problem, local, first_index):
     """What DDP hands every rank: the loss of its own slice and the gradients averaged over ranks."""
     model.zero_grad()
-    loss = loss_fn(model, local)
+    loss = problem(model, local, first_index=first_index)
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     for g in grads:
@@ -59,23 +67,12 @@ def worker(r: int, init_file: str, out_dir: str) -> None:
     model, views, keys, teacher = make_problem()
     results = {}
 
-    # NT-Xent with gathered negatives; DDP averages gradients over ranks (done here by all_reduce).
+    # NT-Xent with gathered negatives (sample ids are global), and InfoNCE with in-batch negatives
+    # (CPC, MoCo v3) where queries *and* keys come from the trained network, as CPC's future patch
+    # codes do: in both, the other rank's candidates need their gradient back.
     local = local_slice(views, r)
-    z = model(torch.cat([local[0], local[1]]))
-    index = (torch.arange(N) + r * N).repeat(2)
-    loss = nt_xent(z, index, TAU)
-    loss.backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    for g in grads:
-        dist.all_reduce(g)
-        g /= WORLD
-    mean_loss = loss.detach().clone()
-    dist.all_reduce(mean_loss)
-    results.update(loss=mean_loss / WORLD, grads=grads)
-
-    # InfoNCE with in-batch negatives (CPC, MoCo v3) where queries *and* keys come from the trained
-    # network, as CPC's future patch codes do: the keys of the other rank need their gradient back.
-    results.update(info_nce=rank_mean_loss_and_grads(model, info_nce_problem, local))
+    for name, problem in PROBLEMS.items():
+        results[name] = rank_mean_loss_and_grads(model, problem, local, first_index=r * N)
 
     # MoCo queue: every rank enqueues its own keys; the dictionaries must end identical.
     torch.manual_seed(7)  # same initial queue on every rank (seed_everything does this in a run)
@@ -104,27 +101,20 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     model, views, keys, teacher = make_problem()
 
     # single process on the concatenated batch
-    z = model(torch.cat([views[0], views[1]]))
-    loss = nt_xent(z, torch.arange(WORLD * N).repeat(2), TAU)
-    loss.backward()
-    for result in ranks:
-        assert torch.allclose(result["loss"], loss.detach(), atol=1e-6), (result["loss"], loss)
-        for got, want in zip(result["grads"], [p.grad for p in model.parameters()]):
-            assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
-
-    model.zero_grad()
-    loss = info_nce_problem(model, views)
-    loss.backward()
-    for result in ranks:
-        got_loss, got_grads = result["info_nce"]
-        assert torch.allclose(got_loss, loss.detach(), atol=1e-6), (got_loss, loss)
-        for got, want in zip(got_grads, [p.grad for p in model.parameters()]):
-            assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+    for name, problem in PROBLEMS.items():
+        model.zero_grad()
+        loss = problem(model, views)
+        loss.backward()
+        for result in ranks:
+            got_loss, got_grads = result[name]
+            assert torch.allclose(got_loss, loss.detach(), atol=1e-6), (name, got_loss, loss)
+            for got, want in zip(got_grads, [p.grad for p in model.parameters()]):
+                assert torch.allclose(got, want, atol=1e-6), (name, (got - want).abs().max())
     halves = [info_nce_problem(model, local_slice(views, r), gather=False) for r in range(WORLD)]
     assert abs(float(sum(halves) / WORLD) - float(loss)) > 1e-3  # local negatives: a different loss
 
     # A gather *without* gradient would get this wrong: the negatives' gradient goes missing.
-    assert not torch.allclose(ranks[0]["grads"][0], torch.zeros_like(ranks[0]["grads"][0]))
+    assert not torch.allclose(ranks[0]["nt_xent"][1][0], torch.zeros_like(ranks[0]["nt_xent"][1][0]))
 
     torch.manual_seed(7)
     queue = KeyQueue(10, D_OUT)
