@@ -107,6 +107,34 @@ def test_train_interrupt_and_resume(lgen, experiment):
     assert method.embed_images(torch.zeros(3, 1, 16, 16, dtype=torch.uint8)).shape[0] == 3
 
 
+def test_gradient_accumulation_counts_optimizer_steps_not_micro_batches(lgen):
+    """accumulate_grad_batches=2: τ follows global_step over estimated_stepping_batches (optimizer
+    steps), the LR is scaled by the global batch including accumulation, and every micro-batch's
+    keys reach the queue."""
+    tiny = [a for a in TINY if not a.startswith("trainer.limit_train_batches=")]
+    args = [*tiny, "trainer.limit_train_batches=4", "trainer.accumulate_grad_batches=2", "run_id=acc"]
+    moco = ["method.momentum_start=0.99", "method.momentum_end=1.0", "method.queue_size=256"]
+    lr = [
+        "method.lr=0.002",
+        "method.lr_scaling=linear",
+        "method.base_batch_size=64",
+        "method.schedule=constant",
+    ]
+    proc = lgen("train", "experiment=moco_v2_digits", *args, *moco, *lr, "method.warmup_epochs=0")
+    assert "global batch 32 = 16 per device x 1 processes" in proc.stdout + proc.stderr
+    assert "x 2 accumulation step(s)" in proc.stdout + proc.stderr
+    run_dir = lgen.cwd / "runs" / "moco_v2_digits" / "acc"
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert final["global_step"] == TOTAL_STEPS  # 2 epochs x 4 micro-batches / 2
+    momentum = step_values(run_dir, "train/momentum")
+    assert sorted(momentum) == list(range(TOTAL_STEPS))
+    for step, value in momentum.items():  # the schedule's length is optimizer steps, not batches
+        assert value == pytest.approx(cosine(step, TOTAL_STEPS, 0.99, 1.0), abs=1e-6), step
+    assert int(final["state_dict"]["queue.ptr"]) == 2 * 4 * 16  # 8 micro-batches of 16 keys
+    lr = step_values(run_dir, "lr")
+    assert lr and all(v == pytest.approx(0.002 * 32 / 64) for v in lr.values())
+
+
 def test_moco_refuses_shuffle_bn_with_sync_bn(lgen):
     proc = lgen("train", "experiment=moco_v2_digits", *TINY, "trainer.sync_batchnorm=true", check=False)
     assert proc.returncode != 0 and "shuffle-BN" in proc.stderr

@@ -7,7 +7,8 @@ vertically causal convolutions gives c_ij. For every offset k = 1..``pred_steps`
 candidate code z is s_k(z, c_ij) = zᵀ W_k c_ij, and InfoNCE asks c_ij to pick the true future
 z_(i+k)j among the codes of all positions and all images of the global batch: under DDP the
 codes of every rank are negatives, gathered with gradient, so N processes train exactly as one
-process on the concatenated batch does (apart from BatchNorm statistics). The representation is the patch codes z averaged over the grid.
+process on the concatenated batch does (apart from BatchNorm statistics). The representation is
+the patch codes z averaged over the grid.
 
 ``patch_jitter`` adds the spatial half of CPC v2's patch augmentation (Hénaff et al. 2020): while
 training, every patch is cut at its own random offset, so the overlap between a patch and the one
