@@ -8,8 +8,8 @@ Lightning ``Trainer.fit`` of the registered method (online probe, logging, LR sc
 the bare loop uses the same networks and loss functions with none of that machinery but the probe.
 Images/s = batch / median wall time of the ``--steps`` steps after ``--warmup`` (a step is timed from
 one batch end to the next, data loading included). Overhead = 1 - framework / bare. ``--repeats R``
-runs each path R times in alternating order and compares medians: on the shared 2-core CPU machine
-whole runs of one path differed by up to 75 % (README), far more than the overhead itself.
+runs each path R times in alternating order and compares medians: on a noisy shared 2-core CPU VM
+whole runs of one path once differed by up to 75 % (README), far more than the overhead itself.
 
     python benchmarks/ssl_throughput.py --steps 20 --warmup 5            # GPU
     python benchmarks/ssl_throughput.py --device cpu --steps 4 --warmup 2 --repeats 3
