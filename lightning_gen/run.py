@@ -333,6 +333,8 @@ def _metric(trainer: L.Trainer, *names: str) -> float | None:
 def summarize(run: Run, seconds: float) -> dict[str, Any]:
     trainer = run.trainer
     best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.best_model_path), "")
+    if best and not run.run_dir.is_absolute():  # Lightning reports it absolute; show it like run_dir
+        best = os.path.relpath(best)
     summary: dict[str, Any] = {
         "experiment": run.cfg.experiment,
         "run_dir": str(run.run_dir),
