@@ -26,13 +26,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
 from lightning_gen import registry
 from lightning_gen.checkpoint import AtomicCheckpointIO, LastCheckpoint, resume_path
-from lightning_gen.config import section_object, to_dict, to_yaml
+from lightning_gen.config import ConfigError, section_object, to_dict, to_yaml
 from lightning_gen.methods.base import Method
 
 RUN_ID_ENV = "LGEN_RUN_ID"
@@ -230,15 +231,23 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path
     plugins: list = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # slurm/job.sbatch asks for --signal=USR1@grace: save and requeue on it
         plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
-    trainer = L.Trainer(
-        **kwargs,
-        strategy=t.strategy,
-        precision=resolve_precision(t.precision, t.accelerator),
-        callbacks=callbacks,
-        logger=loggers or False,
-        default_root_dir=str(run_dir),
-        plugins=plugins,
-    )
+    precision = resolve_precision(t.precision, t.accelerator)
+    try:
+        trainer = L.Trainer(
+            **kwargs,
+            strategy=t.strategy,
+            precision=precision,
+            callbacks=callbacks,
+            logger=loggers or False,
+            default_root_dir=str(run_dir),
+            plugins=plugins,
+        )
+    except (ValueError, MisconfigurationException) as error:
+        # e.g. strategy=fsdp on CPU, devices=3 with 2 GPUs: Lightning's reason, in our config's words
+        chosen = {"accelerator": t.accelerator, "devices": kwargs["devices"], "num_nodes": t.num_nodes}
+        chosen.update(strategy=t.strategy, precision=precision)
+        settings = ", ".join(f"trainer.{key}={value}" for key, value in chosen.items())
+        raise ConfigError(f"Lightning rejects the trainer settings ({settings}): {error}") from error
     trainer.lgen_channels_last = bool(t.channels_last)
     return trainer
 

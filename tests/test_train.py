@@ -74,6 +74,16 @@ def test_corrupt_last_checkpoint_names_file_and_fallback(lgen):
     assert "resuming from" in resumed.stderr + resumed.stdout
 
 
+def test_trainer_settings_lightning_rejects_are_a_config_error(lgen):
+    proc = lgen(
+        "train", "experiment=ae_digits", "trainer.accelerator=cpu", "trainer.strategy=fsdp", check=False
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "Lightning rejects the trainer settings" in proc.stderr
+    assert "trainer.accelerator=cpu" in proc.stderr and "trainer.strategy=fsdp" in proc.stderr
+    assert "GPU" in proc.stderr  # Lightning's own reason is kept
+
+
 def test_checkpoint_write_killed_midway_leaves_previous_copy_intact(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"
