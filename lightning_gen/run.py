@@ -244,8 +244,13 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path
         )
     except (ValueError, MisconfigurationException) as error:
         # e.g. strategy=fsdp on CPU, devices=3 with 2 GPUs: Lightning's reason, in our config's words
-        chosen = {"accelerator": t.accelerator, "devices": kwargs["devices"], "num_nodes": t.num_nodes}
-        chosen.update(strategy=t.strategy, precision=precision)
+        chosen = {
+            "accelerator": t.accelerator,
+            "devices": kwargs["devices"],
+            "num_nodes": t.num_nodes,
+            "strategy": t.strategy,
+            "precision": precision,
+        }
         settings = ", ".join(f"trainer.{key}={value}" for key, value in chosen.items())
         raise ConfigError(f"Lightning rejects the trainer settings ({settings}): {error}") from error
     trainer.lgen_channels_last = bool(t.channels_last)
