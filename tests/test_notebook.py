@@ -1,27 +1,39 @@
-"""The quickstart notebook executes top to bottom and shows pictures (reconstructions and loss curves)."""
+"""The notebooks execute top to bottom and show their pictures.
+
+quickstart: the default autoencoder, reconstructions and loss curves; ssl_digits: SimCLR's views,
+PCA of trained vs random-init embeddings, probe and kNN scores."""
 
 from __future__ import annotations
 
 import shutil
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from tests.conftest import REPO
 
+NOTEBOOKS = {
+    # name: (pictures at least, checkpoint the run leaves, text its outputs must show)
+    "quickstart": (2, "runs/ae_digits/quickstart/checkpoints/last.ckpt", "online linear probe accuracy"),
+    "ssl_digits": (3, "runs/simclr_digits/notebook/checkpoints/last.ckpt", "probe, 10 labels/class"),
+}
 
-def test_quickstart_notebook_runs_and_shows_pictures(tmp_path, monkeypatch):
+
+@pytest.mark.parametrize("name", list(NOTEBOOKS))
+def test_notebook_runs_and_shows_pictures(name, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    shutil.copy(REPO / "notebooks" / "quickstart.ipynb", tmp_path)
-    notebook = nbformat.read(tmp_path / "quickstart.ipynb", as_version=4)
+    shutil.copy(REPO / "notebooks" / f"{name}.ipynb", tmp_path)
+    notebook = nbformat.read(tmp_path / f"{name}.ipynb", as_version=4)
     client = NotebookClient(
         notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
     client.execute()  # raises CellExecutionError naming the cell if any cell fails
+    min_pictures, checkpoint, marker = NOTEBOOKS[name]
     pictures = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(pictures) >= 2, "expected the reconstruction grid and the loss curve as images"
-    assert (tmp_path / "runs" / "ae_digits" / "quickstart" / "checkpoints" / "last.ckpt").is_file()
+    assert len(pictures) >= min_pictures
+    assert (tmp_path / checkpoint).is_file()
     text = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
-    assert "online linear probe accuracy" in text
+    assert marker in text
