@@ -238,6 +238,23 @@ def test_every_ssl_experiment_composes_and_builds():
         info = DataInfo(name=cfg.data.name, channels=1 if cfg.data.name == "digits" else 3, image_size=size)
         method = registry.build("method", section_object(cfg.method), data=info)
         assert method.embed(torch.zeros(2, info.channels, size, size)).shape[0] == 2, name
+        if name.startswith("cpc") and cfg.method.backbone.name.startswith("resnet"):  # CPC v2's layer norm
+            assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in method.modules()), name
+
+
+def test_resnet_layer_norm_makes_every_sample_independent_of_the_batch():
+    """With BatchNorm (training mode) a sample's features depend on the other samples of the batch;
+    with ``norm=layer`` they do not, so CPC's patches cannot talk through batch statistics."""
+    from lightning_gen.nets.backbones import BackboneConfig, build_backbone
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    others = torch.cat([x[:1], torch.randn(3, 3, 32, 32)])  # same first sample, other batch mates
+    for norm, independent in [("batch", False), ("layer", True)]:
+        net = build_backbone(BackboneConfig(name="resnet18", norm=norm, zero_init_residual=False), 3, 32)
+        net.train()
+        same = torch.allclose(net(x)[0], net(others)[0], atol=1e-5)
+        assert same == independent, norm
 
 
 def test_moco_v3_vit_keeps_the_random_patch_projection_frozen():

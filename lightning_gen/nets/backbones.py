@@ -22,6 +22,11 @@ class BackboneConfig:
     name: str = choice("resnet18", "resnet18", "resnet50", "vit", "conv")
     cifar_stem: bool | None = None  # 3x3 stride-1 first conv, no max-pool; None: on for images <= 64 px
     zero_init_residual: bool = True
+    # ResNet normalisation. "layer" (GroupNorm with one group: statistics over C, H, W of each sample)
+    # keeps samples from seeing each other through batch statistics; CPC v2 needs it, because with
+    # BatchNorm the patches of one image can pass information to the patch codes they are asked to
+    # predict (Hénaff et al. 2020, "layer normalization")
+    norm: str = choice("batch", "batch", "layer")
     # ViT
     patch_size: int = 4
     depth: int = 6
@@ -36,10 +41,13 @@ class BackboneConfig:
 class ResNetBackbone(nn.Module):
     """torchvision ResNet without its classifier; the CIFAR stem keeps 32x32 inputs from collapsing."""
 
-    def __init__(self, depth: int, in_channels: int, cifar_stem: bool, zero_init_residual: bool):
+    def __init__(
+        self, depth: int, in_channels: int, cifar_stem: bool, zero_init_residual: bool, norm: str = "batch"
+    ):
         super().__init__()
         factory = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}[depth]
-        net = factory(weights=None, zero_init_residual=zero_init_residual)
+        norm_layer = {"batch": nn.BatchNorm2d, "layer": lambda channels: nn.GroupNorm(1, channels)}[norm]
+        net = factory(weights=None, zero_init_residual=zero_init_residual, norm_layer=norm_layer)
         if cifar_stem:
             net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
             net.maxpool = nn.Identity()
@@ -72,7 +80,7 @@ class ConvBackbone(nn.Module):
 def build_backbone(cfg: BackboneConfig, in_channels: int, image_size: int) -> nn.Module:
     if cfg.name in ("resnet18", "resnet50"):
         stem = cfg.cifar_stem if cfg.cifar_stem is not None else image_size <= 64
-        return ResNetBackbone(int(cfg.name[6:]), in_channels, stem, cfg.zero_init_residual)
+        return ResNetBackbone(int(cfg.name[6:]), in_channels, stem, cfg.zero_init_residual, cfg.norm)
     if cfg.name == "vit":
         return VisionTransformer(
             image_size=image_size,
