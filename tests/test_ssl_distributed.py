@@ -34,12 +34,14 @@ def local_slice(x: torch.Tensor, r: int) -> torch.Tensor:
     return x[..., r * N : (r + 1) * N, :]
 
 
+# A "problem" is one rank's loss on its slice of views; first_index is the global id of its first sample.
 def nt_xent_problem(model, views, first_index=0):
     z = model(torch.cat([views[0], views[1]]))
     return nt_xent(z, (torch.arange(len(views[0])) + first_index).repeat(2), TAU)
 
 
 def info_nce_problem(model, views, first_index=0, gather=True):
+    # positives are positional (query i <-> key i), so the sample ids are not needed
     queries, keys = model(views[0]), torch.tanh(model(views[1]))
     return info_nce(queries, keys, TAU, gather=gather)
 
