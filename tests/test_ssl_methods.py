@@ -184,6 +184,21 @@ def test_ddp_two_cpu_processes(lgen):
     check_two_process_run(lgen.cwd / "runs" / "moco_v2_digits" / "ddp")
 
 
+def test_cpc_trains_with_two_ddp_processes_and_global_negatives(lgen):
+    """CPC's InfoNCE gathers the codes of both ranks with gradient inside a real DDP backward (a
+    collective inside autograd next to DDP's own all-reduce); the maths is checked in
+    test_ssl_distributed, this checks the integration: both ranks train to the end with finite
+    losses (collectives issued out of order would hang or fail)."""
+    quick = [a for a in TINY if not a.startswith("trainer.max_epochs=")]
+    args = ["experiment=cpc_digits", *quick, "trainer.max_epochs=1", "trainer.accelerator=cpu"]
+    lgen("train", *args, "trainer.devices=2", "trainer.strategy=ddp", "run_id=ddp")
+    run_dir = lgen.cwd / "runs" / "cpc_digits" / "ddp"
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert final["global_step"] == 2
+    losses = step_values(run_dir, "train/loss_step")
+    assert sorted(losses) == [0, 1] and all(math.isfinite(v) for v in losses.values())
+
+
 def test_multi_node_two_nodes_one_device_each(tmp_path):
     """num_nodes=2, devices=1: two processes started by hand with the env a cluster launcher sets."""
     port = _free_port()
