@@ -243,7 +243,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path
             plugins=plugins,
         )
     except (ValueError, MisconfigurationException) as error:
-        # e.g. strategy=fsdp on CPU, devices=3 with 2 GPUs: Lightning's reason, in our config's words
+        # e.g. strategy=fsdp on CPU, accelerator=gpu without a GPU: Lightning's reason, in our config's words
         chosen = {
             "accelerator": t.accelerator,
             "devices": kwargs["devices"],
