@@ -37,12 +37,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """``<dir>/last.ckpt`` = the newest state, written at the end of every training epoch (after that
-    epoch's validation, if any).
+    """``<dir>/last.ckpt`` = the newest state: written at the end of every training epoch (after that
+    epoch's validation, if any), and at the training step where the run is told to stop mid-epoch.
 
     Not Lightning's ``save_last``: since 2.5 it refreshes last.ckpt only together with a new top-k
     checkpoint, i.e. when the monitored metric improves and only on validation epochs, so a resume
     could go back in time, and a run validating every 5 epochs had no checkpoint after epoch 1.
+
+    A stop requested mid-epoch (``trainer.should_stop`` set at a step boundary: ``callbacks.stop_after``,
+    a signal) is saved right there, with the loop and data-loader state of that step, so a resume
+    continues the same epoch at the next batch. Lightning then ends the epoch early and calls the
+    epoch-end hooks; a checkpoint written there would claim the epoch complete and a resume would skip
+    its remaining batches, so none is written.
     """
 
     def __init__(self, dirpath: str | Path):
@@ -58,6 +64,25 @@ class LastCheckpoint(ModelCheckpoint):
     @property
     def state_key(self) -> str:  # distinct from an unmonitored top-k ModelCheckpoint's key
         return "LastCheckpoint"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not trainer.should_stop or epoch_complete(trainer) or self._should_skip_saving_checkpoint(trainer):
+            return
+        if getattr(trainer, "lgen_stop_checkpoint_step", None) == trainer.global_step:
+            return  # the stop already wrote its own checkpoint at this step (SLURM requeue: hpc_ckpt)
+        self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if epoch_complete(trainer) or 0 < trainer.max_steps <= trainer.global_step:
+            super().on_train_epoch_end(trainer, pl_module)
+
+
+def epoch_complete(trainer) -> bool:
+    """Whether every batch of the current training epoch has been trained on."""
+    if trainer.num_training_batches == float("inf"):  # a loader without a length: only a stop cuts it short
+        return not trainer.should_stop
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches
 
 
 def load_checkpoint(path, map_location="cpu") -> dict[str, Any]:

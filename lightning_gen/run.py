@@ -35,6 +35,7 @@ from lightning_gen import registry
 from lightning_gen.checkpoint import AtomicCheckpointIO, LastCheckpoint, resume_path
 from lightning_gen.config import ConfigError, section_object, to_dict, to_yaml
 from lightning_gen.methods.base import Method
+from lightning_gen.randomness import RandomStreams
 
 RUN_ID_ENV = "LGEN_RUN_ID"
 
@@ -78,7 +79,9 @@ def run_directory(cfg: DictConfig, run_id: str) -> Path:
 
 
 def build_datamodule(cfg: DictConfig):
-    return registry.build("data", section_object(cfg.data))
+    datamodule = registry.build("data", section_object(cfg.data))
+    datamodule.seed = cfg.seed  # the training order of epoch e is a function of (seed, e)
+    return datamodule
 
 
 def build_method(cfg: DictConfig, datamodule) -> Method:
@@ -104,14 +107,21 @@ def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: b
     from lightning_gen.callbacks.guards import NonFiniteLossGuard
 
     ckpt_dir = run_dir / "checkpoints"
-    monitor, mode = method.monitor
+    configured = [
+        registry.build("callback", section_object(section), name=name, run_dir=run_dir)
+        for name, section in (cfg.callbacks or {}).items()
+        if section.enabled
+    ]
+    monitor, mode, every = best_checkpoint_rule(method, configured)
     callbacks: list[L.Callback] = [
+        RandomStreams(cfg.seed),
         ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="epoch{epoch:03d}-step{step:06d}",
             monitor=monitor if validates else None,
             mode=mode,
-            save_top_k=cfg.trainer.keep_best if validates else 1,
+            every_n_epochs=every,
+            save_top_k=cfg.trainer.keep_best if validates and monitor else 1,
             auto_insert_metric_name=False,
         ),
         LastCheckpoint(ckpt_dir),
@@ -134,10 +144,22 @@ def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: b
                 auto_insert_metric_name=False,
             )
         )
-    for name, section in (cfg.callbacks or {}).items():
-        if section.enabled:
-            callbacks.append(registry.build("callback", section_object(section), name=name, run_dir=run_dir))
-    return callbacks
+    return callbacks + configured
+
+
+def best_checkpoint_rule(method: Method, callbacks: list[L.Callback]) -> tuple[str | None, str, int]:
+    """(metric, mode, every n epochs) the best checkpoint is chosen by.
+
+    A generator evaluated by FID is judged by FID (checked on the epochs FID runs); otherwise the
+    method's own ``monitor``, which is None where no logged number measures quality (a GAN's losses
+    do not), and then the newest checkpoint is kept."""
+    from lightning_gen.callbacks.fid import FID
+
+    fid = next((c for c in callbacks if isinstance(c, FID)), None)
+    if method.is_generative and fid is not None:
+        return fid.metric_name(method.data_info.name), "min", fid.cfg.every_n_epochs
+    monitor, mode = method.monitor if method.monitor else (None, "min")
+    return monitor, mode, 1
 
 
 def wandb_mode(requested: str) -> str:

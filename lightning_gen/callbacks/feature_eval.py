@@ -19,6 +19,7 @@ import lightning as L
 
 from lightning_gen.callbacks import CallbackConfig
 from lightning_gen.eval.features import Features, require_embed, split_features
+from lightning_gen.randomness import isolated
 
 
 @dataclass
@@ -64,7 +65,8 @@ class FeatureEvalCallback(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self.should_run(trainer):
             return
-        results = self.evaluate(trainer, module)
+        with isolated():  # evaluation draws nothing from (and resets nothing of) the training streams
+            results = self.evaluate(trainer, module)
         self.last_results = results
         for name, value in results.items():
             module.log(

@@ -38,6 +38,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from lightning_gen.callbacks import CallbackConfig
 from lightning_gen.config import ConfigError, choice
+from lightning_gen.randomness import isolated
 from lightning_gen.registry import register_callback
 
 DOMAIN_DATASETS = ("digits", "mnist", "fashion_mnist")
@@ -163,6 +164,15 @@ class FID(L.Callback):
         self.last: dict[str, float] = {}
         self.real_source = ""  # "computed" or "cache": how the real features of this process were obtained
 
+    def extractor_kind(self, data_name: str) -> str:
+        if self.cfg.extractor == "auto":
+            return "domain" if data_name in DOMAIN_DATASETS else "inception"
+        return self.cfg.extractor
+
+    def metric_name(self, data_name: str) -> str:
+        """The FID metric this callback logs for a dataset: ``val/fid_<data>`` or ``val/fid_inception``."""
+        return f"val/fid_{data_name if self.extractor_kind(data_name) == 'domain' else 'inception'}"
+
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         if not getattr(module, "is_generative", False):
@@ -171,10 +181,7 @@ class FID(L.Callback):
                 "Disable it with callbacks.fid.enabled=false"
             )
         data = module.data_info
-        kind = self.cfg.extractor
-        if kind == "auto":
-            kind = "domain" if data.name in DOMAIN_DATASETS else "inception"
-        if kind == "domain":
+        if self.extractor_kind(data.name) == "domain":
             from lightning_gen.eval.fid_extractor import default_path, load_extractor
 
             path = Path(self.cfg.domain_extractor_path or default_path(data.name, data.image_size))
@@ -243,7 +250,10 @@ class FID(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.cfg.every_n_epochs:
             return
-        self.evaluate(trainer, module)
+        with (
+            isolated()
+        ):  # sampling uses its own seeded generators; nothing else may touch the training streams
+            self.evaluate(trainer, module)
 
     def generate_features(self, trainer: L.Trainer, module: L.LightningModule) -> torch.Tensor:
         rank, world = trainer.global_rank, trainer.world_size

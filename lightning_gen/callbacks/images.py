@@ -10,6 +10,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from lightning_gen.callbacks import CallbackConfig
+from lightning_gen.randomness import isolated
 from lightning_gen.registry import register_callback
 
 
@@ -49,7 +50,8 @@ class ImageGrid(L.Callback):
         }
         was_training = module.training
         module.eval()
-        with torch.no_grad(), torch.autocast(module.device.type, enabled=False):
+        # isolated: the views / samples shown draw nothing from the training streams
+        with torch.no_grad(), torch.autocast(module.device.type, enabled=False), isolated():
             named = module.images_for_logging(batch)
         module.train(was_training)
         if not named:

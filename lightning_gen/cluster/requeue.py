@@ -49,6 +49,9 @@ class RequeueAtStepBoundary(L.Callback):
                 f"[lgen] {self.requeue_signal.name}: checkpoint at step {trainer.global_step} and requeue"
             )
             self._lightning_handler(self.requeue_signal, None)
+            trainer.lgen_stop_checkpoint_step = (
+                trainer.global_step
+            )  # hpc_ckpt holds this step: no last.ckpt too
             trainer.should_stop = True  # nothing more to do in this allocation; the requeued job continues
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_gen.data.sampler import EpochSampler, ResumableLoader
 from lightning_gen.methods.base import DataInfo
 
 
@@ -82,9 +83,10 @@ class ImageDataModule(L.LightningDataModule):
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     has_val_split = False  # True where the dataset ships a validation split (image folders)
 
-    def __init__(self, cfg: DataConfig):
+    def __init__(self, cfg: DataConfig, seed: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.seed = seed  # the run's seed: the training order of epoch e is a function of (seed, e)
         self.root = Path(cfg.root).expanduser()
         self.datasets: dict[str, Dataset] = {}
 
@@ -160,17 +162,35 @@ class ImageDataModule(L.LightningDataModule):
             self.setup()
         if split not in self.datasets:
             raise KeyError(f"{self.registry_name} has no split {split!r}; splits: {', '.join(self.datasets)}")
-        # More workers than cores only adds contention (and Lightning/torch warnings).
-        workers = min(self.cfg.num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+        workers = self._workers()
         return DataLoader(
             self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
             num_workers=workers, pin_memory=self.cfg.pin_memory, persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        train = self.datasets.get("train") if self.datasets else None
-        drop_last = train is None or len(train) >= self.cfg.batch_size
-        return self._loader("train", self.cfg.batch_size, shuffle=True, drop_last=drop_last)
+        """Seeded per-epoch order, sharded over the DDP ranks, resumable mid-epoch (``data.sampler``)."""
+        if "train" not in self.datasets:
+            self.setup()
+        train = self.datasets["train"]
+        trainer = self.trainer  # None outside a Trainer (notebooks, evaluation)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochSampler(train, num_replicas=world, rank=rank, seed=self.seed)
+        workers = self._workers()
+        return ResumableLoader(
+            train,
+            sampler,
+            batch_size=self.cfg.batch_size,
+            drop_last=len(sampler) >= self.cfg.batch_size,
+            num_workers=workers,
+            pin_memory=self.cfg.pin_memory,
+            persistent_workers=workers > 0,
+        )
+
+    def _workers(self) -> int:
+        # More workers than cores only adds contention (and Lightning/torch warnings).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        return min(self.cfg.num_workers, cores)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.cfg.eval_batch_size, shuffle=False, drop_last=False)

@@ -81,8 +81,16 @@ def _images(loader) -> tuple[torch.Tensor, torch.Tensor]:
 def train_extractor(
     datamodule, epochs: int = 15, lr: float = 2e-3, width: int = 32, seed: int = 0, log=print
 ) -> tuple[DomainFeatureNet, float]:
-    """Train on the train split (random 1-pixel-per-8 shifts as augmentation); accuracy on the test split."""
-    torch.manual_seed(seed)
+    """Train on the train split (random 1-pixel-per-8 shifts as augmentation); accuracy on the test split.
+
+    Seeded inside a forked RNG: building it in the middle of a training run leaves the run's streams alone."""
+    from lightning_gen.randomness import isolated
+
+    with isolated(seed):
+        return _train_extractor(datamodule, epochs, lr, width, log)
+
+
+def _train_extractor(datamodule, epochs: int, lr: float, width: int, log) -> tuple[DomainFeatureNet, float]:
     datamodule.setup("fit")
     info = datamodule.info
     x_train, y_train = _images(datamodule.eval_dataloader("train"))

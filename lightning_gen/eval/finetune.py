@@ -22,6 +22,7 @@ from torch import nn
 from lightning_gen.eval import EvalError
 from lightning_gen.eval.features import require_embed
 from lightning_gen.eval.probe import topk_accuracy
+from lightning_gen.randomness import isolated
 
 
 @dataclass
@@ -103,8 +104,8 @@ def finetune(
     with torch.no_grad():
         method.eval()
         dim = method.embed_images(train_images[:2].to(device)).flatten(1).shape[1]
-    torch.manual_seed(cfg.seed)
-    model = Classifier(method, num_classes, dim).to(device)
+    with isolated(cfg.seed):  # the head's initialisation, without touching the caller's streams
+        model = Classifier(method, num_classes, dim).to(device)
     n = len(train_images)
     batch = min(cfg.batch_size, n)
     steps_per_epoch = math.ceil(n / batch)

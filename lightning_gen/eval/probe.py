@@ -23,6 +23,7 @@ from torch import nn
 
 from lightning_gen.config import choice
 from lightning_gen.eval import EvalError
+from lightning_gen.randomness import isolated
 
 
 @dataclass
@@ -80,8 +81,8 @@ def train_linear_probe(
     cfg = cfg or ProbeConfig()
     check_labels(labels, num_classes, "the linear probe")
     features = features.float()
-    torch.manual_seed(cfg.seed)  # the layer's initialisation
-    probe = LinearProbe(features.shape[1], num_classes, cfg.normalize).to(features.device)
+    with isolated(cfg.seed):  # the layer's initialisation, without touching the caller's streams
+        probe = LinearProbe(features.shape[1], num_classes, cfg.normalize).to(features.device)
     probe.fit_normalization(features)
     x = probe.prepare(features)
     if cfg.optimizer == "lbfgs":

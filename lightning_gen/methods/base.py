@@ -60,7 +60,8 @@ class Method(L.LightningModule):
     """Base LightningModule of all methods (not registered itself)."""
 
     config_class: type[MethodConfig] = MethodConfig  # each method names its own config dataclass
-    monitor: tuple[str, str] = ("val/loss", "min")  # metric and mode the best checkpoint is chosen by
+    # metric and mode the best checkpoint is chosen by (None: no logged number measures quality)
+    monitor: tuple[str, str] | None = ("val/loss", "min")
     is_generative: bool = False
 
     def __init__(self, cfg: MethodConfig, data: DataInfo | None = None):
@@ -259,9 +260,8 @@ def load_method(checkpoint_path: str, map_location: str = "cpu") -> Method:
     model = entry.cls(
         _dataclass_from_dict(entry.config, hparams["cfg"]), _dataclass_from_dict(DataInfo, hparams["data"])
     )
+    model.on_load_checkpoint(checkpoint)  # as Lightning does: before the state dict, which it may adapt
     model.load_state_dict(checkpoint["state_dict"])
-    if hasattr(model, "on_load_checkpoint"):
-        model.on_load_checkpoint(checkpoint)
     return model.eval()
 
 

@@ -42,6 +42,9 @@ class GAN(GenerativeMethod):
     """DCGAN: minimax or non-saturating loss, k D steps per G step, optional conditional G and D."""
 
     config_class = GANConfig
+    # D's and G's losses do not measure sample quality: the best checkpoint is chosen by FID when the
+    # FID callback runs (run.best_checkpoint_rule), otherwise the newest is kept
+    monitor = None
     # the D step leaves G without gradients and vice versa: DDP must look for unused parameters
     ddp_find_unused_parameters = True
 
@@ -103,6 +106,7 @@ class GAN(GenerativeMethod):
             g_opt.zero_grad(set_to_none=True)
             self.manual_backward(g_loss)
             g_opt.step()
+            self.update_ema()  # manual optimisation: Lightning's optimizer_step hook does not run
             self.untoggle_optimizer(g_opt)
             self.log("train/g_loss", g_loss, on_step=True, on_epoch=True, prog_bar=True)
             self.log("train/d_fake_prob", torch.sigmoid(fake_logits).mean(), on_step=False, on_epoch=True)

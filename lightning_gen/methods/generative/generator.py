@@ -1,9 +1,10 @@
 """What every generator shares: EMA weights for sampling, sample-option checking, label dropout.
 
 A generator subclasses ``GenerativeMethod``, builds its network and calls ``setup_ema(name)``:
-an exponential moving average copy ``self.ema`` of that child module is kept (updated after each
-training batch, excluded from the optimizer, saved in checkpoints with the rest of the state) and
-``sampling_net()`` hands it to ``sample`` and to evaluation (FID), as in Ho et al. 2020.
+an exponential moving average copy ``self.ema`` of that child module is kept (updated after every
+optimizer step of that module, so gradient accumulation does not multiply the updates; excluded
+from the optimizer, saved in checkpoints with the rest of the state, with the count of updates
+made) and ``sampling_net()`` hands it to ``sample`` and to evaluation (FID), as in Ho et al. 2020.
 """
 
 from __future__ import annotations
@@ -36,19 +37,39 @@ class GenerativeMethod(Method):
         self._ema_source = source
         if self.cfg.ema_decay > 0:
             self.ema = copy.deepcopy(getattr(self, source)).requires_grad_(False)
+            # updates made so far: the decay schedule's clock, in every checkpoint
+            self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
 
     def frozen_module_names(self) -> set[str]:
         return {"ema"}
 
+    def buffers_identical_on_all_ranks(self) -> list[str]:
+        return ["ema_updates"] if self.cfg.ema_decay > 0 else []
+
     def ema_decay_at(self, step: int) -> float:
-        """Stateless in the step, so a resumed run continues with the same decay."""
+        """Stateless in the number of updates made, so a resumed run continues with the same decay."""
         if self.cfg.ema_warmup:
             return min(self.cfg.ema_decay, (1 + step) / (10 + step))
         return self.cfg.ema_decay
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def update_ema(self) -> None:
+        """One EMA step towards the trained network; call after each of its optimizer steps."""
         if self.cfg.ema_decay > 0:
-            ema_update(self.ema, getattr(self, self._ema_source), self.ema_decay_at(self.global_step))
+            decay = self.ema_decay_at(int(self.ema_updates))
+            ema_update(self.ema, getattr(self, self._ema_source), decay)
+            self.ema_updates += 1
+
+    def optimizer_step(self, *args, **kwargs):
+        # Lightning calls this once per real optimizer step (not per accumulated micro-batch);
+        # methods with manual optimisation (the GAN) call update_ema after their own step.
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints written before the update count existed: one update was made per training step.
+        state = checkpoint.get("state_dict", {})
+        if self.cfg.ema_decay > 0 and "ema_updates" not in state:
+            state["ema_updates"] = torch.tensor(int(checkpoint.get("global_step", 0)))
 
     def sampling_net(self) -> nn.Module:
         """The EMA copy when there is one, else the trained network."""
