@@ -200,3 +200,28 @@ def test_sample_refuses_a_checkpoint_that_is_not_a_generator(tmp_path):
     torch.save({"hyper_parameters": dict(ae.hparams), "state_dict": ae.state_dict()}, ckpt)
     proc = run_lgen("sample", f"ckpt={ckpt}", cwd=tmp_path, env=ENV, check=False)
     assert proc.returncode == 2 and "not a generator" in proc.stderr
+
+
+def test_best_generator_checkpoint_is_chosen_by_fid_never_by_gan_losses(tmp_path):
+    """With the FID callback on, a generator's best checkpoint is the lowest FID (checked on the epochs
+    FID runs); a GAN without FID keeps the newest, since neither of its losses measures quality."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_gen.checkpoint import LastCheckpoint
+    from lightning_gen.config import compose
+    from lightning_gen.run import build_callbacks, build_datamodule, build_method
+
+    def best_rule(*overrides):
+        cfg = compose(list(overrides))
+        method = build_method(cfg, build_datamodule(cfg))
+        (best,) = [
+            c
+            for c in build_callbacks(cfg, method, tmp_path, validates=True)
+            if isinstance(c, ModelCheckpoint) and not isinstance(c, LastCheckpoint)
+        ]
+        return best.monitor, best.mode, best._every_n_epochs
+
+    assert best_rule("experiment=gan_digits") == ("val/fid_digits", "min", 30)
+    assert best_rule("experiment=ddpm_digits") == ("val/fid_digits", "min", 10)
+    assert best_rule("experiment=gan_digits", "callbacks.fid.enabled=false")[0] is None
+    assert best_rule("experiment=vae_digits", "callbacks.fid.enabled=false")[0] == "train/loss"  # its own

@@ -93,8 +93,41 @@ def worker(r: int, init_file: str, out_dir: str) -> None:
     x = local_slice(views[0], r)
     shuffled, perm = batch_shuffle(x)
     results.update(shuffled=shuffled, perm=perm, roundtrip=batch_unshuffle(shuffled, perm), own=x)
+    # Global BatchNorm: this rank's slice of the images, statistics of both ranks' slices.
+    results["global_bn"] = global_bn_output_and_grads(local_slice_images(r))
     torch.save(results, f"{out_dir}/rank{r}.pt")
     dist.destroy_process_group()
+
+
+def global_bn_problem():
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(WORLD * N, 3, 5, 5, generator=g) * 2 + 1
+    weight = torch.randn(WORLD * N, 3, 5, 5, generator=g)  # a fixed linear read-out of the output
+    return images, weight
+
+
+def local_slice_images(r: int) -> torch.Tensor:
+    return global_bn_problem()[0][r * N : (r + 1) * N]
+
+
+def global_bn_output_and_grads(x: torch.Tensor, bn_class=None):
+    """Output, input gradient, affine gradients (averaged over ranks, as DDP does) and running stats."""
+    from lightning_gen.nets.norm import GlobalBatchNorm
+
+    bn = (bn_class or GlobalBatchNorm)(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.5, -0.5, 2.0]))
+        bn.bias.copy_(torch.tensor([0.1, 0.2, -0.3]))
+    x = x.clone().requires_grad_(True)
+    y = bn(x)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    weight = global_bn_problem()[1][rank * len(x) : (rank + 1) * len(x)]
+    (y * weight).sum().backward()
+    grads = [bn.weight.grad.clone(), bn.bias.grad.clone()]
+    if dist.is_initialized():
+        for grad in grads:
+            dist.all_reduce(grad)
+    return y.detach(), x.grad, grads, bn.running_mean.clone(), bn.running_var.clone()
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
@@ -132,6 +165,20 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     center.update_center(list(teacher))
     for result in ranks:
         assert torch.allclose(result["center"], center.center, atol=1e-6)
+
+    # Global BatchNorm on 2 processes = BatchNorm on the concatenated batch: outputs, input gradients
+    # and the affine gradients summed over ranks (DDP averages them, matching its mean of rank losses).
+    images, _ = global_bn_problem()
+    y, dx, grads, mean, var = global_bn_output_and_grads(images, torch.nn.BatchNorm2d)
+    torch.testing.assert_close(torch.cat([r["global_bn"][0] for r in ranks]), y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([r["global_bn"][1] for r in ranks]), dx, atol=1e-5, rtol=1e-5)
+    for result in ranks:
+        for got, want in zip(result["global_bn"][2], grads):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(result["global_bn"][3], mean)
+        torch.testing.assert_close(result["global_bn"][4], var)
+    per_device = global_bn_output_and_grads(images[:N], torch.nn.BatchNorm2d)[0]
+    assert not torch.allclose(per_device, y[:N], atol=1e-3)  # statistics of one rank's slice differ
 
     everything = torch.cat([r["shuffled"] for r in ranks])
     assert torch.equal(ranks[0]["perm"], ranks[1]["perm"])

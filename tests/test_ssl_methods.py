@@ -348,3 +348,117 @@ def test_cpc_patches_are_grid_crops_and_jitter_moves_each_patch_within_range():
 
     with pytest.raises(ValueError, match="patch_jitter"):
         CPC(CPCConfig(name="cpc", grid=3, pred_steps=2, patch_jitter=-1), DataInfo(name="t", image_size=16))
+
+
+def test_split_shuffle_never_normalises_a_key_with_its_querys_sub_batch():
+    """One-device shuffle-BN: query sub-batch of sample i is {j : j % G == i % G}; its key is normalised
+    in the key sub-batch holding it after ``split_shuffle``, which must be a different set of samples
+    (and mix several query sub-batches), for every sample, batch size and split count."""
+    from lightning_gen.methods.ssl.moco import split_shuffle, usable_splits
+
+    torch.manual_seed(0)
+    for n, splits in [(16, 8), (32, 8), (256, 8), (24, 4), (12, 3), (64, 2)]:
+        g = usable_splits(n, splits)
+        position = split_shuffle(n, g)
+        assert sorted(position.tolist()) == list(range(n))  # a permutation of the batch
+        query_groups = [set(range(q, n, g)) for q in range(g)]
+        key_group_of = position % g
+        for i in range(n):
+            key_group = set(torch.nonzero(key_group_of == key_group_of[i]).squeeze(1).tolist())
+            assert len(key_group) == n // g and key_group != query_groups[i % g], (n, g, i)
+            assert len({j % g for j in key_group}) == min(n // g, g)  # mixes that many query sub-batches
+    assert usable_splits(20, 8) == 5 and usable_splits(7, 8) == 1  # sub-batches of >= 2 samples only
+
+
+def test_moco_one_device_shuffle_bn_uses_sub_batch_statistics():
+    """MoCo v2 with a ResNet on one device: BatchNorm runs over sub-batches in both encoders, and a key
+    depends on exactly the samples of its own key sub-batch, which is not its query's sub-batch."""
+    from lightning_gen import registry
+    from lightning_gen.config import compose, section_object
+    from lightning_gen.methods.base import DataInfo
+    from lightning_gen.methods.ssl.moco import split_shuffle
+    from lightning_gen.nets.norm import SplitBatchNorm
+    from lightning_gen.randomness import isolated
+
+    cfg = compose(
+        [
+            "method=moco_v2",
+            "method.backbone.name=resnet18",
+            "method.backbone.zero_init_residual=false",
+            "method.bn_splits=4",
+            "method.queue_size=64",
+        ]
+    )
+    info = DataInfo(name="digits", channels=1, image_size=16, batch_size=16)
+    method = registry.build("method", section_object(cfg.method), data=info)
+    method.setup("fit")  # one process: BatchNorm becomes 4-way sub-batch BatchNorm, queue kept out of DDP
+    assert method.split_bn and method._ddp_params_and_buffers_to_ignore == ["queue.keys", "queue.ptr"]
+    for net in (method.backbone, method.backbone_k):
+        bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert bns and all(isinstance(m, SplitBatchNorm) for m in bns)
+    method.train()
+    x = torch.randn(16, 1, 16, 16)
+
+    def keys(images):
+        with isolated(5):  # the same shuffle every call
+            return method.keys(images)
+
+    with isolated(5):
+        position = split_shuffle(16, 4)
+    base = keys(x)
+    i = 0
+    key_group = set(torch.nonzero(position % 4 == position[i] % 4).squeeze(1).tolist())
+    assert key_group != set(range(0, 16, 4))  # sample 0's query sub-batch
+    for j in range(1, 16):
+        changed = x.clone()
+        changed[j] += 3.0
+        moved = not torch.allclose(keys(changed)[i], base[i], atol=1e-6)
+        assert moved == (j in key_group), j  # only key sub-batch mates reach key 0 through BatchNorm
+
+
+def test_moco_v3_heads_follow_the_official_code():
+    """ResNet: 2-layer projector, ViT: 3-layer; both end in an affine-free BN; the predictor does not."""
+    from lightning_gen.methods.base import DataInfo
+    from lightning_gen.methods.ssl.moco import MoCo, MoCoConfig
+    from lightning_gen.nets.backbones import BackboneConfig
+
+    info = DataInfo(name="digits", channels=1, image_size=16)
+    for backbone, layers in [
+        (BackboneConfig(name="conv"), 2),
+        (BackboneConfig(name="vit", depth=1, width=32, heads=2), 3),
+    ]:
+        method = MoCo(
+            MoCoConfig(version="v3", backbone=backbone, proj_hidden_dim=32, pred_hidden_dim=32), info
+        )
+        linears = [m for m in method.projector.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == layers, backbone.name
+        last = list(method.projector.net)[-1]
+        assert isinstance(last, torch.nn.BatchNorm1d) and not last.affine
+        assert isinstance(list(method.predictor.net)[-1], torch.nn.Linear)
+
+
+def test_dino_clips_each_parameter_gradient_to_its_own_norm():
+    from lightning_gen.methods.base import DataInfo
+    from lightning_gen.methods.ssl.dino import DINO, DINOConfig
+    from lightning_gen.nets.backbones import BackboneConfig
+
+    cfg = DINOConfig(
+        backbone=BackboneConfig(name="conv"),
+        out_dim=16,
+        hidden_dim=16,
+        bottleneck_dim=8,
+        freeze_last_layer_epochs=0,
+    )
+    method = DINO(cfg, DataInfo(name="digits", channels=1, image_size=16))
+    params = [p for m in (method.backbone, method.head) for p in m.parameters() if p.requires_grad]
+    for k, p in enumerate(params):
+        p.grad = torch.full_like(p, 1.0 if k % 2 else 1e-3)  # some above the clip norm, some far below
+    before = [p.grad.clone() for p in params]
+    method.on_before_optimizer_step(None)
+    for p, old in zip(params, before):
+        if old.norm() > 3.0:  # rescaled to norm 3, direction kept
+            assert p.grad.norm().item() == pytest.approx(3.0, rel=1e-4)
+            torch.testing.assert_close(p.grad / p.grad.norm(), old / old.norm())
+        else:  # untouched
+            assert torch.equal(p.grad, old)
+    assert any(old.norm() > 3.0 for old in before) and any(old.norm() < 3.0 for old in before)

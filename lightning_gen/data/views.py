@@ -13,7 +13,7 @@ Recipes (``VIEW_RECIPES``) hold the published settings:
 - ``moco_v1``  crop (0.2, 1) + flip, jitter (0.4, 0.4, 0.4, 0.4) always, gray p 0.2
 - ``moco_v2``  "aug+": crop (0.2, 1) + flip, jitter (0.4, 0.4, 0.4, 0.1) p 0.8, gray p 0.2, blur p 0.5
 - ``dino``     2 global crops (0.4, 1) blur p (1.0, 0.1), solarize p (0, 0.2) + local crops (0.05, 0.4)
-               of 96/224 of the image side with blur p 0.5
+               of 96/224 of the image side with blur p 0.5; jitter (0.4, 0.4, 0.2, 0.1) p 0.8
 
 ``Views(cfg, data_info)`` is an ``nn.Module`` usable by any method: ``views(images_uint8)``
 returns the list of standardised float views, global crops first.
@@ -82,8 +82,8 @@ VIEW_RECIPES: dict[str, tuple[CropConfig, CropConfig]] = {
     "moco_v1": (_crop(scale=(0.2, 1.0), jitter_p=1.0, jitter=(0.4, 0.4, 0.4, 0.4)), _crop(n=0)),
     "moco_v2": (_crop(scale=(0.2, 1.0), blur_p=[0.5]), _crop(n=0)),
     "dino": (
-        _crop(scale=(0.4, 1.0), blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2]),
-        _crop(n=6, scale=(0.05, 0.4), blur_p=[0.5]),
+        _crop(scale=(0.4, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2]),
+        _crop(n=6, scale=(0.05, 0.4), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=[0.5]),
     ),
     # Identity views (tests, evaluation): no crop, no colour change.
     "none": (

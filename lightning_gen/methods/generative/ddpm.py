@@ -70,10 +70,13 @@ class DDPM(GenerativeMethod):
         )
         self.setup_ema("net")
 
+    def draw_noise(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Algorithm 1's random draws for a batch: timestep indices t ~ U{0..T-1} and eps ~ N(0, I)."""
+        return torch.randint(0, self.schedule.T, (len(x0),), device=x0.device), torch.randn_like(x0)
+
     def step(self, batch, stage: str) -> torch.Tensor:
         x0 = self.to_float(batch["image"], "symmetric")
-        i = torch.randint(0, self.schedule.T, (len(x0),), device=x0.device)
-        eps = torch.randn_like(x0)
+        i, eps = self.draw_noise(x0)
         y = self.drop_labels(batch["label"], self.cfg.label_dropout) if self.conditional else None
         loss = F.mse_loss(self.net(self.schedule.q_sample(x0, i, eps), i, y).float(), eps.float())
         self.log_loss(stage, loss)

@@ -24,12 +24,16 @@ from lightning_gen import schedules
 from lightning_gen.data.views import Views, ViewsConfig
 from lightning_gen.methods.base import Method, MethodConfig, ema_update
 from lightning_gen.nets.backbones import BackboneConfig, build_backbone
+from lightning_gen.nets.norm import GlobalBatchNorm, convert_batchnorm
 
 
 @dataclass
 class SSLConfig(MethodConfig):
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
+    # BatchNorm statistics over the batch of all ranks under DDP (SimCLR's global BN, MoCo v3's SyncBN);
+    # no effect on one process
+    global_bn: bool = False
     momentum_start: float = 0.99  # τ of momentum networks at step 0 (unused by methods without one)
     momentum_end: float = 1.0  # τ at the last planned step (cosine in between); = start for a constant τ
 
@@ -59,9 +63,29 @@ class SSLMethod(Method):
         """(online, momentum copy) pairs moved by τ after every optimizer step."""
         return []
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.cfg.global_bn and self.world_size > 1:
+            for name, child in self.named_children():
+                if name != "online_probe":  # the probe sees detached features; it has no BatchNorm anyway
+                    convert_batchnorm(child, GlobalBatchNorm)
+
     # ------------------------------------------------------------------ shared steps
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
+
+    def encode_by_size(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Backbone features of each view; consecutive views of one size go through as one batch
+        (one forward per resolution, and BatchNorm statistics over all of them, as the papers do)."""
+        features: list[torch.Tensor] = []
+        start = 0
+        while start < len(views):
+            end = start + 1
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            features += list(self.backbone(torch.cat(views[start:end])).chunk(end - start))
+            start = end
+        return features
 
     def make_views(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return self.views(batch["image"], channels_last=self._use_channels_last())

@@ -1,15 +1,16 @@
-"""DINO: self-distillation with no labels (Caron et al. 2021; methods.md §3.7).
+"""DINO: self-distillation with no labels (Caron et al. 2021).
 
     s_v = g_s(x_v) for every view v (global and local crops),  t_v = g_t(x_v) for the global crops only
     L = mean over pairs (t_v, s_u), u != v, of H(t_v, s_u)
     H(t, s) = -softmax((t - C)/τ_t) · log softmax(s/τ_s)
     θ_t <- l θ_t + (1 - l) θ_s,   C <- m C + (1 - m) mean_all_ranks(t)
 
-Notation (methods.md erratum 26): ``momentum_start/end`` is the teacher momentum l (cosine 0.996 -> 1),
+Notation: ``momentum_start/end`` is the teacher momentum l (cosine 0.996 -> 1),
 ``center_momentum`` is m, ``teacher_temp`` is τ_t, warmed up linearly from ``teacher_temp_start``.
 τ_t and l are pure functions of ``global_step``, so a resumed run uses the same values as an
 uninterrupted one, and so is the weight decay, a cosine from ``weight_decay`` to ``weight_decay_end``
-(0.04 -> 0.4 in the paper). The head's last layer is frozen for ``freeze_last_layer_epochs`` (stability).
+(0.04 -> 0.4 in the paper). The head's last layer is frozen for ``freeze_last_layer_epochs`` (stability),
+and, as in the official code, each parameter's gradient is clipped to norm ``clip_grad`` on its own.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class DINOConfig(SSLConfig):
     momentum_start: float = 0.996
     momentum_end: float = 1.0
     freeze_last_layer_epochs: int = 1
+    clip_grad: float = 3.0  # per-parameter gradient-norm clip (official code); 0 disables
+    global_bn: bool = True  # ResNet backbones: BatchNorm over all ranks, as the official code's SyncBN
 
 
 @register_method("dino", DINOConfig)
@@ -66,6 +69,9 @@ class DINO(SSLMethod):
 
     def frozen_module_names(self) -> set[str]:
         return {"teacher_backbone", "teacher_head", "loss_fn"}
+
+    def buffers_identical_on_all_ranks(self) -> list[str]:
+        return ["loss_fn.center"]  # all-reduced at every update
 
     def momentum_pairs(self):
         return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
@@ -110,6 +116,12 @@ class DINO(SSLMethod):
         return loss, global_feats.chunk(n_global)[0]
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        # Gradients are unscaled here (mixed precision) and about to be applied.
+        if self.cfg.clip_grad > 0:
+            for module in (self.backbone, self.head):
+                for p in module.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_((self.cfg.clip_grad / (p.grad.norm() + 1e-6)).clamp(max=1.0))
         if self.current_epoch < self.cfg.freeze_last_layer_epochs:
             for p in self.head.last_layer.parameters():
                 p.grad = None

@@ -4,8 +4,10 @@
 
 - v1: linear head to C = 128, queue of K keys, τ = 0.07, m = 0.999, MoCo v1 augmentation.
 - v2: v1 with a 2-layer MLP head (2048 hidden), τ = 0.2, blur ("aug+") and a cosine LR.
-- v3: no queue; 3-layer projector and 2-layer predictor with BN, symmetric loss over in-batch
-  keys gathered from all ranks, τ = 1.0 (ResNet) / 0.2 (ViT), m cosine 0.99 -> 1.
+- v3: no queue; projector (2 layers for ResNets, 3 for ViTs, BN on its output) and a 2-layer
+  predictor (no BN on its output), as the official code builds them; symmetric loss over in-batch
+  keys gathered from all ranks, τ = 1.0 (ResNet) / 0.2 (ViT), m cosine 0.99 -> 1; BatchNorm over
+  the global batch under DDP (``global_bn``, the paper's SyncBN).
 
     q = normalize(g_q(f_q(x_q))),  k = normalize(g_k(f_k(x_k))) (no gradient)
     L = CE([q·k, q·queue] / τ, 0)                                  (v1, v2)
@@ -13,8 +15,16 @@
     θ_k <- m θ_k + (1 - m) θ_q   for the key encoder *and* the key head
 
 The queue is a buffer (in every checkpoint), filled with the keys of all ranks in rank order, so
-it is identical everywhere; its equality is checked across ranks at every epoch end. Key batches
-use shuffle-BN (``shuffle_bn``) or SyncBN (``trainer.sync_batchnorm=true``), never both.
+it is identical everywhere (DDP does not re-broadcast it; its equality is checked across ranks at
+every epoch end).
+
+Shuffle-BN (v1/v2, ``shuffle_bn``): a key must not be normalised with the same samples as its
+query, or BatchNorm statistics tell the query which key is its positive. Under DDP the key batch
+is shuffled across ranks (each rank's BN sees a random mix). On one device BatchNorm in both
+encoders runs over ``bn_splits`` sub-batches (as if on that many GPUs, the official single-GPU
+demo's SplitBatchNorm), and the keys are dealt to sub-batches so that every key sub-batch mixes
+samples of several query sub-batches: ``split_shuffle``. The alternative is SyncBN
+(``trainer.sync_batchnorm=true``), never both.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from lightning_gen.distributed import batch_shuffle, batch_unshuffle, gather_no_
 from lightning_gen.losses.contrastive import KeyQueue, info_nce, moco_loss
 from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
 from lightning_gen.nets.heads import MLPHead
+from lightning_gen.nets.norm import SplitBatchNorm, convert_batchnorm, set_batchnorm_splits
 from lightning_gen.registry import register_method
 
 
@@ -45,9 +56,11 @@ class MoCoConfig(SSLConfig):
     proj_hidden_dim: int = 2048
     proj_dim: int = 128
     pred_hidden_dim: int = 4096  # v3 predictor
+    proj_layers: int | None = None  # v3 projector depth; None: 2 for ResNets and conv nets, 3 for ViTs
     momentum_start: float = 0.999
     momentum_end: float = 0.999
     shuffle_bn: bool = True  # v1/v2 key encoder; mutually exclusive with trainer.sync_batchnorm
+    bn_splits: int = 8  # shuffle-BN on one device: BatchNorm over this many sub-batches (as on 8 GPUs)
     # v3 with a ViT: keep the random patch projection fixed (the paper's fix for training instability)
     freeze_patch_embed: bool = False
 
@@ -67,8 +80,9 @@ class MoCo(SSLMethod):
         elif cfg.version == "v2":
             self.projector = MLPHead(d, cfg.proj_hidden_dim, cfg.proj_dim, layers=2, bn=False)
         else:
-            self.projector = MLPHead(d, cfg.proj_hidden_dim, cfg.proj_dim, layers=3, last_bn=True)
-            self.predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, layers=2, last_bn=True)
+            layers = cfg.proj_layers or (3 if cfg.backbone.name == "vit" else 2)
+            self.projector = MLPHead(d, cfg.proj_hidden_dim, cfg.proj_dim, layers=layers, last_bn=True)
+            self.predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, layers=2)
         if cfg.freeze_patch_embed:
             if not hasattr(self.backbone, "patch_embed"):
                 raise ValueError(
@@ -84,6 +98,21 @@ class MoCo(SSLMethod):
     @property
     def uses_queue(self) -> bool:
         return self.cfg.version in ("v1", "v2")
+
+    @property
+    def split_bn(self) -> bool:
+        """Whether shuffle-BN is emulated on one device with sub-batch BatchNorm."""
+        return self.uses_queue and self.cfg.shuffle_bn and self.cfg.bn_splits > 1 and self.world_size == 1
+
+    def buffers_identical_on_all_ranks(self) -> list[str]:
+        return ["queue.keys", "queue.ptr"] if self.uses_queue else []
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.split_bn:  # same sub-batch BatchNorm in both encoders, as the official single-GPU demo
+            for net in (self.backbone, self.projector, self.backbone_k, self.projector_k):
+                convert_batchnorm(net, SplitBatchNorm)
+                set_batchnorm_splits(net, self.cfg.bn_splits)
 
     def frozen_module_names(self) -> set[str]:
         return {"backbone_k", "projector_k", "queue"}
@@ -104,14 +133,27 @@ class MoCo(SSLMethod):
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
-        shuffle = self.uses_queue and self.cfg.shuffle_bn
-        if shuffle:
+        if not (self.uses_queue and self.cfg.shuffle_bn):
+            return self.projector_k(self.backbone_k(x))
+        if is_distributed():
             x, perm = batch_shuffle(x)
-        k = self.projector_k(self.backbone_k(x))
-        return batch_unshuffle(k, perm) if shuffle else k
+            return batch_unshuffle(self.projector_k(self.backbone_k(x)), perm)
+        if not self.split_bn:
+            return self.projector_k(self.backbone_k(x))
+        position = split_shuffle(len(x), self.set_splits(len(x)), x.device)
+        return self.projector_k(self.backbone_k(x[torch.argsort(position)]))[position]
+
+    def set_splits(self, batch: int) -> int:
+        """Sub-batches of BatchNorm in both encoders for this batch size (one-device shuffle-BN)."""
+        splits = usable_splits(batch, self.cfg.bn_splits)
+        for net in (self.backbone, self.projector, self.backbone_k, self.projector_k):
+            set_batchnorm_splits(net, splits)
+        return splits
 
     def ssl_loss(self, views, batch):
         if self.uses_queue:
+            if self.split_bn:
+                self.set_splits(len(views[0]))
             features = self.backbone(views[0])
             q, k = self.projector(features), self.keys(views[1])
             loss, logits = moco_loss(q, k, self.queue.keys.clone(), self.cfg.temperature)
@@ -138,3 +180,27 @@ class MoCo(SSLMethod):
             seen = gather_no_grad(fingerprint)
             if not torch.equal(seen, seen[:1].expand_as(seen)):
                 raise RuntimeError(f"MoCo queue differs between ranks (sum, ptr per rank: {seen.tolist()})")
+
+
+def usable_splits(n: int, splits: int) -> int:
+    """The largest number of sub-batches <= ``splits`` that divides ``n`` into sub-batches of >= 2 samples."""
+    return max((g for g in range(1, splits + 1) if n % g == 0 and n // g >= 2), default=1)
+
+
+def split_shuffle(n: int, splits: int, device=None) -> torch.Tensor:
+    """Where each sample's key goes in the key batch: ``position[i]``, for sub-batch BatchNorm.
+
+    Sub-batch g of a batch is samples {i : i % splits == g} (``SplitBatchNorm``). Sample i sits in
+    query sub-batch g = i % splits at offset o = i // splits; its offset is shuffled within the
+    sub-batch (o -> o'), and its key is placed at position o' * splits + (g + o') % splits. Key
+    sub-batch h then holds, for every offset o', the sample of query sub-batch (h - o') mod splits:
+    it draws from min(n / splits, splits) different query sub-batches, so (with >= 2 samples per
+    sub-batch) no key is normalised with the same samples as its own query.
+    """
+    g = torch.arange(n, device=device) % splits
+    offsets = n // splits
+    shuffled = torch.empty(n, dtype=torch.long, device=device)
+    for group in range(splits):  # o -> o': a random permutation of the offsets within each query sub-batch
+        members = torch.nonzero(g == group).squeeze(1)
+        shuffled[members] = torch.randperm(offsets, device=device)
+    return shuffled * splits + (g + shuffled) % splits

@@ -1,4 +1,4 @@
-"""SimCLR (Chen et al. 2020; methods.md §3.2): NT-Xent between augmented views, through a projection head.
+"""SimCLR (Chen et al. 2020): NT-Xent between augmented views, through a projection head.
 
     h = f(x~),  z = g(h),  L = NT-Xent(z; τ) over all views of all ranks
 
@@ -8,6 +8,8 @@ away. Positives are found by sample index, so ``views.global_crops.n`` > 2 and l
 learning (Khosla et al. 2020) by using class labels as the index. The published recipe uses
 LARS (bias/norm excluded from weight decay and from the trust ratio) with lr = 0.3 x B/256 for the
 *global* batch B (devices x nodes x per-device batch x accumulation): see ``conf/method/simclr.yaml``.
+Views of the same size go through the encoder as one batch, and under DDP BatchNorm statistics are
+those of all ranks (``global_bn``): the paper's global BN over the 2B views of the global batch.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class SimCLRConfig(SSLConfig):
     supervised: bool = (
         False  # labels as the index: supervised contrastive (unlabeled samples use their own index)
     )
+    global_bn: bool = True
 
 
 @register_method("simclr", SimCLRConfig)
@@ -57,8 +60,8 @@ class SimCLR(SSLMethod):
         return torch.where(batch["label"] >= 0, batch["label"], -1 - batch["index"])
 
     def ssl_loss(self, views, batch):
-        features = [self.backbone(v) for v in views]
-        z = self.projector(torch.cat(features))
+        features = torch.cat(self.encode_by_size(views))
+        z = self.projector(features)
         ids = self.positive_ids(batch).repeat(len(views))
         loss = nt_xent(z, ids, self.cfg.temperature)
-        return loss, features[0]
+        return loss, features[: len(views[0])]
