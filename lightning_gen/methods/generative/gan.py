@@ -1,4 +1,4 @@
-"""DCGAN (Goodfellow et al. 2014; Radford et al. 2016; methods.md §1.4) with manual optimisation.
+"""DCGAN (Goodfellow et al. 2014; Radford et al. 2016) with manual optimisation.
 
     for each batch:   D step: maximise log D(x) + log(1 - D(G(z)))
     every k batches:  G step: minimise -log D(G(z))  (non-saturating)  or  log(1 - D(G(z)))  (minimax)
