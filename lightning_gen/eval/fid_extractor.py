@@ -7,7 +7,9 @@ ImageNet). The logged metric then says so: ``val/fid_digits``, never confused wi
     lgen fid-extractor data=digits data.image_size=16            -> fid_extractors/digits_16px.pt
     lgen fid-extractor data=mnist data.root=/datasets epochs=3 out=my_extractor.pt
 
-Options (key=value, besides config overrides): epochs, lr, width, out, seed.
+Options (key=value, besides config overrides): epochs, lr, width, out, seed. ``epochs`` defaults to
+15, fewer on large training sets so that training stops after about ``MAX_DEFAULT_STEPS`` batches
+(digits: 15 epochs of 9 batches; Fashion-MNIST or MNIST: 5 epochs of 429, a few minutes on a CPU).
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 EXTRACTOR_OPTIONS = {"epochs": int, "lr": float, "width": int, "out": str, "seed": int}
+MAX_DEFAULT_STEPS = 2500
+
+
+def default_epochs(num_train: int, batch: int = 128) -> int:
+    """15 epochs, or as many whole epochs as fit in about MAX_DEFAULT_STEPS batches (at least 1)."""
+    return max(1, min(15, round(MAX_DEFAULT_STEPS / max(1, num_train // batch))))
 
 
 def default_path(data_name: str, image_size: int) -> Path:
@@ -79,10 +87,10 @@ def _images(loader) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_extractor(
-    datamodule, epochs: int = 15, lr: float = 2e-3, width: int = 32, seed: int = 0, log=print
+    datamodule, epochs: int | None = None, lr: float = 2e-3, width: int = 32, seed: int = 0, log=print
 ) -> tuple[DomainFeatureNet, float]:
     """Train on the train split (random 1-pixel-per-8 shifts as augmentation); accuracy on the test split.
-
+    ``epochs`` None: ``default_epochs`` of the training set's size.
     Seeded inside a forked RNG: building it in the middle of a training run leaves the run's streams alone."""
     from lightning_gen.randomness import isolated
 
@@ -90,13 +98,16 @@ def train_extractor(
         return _train_extractor(datamodule, epochs, lr, width, log)
 
 
-def _train_extractor(datamodule, epochs: int, lr: float, width: int, log) -> tuple[DomainFeatureNet, float]:
+def _train_extractor(
+    datamodule, epochs: int | None, lr: float, width: int, log
+) -> tuple[DomainFeatureNet, float]:
     datamodule.setup("fit")
     info = datamodule.info
     x_train, y_train = _images(datamodule.eval_dataloader("train"))
     x_test, y_test = _images(datamodule.eval_dataloader("test"))
     keep = y_train >= 0
     x_train, y_train = x_train[keep].float() / 255, y_train[keep]
+    epochs = epochs or default_epochs(len(x_train))
     net = DomainFeatureNet(info.channels, info.image_size, info.num_classes, width)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * max(1, len(x_train) // 128)
@@ -147,7 +158,7 @@ def main(args) -> int:
     started = time.time()
     net, accuracy = train_extractor(
         datamodule,
-        options.get("epochs", 15),
+        options.get("epochs"),
         options.get("lr", 2e-3),
         options.get("width", 32),
         options.get("seed", 0),
