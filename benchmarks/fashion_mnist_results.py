@@ -67,8 +67,8 @@ def probe_top1(train: Features, val: Features, test: Features, fraction: float) 
     return sum(scores) / len(scores)
 
 
-def evaluate(train: Features, val: Features, test: Features) -> dict[str, float]:
-    row = {name: probe_top1(train, val, test, fraction) for name, fraction in FRACTIONS.items()}
+def evaluate(train: Features, val: Features, test: Features, fractions=tuple(FRACTIONS)) -> dict[str, float]:
+    row = {name: probe_top1(train, val, test, FRACTIONS[name]) for name in fractions}
     knn = knn_accuracy(train.features, train.labels, test.features, test.labels, 10, KNNConfig(k=[20]))
     row["knn20"] = knn["top1_k20"]
     return row
@@ -150,12 +150,14 @@ def main() -> int:
     parser.add_argument("checkpoints", nargs="*", help="SSL checkpoints (any method with embed)")
     parser.add_argument("--supervised", help="checkpoint of supervised_fashion_mnist")
     parser.add_argument("--no-random", action="store_true", help="skip the random-init twins")
+    parser.add_argument("--quick", action="store_true", help="all-label probe and kNN only (pilot runs)")
     parser.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel baseline")
     parser.add_argument("--plots", help="folder for the online-probe / loss curves")
     parser.add_argument("--out", help="write all numbers to this JSON file")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     results: dict[str, dict] = {}
+    fractions = ("all",) if args.quick else tuple(FRACTIONS)
 
     def report(name: str, row: dict) -> None:
         results[name] = row
@@ -167,7 +169,7 @@ def main() -> int:
         run_dir = run_dir_of_checkpoint(path)
         datamodule = build_data(EvalConfig(ckpt=path), trained, run_dir, [])
         experiment = run_dir.parent.name if run_dir else Path(path).stem
-        row = evaluate(*method_features(trained, datamodule))
+        row = evaluate(*method_features(trained, datamodule), fractions)
         if run_dir is not None:
             val_probe = read_metrics(run_dir).get("val/probe_acc", {})
             row["online_probe"] = val_probe[max(val_probe)] if val_probe else None
@@ -178,14 +180,17 @@ def main() -> int:
         row["seconds"] = time.time() - started
         report(experiment, row)
         if not args.no_random and path != args.supervised:
-            report(f"{experiment} (random init)", evaluate(*method_features(random_twin(path), datamodule)))
+            report(
+                f"{experiment} (random init)",
+                evaluate(*method_features(random_twin(path), datamodule), fractions),
+            )
 
     if not args.no_pixels:
         pixels = registry.build(
             "data", section_object(compose(["data=fashion_mnist", "data.image_size=null"]).data)
         )
         pixels.setup()
-        report("raw pixels (28x28)", evaluate(*raw_pixel_features(pixels)))
+        report("raw pixels (28x28)", evaluate(*raw_pixel_features(pixels), fractions))
 
     print(
         "\n| features | linear probe, all labels | 10 % labels | 1 % labels | kNN k=20 | online probe (val) |"
@@ -193,7 +198,7 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|---:|")
     for name, row in results.items():
         online = row.get("online_probe")
-        cells = [f"{row[k]:.4f}" for k in (*FRACTIONS, "knn20")] + [
+        cells = [f"{row[k]:.4f}" if k in row else "-" for k in (*FRACTIONS, "knn20")] + [
             "-" if online is None else f"{online:.4f}"
         ]
         print(f"| {name} | " + " | ".join(cells) + " |")

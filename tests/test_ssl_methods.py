@@ -247,10 +247,15 @@ def test_every_ssl_experiment_composes_and_builds():
     assert len(names) >= 24
     for name in names:
         cfg = compose([f"experiment={name}"])
-        if cfg.data.name not in ("cifar10", "digits"):  # 96/224 px ResNet-50 / ViT-S builds are too slow here
+        if cfg.data.name not in (
+            "cifar10",
+            "digits",
+            "fashion_mnist",
+        ):  # 96/224 px ResNet-50 / ViT-S: too slow
             continue
         size = cfg.data.image_size or 32
-        info = DataInfo(name=cfg.data.name, channels=1 if cfg.data.name == "digits" else 3, image_size=size)
+        channels = 1 if cfg.data.name in ("digits", "fashion_mnist") else 3
+        info = DataInfo(name=cfg.data.name, channels=channels, image_size=size)
         method = registry.build("method", section_object(cfg.method), data=info)
         assert method.embed(torch.zeros(2, info.channels, size, size)).shape[0] == 2, name
         if name.startswith("cpc") and cfg.method.backbone.name.startswith("resnet"):  # CPC v2's layer norm
@@ -270,6 +275,59 @@ def test_resnet_layer_norm_makes_every_sample_independent_of_the_batch():
         net.train()
         same = torch.allclose(net(x)[0], net(others)[0], atol=1e-5)
         assert same == independent, norm
+
+
+def test_narrow_resnet_is_torchvisions_layout_with_every_stage_scaled():
+    """backbone.resnet_width: the same modules as torchvision's ResNet (names, blocks, strides), every
+    channel count scaled by width / 64; 64 is torchvision's own network."""
+    import torchvision
+
+    from lightning_gen.nets.backbones import BackboneConfig, build_backbone
+
+    reference = torchvision.models.resnet18(weights=None).state_dict()
+    for width in (64, 16):
+        net = build_backbone(BackboneConfig(name="resnet18", resnet_width=width, cifar_stem=False), 3, 64)
+        state = net.net.state_dict()
+        assert state.keys() == reference.keys() - {"fc.weight", "fc.bias"}
+        for key, value in state.items():
+            expected = tuple(
+                d if d in (1, 3, 7) else d * width // 64 for d in reference[key].shape
+            )  # kernel sizes stay, channels scale
+            assert tuple(value.shape) == expected, (width, key)
+        assert net.out_dim == 8 * width and net(torch.randn(2, 3, 64, 64)).shape == (2, 8 * width)
+    wide50 = build_backbone(BackboneConfig(name="resnet50", resnet_width=16), 1, 32)
+    assert wide50.out_dim == 512 and wide50(torch.randn(2, 1, 32, 32)).shape == (2, 512)
+
+
+def test_supervised_baseline_is_cross_entropy_of_its_classifier_on_the_view():
+    """The supervised baseline's loss is the cross-entropy of classifier(backbone(view)); it trains the
+    backbone, and the online probe (on detached features) does not."""
+    import torch.nn.functional as F
+
+    from lightning_gen import registry
+    from lightning_gen.config import compose, section_object
+    from lightning_gen.methods.base import DataInfo
+
+    identity = ["method.views.recipe=none", "method.views.global_crops.scale=[1.0,1.0]"]
+    cfg = compose(["experiment=supervised_fashion_mnist", *identity])
+    info = DataInfo(name="fashion_mnist", channels=1, image_size=32, mean=(0.286,), std=(0.353,))
+    torch.manual_seed(0)
+    method = registry.build("method", section_object(cfg.method), data=info)
+    images = torch.randint(0, 256, (8, 1, 32, 32), dtype=torch.uint8)
+    batch = {"image": images, "label": torch.arange(8) % 10, "index": torch.arange(8)}
+    views = method.make_views(batch)
+    loss, features = method.ssl_loss(views, batch)
+    x = method.to_float(images, "standard")
+    assert torch.allclose(views[0], x, atol=1e-5)  # recipe none: the view is the image
+    assert torch.allclose(loss, F.cross_entropy(method.classify(x), batch["label"]), atol=1e-5)
+    (loss + method.probe_loss(features, batch["label"], "train")).backward()
+    assert method.backbone.encoder.head.weight.grad is not None
+    probe_only = method.probe_loss(method.embed(x), batch["label"], "train")
+    method.zero_grad()
+    probe_only.backward()
+    assert (
+        method.backbone.encoder.head.weight.grad is None or not method.backbone.encoder.head.weight.grad.any()
+    )
 
 
 def test_moco_v3_vit_keeps_the_random_patch_projection_frozen():

@@ -54,6 +54,8 @@ class Supervised(SSLMethod):
     def validation_step(self, batch, batch_idx):
         features = self.embed(self.to_float(batch["image"], "standard"))
         logits = self.classifier(features)
-        self.log("val/acc", (logits.argmax(1) == batch["label"]).float().mean(), prog_bar=True, sync_dist=True)
+        self.log(
+            "val/acc", (logits.argmax(1) == batch["label"]).float().mean(), prog_bar=True, sync_dist=True
+        )
         self.log("val/loss", F.cross_entropy(logits.float(), batch["label"]), sync_dist=True)
         self.probe_loss(features, batch["label"], "val")
