@@ -9,7 +9,7 @@ ImageNet). The logged metric then says so: ``val/fid_digits``, never confused wi
 
 Options (key=value, besides config overrides): epochs, lr, width, out, seed. ``epochs`` defaults to
 15, fewer on large training sets so that training stops after about ``MAX_DEFAULT_STEPS`` batches
-(digits: 15 epochs of 9 batches; Fashion-MNIST or MNIST: 5 epochs of 429, a few minutes on a CPU).
+(digits: 15 epochs of 9 batches; Fashion-MNIST: 6 epochs of 429).
 """
 
 from __future__ import annotations
