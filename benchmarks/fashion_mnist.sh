@@ -17,9 +17,10 @@ RUN="run_id=${RUN_ID:-final} logger.wandb.enabled=false trainer.enable_progress_
 SSL="simclr moco_v2 moco_v3 dino mae rotation supervised"
 GENERATORS="vae gan ddpm_cfg flow pixelcnn"
 mkdir -p runs/fashion_mnist_logs docs/images
-[ -f fid_extractors/fashion_mnist_16px.pt ] || $LGEN fid-extractor data=fashion_mnist data.image_size=16
+extractor() { [ -f fid_extractors/fashion_mnist_16px.pt ] || $LGEN fid-extractor data=fashion_mnist data.image_size=16; }
 if [ -z "${SKIP_TRAIN:-}" ]; then
   for e in ${EXPERIMENTS:-$SSL $GENERATORS}; do
+    [[ " $GENERATORS " != *" $e "* ]] || extractor
     TIMEFORMAT="${e}_fashion_mnist: %R s wall, %U s user, %S s system"
     { time $LGEN train experiment=${e}_fashion_mnist $RUN "$@" >runs/fashion_mnist_logs/$e.log 2>&1; } \
       2>>runs/fashion_mnist_times.txt
@@ -30,5 +31,6 @@ fi
 ckpt() { echo runs/${1}_fashion_mnist/${RUN_ID:-final}/checkpoints/last.ckpt; }
 python benchmarks/fashion_mnist_results.py $(for e in simclr moco_v2 moco_v3 dino mae rotation; do ckpt $e; done) \
   --supervised "$(ckpt supervised)" --plots docs/images --out runs/fashion_mnist_results.json
+extractor
 python benchmarks/fashion_mnist_generators.py $(for e in $GENERATORS; do ckpt $e; done) \
   --n 5000 --guidance 0 1 3 --grids docs/images --out runs/fashion_mnist_generators.json
