@@ -99,7 +99,7 @@ class RandomStreams(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Called after the process group exists and after Lightning's own (identical on every rank) reseed.
         if stage == "fit":
-            seed_all(self.seed)
+            seed_all(stream_seed(self.seed, trainer.global_rank))
             rank_zero_info(
                 f"[lgen] random streams: seed {self.seed}, one per rank for {trainer.world_size} process(es)"
             )
