@@ -35,6 +35,10 @@ PLUGINS = {
         "lightning_gen.cluster.submit",
         "render and submit a SLURM job for the same overrides as train",
     ),
+    "shards": (
+        "lightning_gen.data.shard_writer",
+        "write an image-folder tree into streaming shards (data=shards), or validate shards",
+    ),
     "fid-extractor": (
         "lightning_gen.eval.fid_extractor",
         "train the small domain feature extractor for FID on digits/MNIST",

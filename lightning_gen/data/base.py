@@ -172,7 +172,7 @@ class ImageDataModule(L.LightningDataModule):
         """Seeded per-epoch order, sharded over the DDP ranks, resumable mid-epoch (``data.sampler``)."""
         if "train" not in self.datasets:
             self.setup()
-        train = self.datasets["train"]
+        train = self.training_dataset()
         trainer = self.trainer  # None outside a Trainer (notebooks, evaluation)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EpochSampler(train, num_replicas=world, rank=rank, seed=self.seed)
@@ -185,7 +185,14 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=self.cfg.pin_memory,
             persistent_workers=workers > 0,
+            collate_fn=self.collate_fn,
         )
+
+    collate_fn = None  # the DataLoader's default_collate, unless a subclass's items need another
+
+    def training_dataset(self) -> Dataset:
+        """What the training loader reads: the train split, or a view of it that augments per item."""
+        return self.datasets["train"]
 
     def _workers(self) -> int:
         # More workers than cores only adds contention (and Lightning/torch warnings).
@@ -216,6 +223,10 @@ class _SubsetWithIndex(Dataset):
         item = dict(self.dataset[self.indices[i]])
         item["index"] = i
         return item
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
 
 def _subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
