@@ -46,7 +46,9 @@ class CropSpec:
 
 def crop_generator(seed: int, epoch: int, index: int, view: int) -> np.random.Generator:
     """The generator of one view of one sample in one epoch (SeedSequence hashes the whole tuple)."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, CROP_STREAM, epoch, index, view])))
+    return np.random.Generator(
+        np.random.PCG64(np.random.SeedSequence([seed, CROP_STREAM, epoch, index, view]))
+    )
 
 
 def random_resized_crop_box(
@@ -82,7 +84,9 @@ def center_box(height: int, width: int, size: int, resize_scale: float) -> Box:
     return Box((height - side) // 2, (width - side) // 2, side, side)
 
 
-def view_boxes(height: int, width: int, specs: Sequence[CropSpec], seed: int, epoch: int, index: int) -> list[Box]:
+def view_boxes(
+    height: int, width: int, specs: Sequence[CropSpec], seed: int, epoch: int, index: int
+) -> list[Box]:
     return [
         random_resized_crop_box(height, width, spec.scale, spec.ratio, crop_generator(seed, epoch, index, v))
         for v, spec in enumerate(specs)
@@ -115,10 +119,15 @@ class ItemMaker:
         self.specs, self.seed = tuple(specs), seed
 
     def __call__(self, data, label: int, index: int, epoch: int) -> dict:
-        item: dict = {"label": torch.tensor(label, dtype=torch.long), "index": torch.tensor(index, dtype=torch.long)}
+        item: dict = {
+            "label": torch.tensor(label, dtype=torch.long),
+            "index": torch.tensor(index, dtype=torch.long),
+        }
         if self.mode == "image":
             image = decode.decode(data, self.channels)
-            item["image"] = decode.resize_box(image, center_box(*image.shape[-2:], self.size, self.resize_scale), self.size)
+            item["image"] = decode.resize_box(
+                image, center_box(*image.shape[-2:], self.size, self.resize_scale), self.size
+            )
             return item
         encoded = decode.as_byte_tensor(data)
         if self.mode == "encoded" and decode.is_jpeg(encoded):
@@ -131,7 +140,9 @@ class ItemMaker:
         if self.mode == "encoded":
             item["encoded"], item["boxes"] = source, torch.tensor(boxes, dtype=torch.long)
         else:
-            item["views"] = [decode.resize_box(source, box, spec.size) for box, spec in zip(boxes, self.specs)]
+            item["views"] = [
+                decode.resize_box(source, box, spec.size) for box, spec in zip(boxes, self.specs)
+            ]
         return item
 
 
@@ -145,12 +156,18 @@ def collate(items: list[dict]) -> dict:
 
 
 def device_views(
-    encoded: list[torch.Tensor], boxes: torch.Tensor, specs: Sequence[CropSpec], device: torch.device, channels: int = 3
+    encoded: list[torch.Tensor],
+    boxes: torch.Tensor,
+    specs: Sequence[CropSpec],
+    device: torch.device,
+    channels: int = 3,
 ) -> list[torch.Tensor]:
     """Decode a batch on ``device`` and cut every view's crops there: one uint8 (N, C, S, S) per view."""
     images = decode.decode_on_device(encoded, torch.device(device), channels)
     boxes = boxes.tolist()
     return [
-        torch.stack([decode.resize_box(image, Box(*boxes[i][v]), spec.size) for i, image in enumerate(images)])
+        torch.stack(
+            [decode.resize_box(image, Box(*boxes[i][v]), spec.size) for i, image in enumerate(images)]
+        )
         for v, spec in enumerate(specs)
     ]

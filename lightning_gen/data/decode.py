@@ -89,7 +89,9 @@ def _decode_with_pil(encoded: torch.Tensor, channels: int) -> torch.Tensor:
     return tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor.unsqueeze(0)
 
 
-def decode_on_device(encoded: list[torch.Tensor], device: torch.device, channels: int = 3) -> list[torch.Tensor]:
+def decode_on_device(
+    encoded: list[torch.Tensor], device: torch.device, channels: int = 3
+) -> list[torch.Tensor]:
     """Decode a batch on ``device``: JPEGs in one batched nvjpeg call when it is a GPU.
 
     Entries that are already pixels (uint8 (C, H, W), decoded by a worker because they were not JPEG)
@@ -130,6 +132,8 @@ def resize_box(image: torch.Tensor, box: Box, size: int) -> torch.Tensor:
         crop = crop.contiguous(memory_format=torch.channels_last)
         out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     else:
-        out = F.interpolate(crop.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out = F.interpolate(
+            crop.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         out = out.round_().clamp_(0, 255).to(torch.uint8)
     return out[0].contiguous()

@@ -49,7 +49,9 @@ class DecodesPerItem:
         if not specs:
             return self.eval_maker()
         mode = "encoded" if self.decodes_on_device() else "views"
-        maker = ItemMaker(mode, self.image_size, self.cfg.channels, self.cfg.resize_scale, specs, seed=self.seed)
+        maker = ItemMaker(
+            mode, self.image_size, self.cfg.channels, self.cfg.resize_scale, specs, seed=self.seed
+        )
         self._device_maker = maker if mode == "encoded" else None
         return maker
 
@@ -60,5 +62,7 @@ class DecodesPerItem:
         batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
         if encoded is not None:
             maker = self._device_maker
-            batch["views"] = crops.device_views(encoded, batch.pop("boxes"), maker.specs, device, maker.channels)
+            batch["views"] = crops.device_views(
+                encoded, batch.pop("boxes"), maker.specs, device, maker.channels
+            )
         return batch

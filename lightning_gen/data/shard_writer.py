@@ -47,7 +47,9 @@ def _item(entry: tuple[str, int, int, str]) -> dict:
     try:
         image_size(data)
     except Exception as error:
-        raise ShardError(f"{path} is not an image file that can be read ({type(error).__name__}): fix or remove it") from error
+        raise ShardError(
+            f"{path} is not an image file that can be read ({type(error).__name__}): fix or remove it"
+        ) from error
     return {"image": data, "label": label, "index": index, "path": name}
 
 
@@ -83,7 +85,9 @@ def write_split(
     files, labels = list_image_folder(folder, classes)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise ShardError(f"{out} exists and is not empty: choose another output folder or pass --overwrite")
+            raise ShardError(
+                f"{out} exists and is not empty: choose another output folder or pass --overwrite"
+            )
         shutil.rmtree(out)
     order = np.random.default_rng(seed).permutation(len(files))
     entries = [(str(files[i]), labels[i], int(i), files[i].relative_to(folder).as_posix()) for i in order]
@@ -127,7 +131,9 @@ def write_split(
     return manifest
 
 
-def validate_split(location: Path, decode_samples: int = 32, checksums: bool = True, workers: int = 4) -> dict:
+def validate_split(
+    location: Path, decode_samples: int = 32, checksums: bool = True, workers: int = 4
+) -> dict:
     """Check one written split; raises ShardError naming the first problem, returns a summary."""
     from litdata import StreamingDataset
 
@@ -152,12 +158,13 @@ def validate_split(location: Path, decode_samples: int = 32, checksums: bool = T
     counts = np.zeros(len(manifest["classes"]), dtype=np.int64)
     position = 0
     try:
-        for position, item in enumerate(dataset):
+        for item in dataset:
             label, i = int(item["label"]), int(item["index"])
             if not 0 <= label < len(counts) or not 0 <= i < n:
                 raise ValueError(f"label {label} / index {i} out of range")
             counts[label] += 1
             seen[i] += 1
+            position += 1
     except ShardError:
         raise
     except Exception as error:
@@ -194,7 +201,9 @@ def write_shards(
 ) -> list[dict]:
     train = source / splits[0]
     if not train.is_dir():
-        raise ShardError(f"{train} is not a folder: expected {source}/<split>/<class>/<image> for splits {splits}")
+        raise ShardError(
+            f"{train} is not a folder: expected {source}/<split>/<class>/<image> for splits {splits}"
+        )
     classes = sorted(p.name for p in train.iterdir() if p.is_dir())  # the first split names the classes
     for split in splits:
         if not (source / split).is_dir():
@@ -218,8 +227,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     write.add_argument("source", type=Path, help="the image-folder root, holding train/ and val/")
-    write.add_argument("out", type=Path, help="a local folder for the shards (upload it to an object store after)")
-    write.add_argument("--splits", nargs="+", default=["train", "val"], help="split folders (default: train val)")
+    write.add_argument(
+        "out", type=Path, help="a local folder for the shards (upload it to an object store after)"
+    )
+    write.add_argument(
+        "--splits", nargs="+", default=["train", "val"], help="split folders (default: train val)"
+    )
     write.add_argument("--workers", type=int, default=4, help="writer processes (default: 4)")
     write.add_argument("--chunk-bytes", default="128MB", help="shard size (default: 128MB)")
     write.add_argument("--seed", type=int, default=0, help="seed of the random order of files in the shards")
@@ -257,5 +270,7 @@ def main(args: argparse.Namespace) -> int:
             for split in args.splits
         ]
     for r in reports:
-        print(f"[shards] {r['split']}: valid: {r['images']} images, {r['classes']} classes, {r['shards']} shards")
+        print(
+            f"[shards] {r['split']}: valid: {r['images']} images, {r['classes']} classes, {r['shards']} shards"
+        )
     return 0

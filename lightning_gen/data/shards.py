@@ -95,7 +95,9 @@ def read_index(location: str) -> dict:
     try:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ShardError(f"{path} is not valid JSON ({error}): the shards are damaged; write them again") from error
+        raise ShardError(
+            f"{path} is not valid JSON ({error}): the shards are damaged; write them again"
+        ) from error
     if MANIFEST_KEY not in index:
         raise ShardError(
             f"{path} has no {MANIFEST_KEY!r} manifest (classes, counts): these shards were not written by "
@@ -175,7 +177,9 @@ def _loader_class():
 
         def state_dict(self):
             state = super().state_dict()
-            state["epoch_complete"] = bool(self.epoch_complete()) if self.epoch_complete is not None else False
+            state["epoch_complete"] = (
+                bool(self.epoch_complete()) if self.epoch_complete is not None else False
+            )
             return state
 
         def load_state_dict(self, state) -> None:
@@ -242,7 +246,9 @@ class ShardDataModule(DecodesPerItem, ImageDataModule):
         self.num_classes = len(self.classes)
 
     def location(self, split: str) -> str:
-        return split_location(self.root_location, self.cfg.train_dir if split == "train" else self.cfg.val_dir)
+        return split_location(
+            self.root_location, self.cfg.train_dir if split == "train" else self.cfg.val_dir
+        )
 
     def index(self, split: str) -> dict:
         if split not in self._indexes:
@@ -272,7 +278,9 @@ class ShardDataModule(DecodesPerItem, ImageDataModule):
 
     def load(self, split: str) -> Dataset:
         manifest = self.index(split)[MANIFEST_KEY]
-        return ShardsByIndex(self.location(split), self.eval_maker(), manifest["num_samples"], **self.stream_kwargs())
+        return ShardsByIndex(
+            self.location(split), self.eval_maker(), manifest["num_samples"], **self.stream_kwargs()
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.cfg.max_train_samples is not None:
@@ -288,7 +296,12 @@ class ShardDataModule(DecodesPerItem, ImageDataModule):
         trainer = self.trainer
         maker = self.train_maker()
         stream = _stream_class()(
-            self.location("train"), maker, shuffle=True, drop_last=True, seed=self.seed, **self.stream_kwargs()
+            self.location("train"),
+            maker,
+            shuffle=True,
+            drop_last=True,
+            seed=self.seed,
+            **self.stream_kwargs(),
         )
         if trainer is not None:
             from lightning_gen.checkpoint import epoch_complete

@@ -289,7 +289,9 @@ class Views(nn.Module):
         ]
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor | list[torch.Tensor], channels_last: bool = False) -> list[torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor | list[torch.Tensor], channels_last: bool = False
+    ) -> list[torch.Tensor]:
         """``images``: one batch to cut every view from, or one batch of crops per view (``crop_specs``)."""
         cropped = isinstance(images, list | tuple)
         if cropped:
