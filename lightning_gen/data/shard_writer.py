@@ -27,6 +27,7 @@ import hashlib
 import json
 import multiprocessing
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -97,6 +98,7 @@ def write_split(
         _optimize(entries, out, workers, chunk_bytes, overwrite)
     except RuntimeError as error:
         shutil.rmtree(out, ignore_errors=True)  # a partial write is of no use
+        print(file=sys.stderr, flush=True)  # end the progress bar's line
         if "ShardError" in str(error):
             raise ShardError(str(error)) from None
         raise

@@ -28,6 +28,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from litdata import StreamingDataLoader, StreamingDataset
 from torch.utils.data import Dataset
 
 from lightning_gen.config import ConfigError, choice
@@ -81,8 +82,6 @@ def split_location(root: str, folder: str) -> str:
 def read_index(location: str) -> dict:
     """index.json of one split (a remote one is fetched into LitData's cache first)."""
     if is_remote(location):
-        from litdata import StreamingDataset
-
         dataset = StreamingDataset(location)
         len(dataset)  # makes LitData fetch index.json into its cache
         location = dataset.input_dir.path
@@ -133,63 +132,75 @@ def chunk_of(index: dict, position: int) -> str:
     return "(past the last shard)"
 
 
-def _stream_class():
-    from litdata import StreamingDataset
+class ShardStream(StreamingDataset):
+    """LitData's StreamingDataset whose items are decoded (and cropped) by ``maker``."""
 
-    class ShardStream(StreamingDataset):
-        """LitData's StreamingDataset whose items are decoded (and cropped) by ``maker``."""
+    def __init__(self, location: str, maker: ItemMaker, **kwargs):
+        super().__init__(location, **kwargs)
+        self.maker, self.location = maker, location
 
-        def __init__(self, location: str, maker: ItemMaker, **kwargs):
-            super().__init__(location, **kwargs)
-            self.maker, self.location = maker, location
-
-        def __getitem__(self, index):
-            try:
-                raw = super().__getitem__(index)
-                # LitData counts epochs from 1; crops are seeded by the 0-based epoch, as for data=folder.
-                return self.maker(raw["image"], raw["label"], raw["index"], self.current_epoch - 1)
-            except ShardError:
-                raise
-            except Exception as error:
-                chunk = getattr(index, "chunk_index", "?")
-                raise ShardError(
-                    f"cannot read item {getattr(index, 'index', index)} of shard #{chunk} in {self.location} "
-                    f"({type(error).__name__}: {error}); check the shards with `lgen shards validate`"
-                ) from error
-
-    return ShardStream
+    def __getitem__(self, index):
+        try:
+            raw = super().__getitem__(index)
+            # LitData counts epochs from 1; crops are seeded by the 0-based epoch, as for data=folder.
+            return self.maker(raw["image"], raw["label"], raw["index"], self.current_epoch - 1)
+        except ShardError:
+            raise
+        except Exception as error:
+            chunk = getattr(index, "chunk_index", "?")
+            raise ShardError(
+                f"cannot read item {getattr(index, 'index', index)} of shard #{chunk} in {self.location} "
+                f"({type(error).__name__}: {error}); check the shards with `lgen shards validate`"
+            ) from error
 
 
-def _loader_class():
-    from litdata import StreamingDataLoader
+class ShardLoader(StreamingDataLoader):
+    """LitData's StreamingDataLoader, following the Trainer's epochs and resuming exactly.
 
-    class ShardLoader(StreamingDataLoader):
-        """StreamingDataLoader whose checkpointed state also says whether the epoch was complete.
+    Its state (in checkpoints, through Lightning) counts the samples handed to training in the
+    epoch: a run resumed mid-epoch skips exactly those and continues the same order with the same
+    crops. The state also says whether the epoch was complete (also when ``limit_train_batches``
+    ended it early): then the next epoch starts fresh, as in the uninterrupted run.
+    """
 
-        LitData resumes from its state by skipping the samples already yielded in that epoch. A
-        checkpoint taken when the epoch had ended (also when ``limit_train_batches`` ends it early)
-        must instead start the next epoch fresh, as the uninterrupted run does.
-        """
+    def __init__(self, *args, trainer=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trainer = trainer  # the Trainer whose epochs this loader follows (None: count iterations)
+        self._resume_pending = False  # a loaded mid-epoch state not yet continued
 
-        def __init__(self, *args, epoch_complete=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.epoch_complete = epoch_complete  # () -> bool, from the Trainer's loop state
+    def __iter__(self):
+        # Runs at the first batch, after Lightning has moved to the epoch. A loaded state applies to
+        # the first epoch iterated after it only (LitData clears it when an iteration runs to its
+        # end, but Lightning stops asking once it has the epoch's count of batches). Every other
+        # epoch starts fresh, numbered by the Trainer: a run resumed from an end-of-epoch checkpoint
+        # (whose loader state Lightning does not restore) still gets the next epoch's order and crops.
+        if self._resume_pending:
+            self._resume_pending = False
+        else:
+            self.restore = False
+            if self.trainer is not None:
+                self.current_epoch = self.trainer.current_epoch  # LitData adds 1: it counts from 1
+        yield from super().__iter__()
 
-        def state_dict(self):
-            state = super().state_dict()
-            state["epoch_complete"] = (
-                bool(self.epoch_complete()) if self.epoch_complete is not None else False
-            )
-            return state
+    def epoch_complete(self) -> bool:
+        if self.trainer is None:
+            return False
+        from lightning_gen.checkpoint import epoch_complete
 
-        def load_state_dict(self, state) -> None:
-            if state.get("epoch_complete"):
-                self.current_epoch = state["current_epoch"]  # the next iteration starts epoch + 1
-                self.restore = False
-                return
-            super().load_state_dict(state)
+        return epoch_complete(self.trainer)
 
-    return ShardLoader
+    def state_dict(self):
+        state = super().state_dict()
+        state["epoch_complete"] = self.epoch_complete()
+        return state
+
+    def load_state_dict(self, state) -> None:
+        if state.get("epoch_complete"):
+            self.current_epoch = state["current_epoch"]  # the next iteration starts epoch + 1
+            self.restore = False
+            return
+        super().load_state_dict(state)
+        self._resume_pending = True
 
 
 class ShardsByIndex(Dataset):
@@ -205,8 +216,6 @@ class ShardsByIndex(Dataset):
     @property
     def stream(self):
         if self._stream is None:  # opened lazily, in the process that reads (LitData caches are per process)
-            from litdata import StreamingDataset
-
             self._stream = StreamingDataset(self.location, **self.stream_kwargs)
         return self._stream
 
@@ -293,30 +302,21 @@ class ShardDataModule(DecodesPerItem, ImageDataModule):
     def train_dataloader(self):
         if not self.datasets:
             self.setup()
-        trainer = self.trainer
-        maker = self.train_maker()
-        stream = _stream_class()(
+        stream = ShardStream(
             self.location("train"),
-            maker,
+            self.train_maker(),
             shuffle=True,
             drop_last=True,
             seed=self.seed,
             **self.stream_kwargs(),
         )
-        if trainer is not None:
-            from lightning_gen.checkpoint import epoch_complete
-
-            def done() -> bool:
-                return epoch_complete(trainer)
-        else:
-            done = None
         workers = self._workers()
-        return _loader_class()(
+        return ShardLoader(
             stream,
             batch_size=self.cfg.batch_size,
             num_workers=workers,
             pin_memory=self.cfg.pin_memory,
             drop_last=True,
             collate_fn=crops.collate,
-            epoch_complete=done,
+            trainer=self.trainer,
         )
