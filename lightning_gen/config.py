@@ -54,6 +54,7 @@ class TrainerConfig:
     strategy: str = "auto"  # "auto" becomes ddp when more than one process trains
     precision: str = "auto"  # "auto": bf16-mixed where the hardware has fast bf16, else 32-true
     channels_last: bool = True  # memory format for conv nets (ignored by methods without convs)
+    compile: bool = False  # torch.compile the networks that dominate the step (backbone, U-Net): see README
     max_epochs: int = 10
     max_steps: int = -1
     max_time: str | None = None  # "DD:HH:MM:SS"

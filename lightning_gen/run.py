@@ -88,6 +88,9 @@ def build_method(cfg: DictConfig, datamodule) -> Method:
     method = registry.build("method", section_object(cfg.method), data=datamodule.info)
     if cfg.trainer.channels_last:
         method = method.to(memory_format=torch.channels_last)
+    if cfg.trainer.compile:
+        compiled = method.compile_networks()
+        rank_zero_info(f"[lgen] torch.compile: {', '.join(compiled) or 'no network of this method'}")
     return method
 
 

@@ -63,6 +63,9 @@ class Method(L.LightningModule):
     # metric and mode the best checkpoint is chosen by (None: no logged number measures quality)
     monitor: tuple[str, str] | None = ("val/loss", "min")
     is_generative: bool = False
+    # The networks that dominate a training step, where a method has them: trainer.compile=true compiles
+    # these (encoders, momentum/teacher copies, the U-Net), not the small heads or the losses.
+    compiled_networks: tuple[str, ...] = ("backbone", "backbone_k", "teacher_backbone", "encoder", "net")
 
     def __init__(self, cfg: MethodConfig, data: DataInfo | None = None):
         super().__init__()
@@ -81,6 +84,17 @@ class Method(L.LightningModule):
             }
         )
         self.online_probe: nn.Module | None = None
+
+    def compile_networks(self) -> list[str]:
+        """``torch.compile`` the networks in ``compiled_networks`` in place; returns their names.
+
+        ``nn.Module.compile`` keeps the parameter names (checkpoints load both ways) and the
+        parameters themselves, so momentum/EMA updates and optimizers are unaffected.
+        """
+        names = [n for n in self.compiled_networks if isinstance(getattr(self, n, None), nn.Module)]
+        for name in names:
+            getattr(self, name).compile()
+        return names
 
     # ---------------------------------------------------------------- data in
     def to_float(self, images: torch.Tensor, value_range: str = "unit") -> torch.Tensor:
