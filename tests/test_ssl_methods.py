@@ -54,12 +54,15 @@ CASES = {
         "method.weight_decay_end=0.4",
     ],
     "cpc_digits": [],
+    # the same SimCLR test with the backbone compiled (trainer.compile): same behaviour, resume included
+    "simclr_digits+compile": ["trainer.compile=true"],
 }
 
 
-@pytest.mark.parametrize("experiment", list(CASES))
-def test_train_interrupt_and_resume(lgen, experiment):
-    args = ["train", f"experiment={experiment}", *TINY, *CASES[experiment], "run_id=r"]
+@pytest.mark.parametrize("case", list(CASES))
+def test_train_interrupt_and_resume(lgen, case):
+    experiment = case.split("+")[0]
+    args = ["train", f"experiment={experiment}", *TINY, *CASES[case], "run_id=r"]
     run_dir = lgen.cwd / "runs" / experiment / "r"
     lgen(*args, "callbacks.stop_after.epochs=1")  # stops after epoch 1 of the planned 2, like a preemption
     first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
