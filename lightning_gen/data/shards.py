@@ -79,10 +79,10 @@ def split_location(root: str, folder: str) -> str:
     return f"{root.rstrip('/')}/{folder}" if is_remote(root) else str(Path(root).expanduser() / folder)
 
 
-def read_index(location: str) -> dict:
+def read_index(location: str, cache_dir: str | None = None) -> dict:
     """index.json of one split (a remote one is fetched into LitData's cache first)."""
     if is_remote(location):
-        dataset = StreamingDataset(location)
+        dataset = StreamingDataset(location, cache_dir=cache_dir)
         len(dataset)  # makes LitData fetch index.json into its cache
         location = dataset.input_dir.path
     path = Path(location) / "index.json"
@@ -261,7 +261,7 @@ class ShardDataModule(DecodesPerItem, ImageDataModule):
 
     def index(self, split: str) -> dict:
         if split not in self._indexes:
-            self._indexes[split] = read_index(self.location(split))
+            self._indexes[split] = read_index(self.location(split), self.cfg.cache_dir)
         return self._indexes[split]
 
     def expected_files(self) -> list[Path]:
