@@ -295,6 +295,7 @@ def main() -> int:
     paths = list(args.paths) + (["shards_gpu"] if args.gpu and "shards_gpu" not in args.paths else [])
     sizes = {"small": args.root / f"tree_{args.small}", "full": args.root / "tree"}
     results: dict[str, dict[str, list[dict]]] = {p: {"small": [], "full": []} for p in paths}
+    load_before = os.getloadavg()[0]
     for repeat in range(args.repeats):
         order = paths if repeat % 2 == 0 else paths[::-1]  # alternate: drifts of a shared machine even out
         for path in order:
@@ -304,7 +305,8 @@ def main() -> int:
     print(
         f"\n# {args.images // args.classes * args.classes} JPEGs ({args.small} for the small tree), "
         f"{args.workers} worker(s), batch {args.batch}, {args.batches} timed batches, {args.repeats} run(s) per "
-        f"cell; {cores} cores, load average after the runs {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
+        f"cell; {cores} cores, load average {load_before:.1f} before, {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+        "(1 / 5 / 15 min) after"
     )
     print(
         "| path | what the CPU workers do | images/s per core | images/s | vs PIL | set-up / first batch, "
