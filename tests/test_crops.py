@@ -168,6 +168,29 @@ def test_crops_do_not_depend_on_the_number_of_workers(coordinate_data):
     assert not all(torch.equal(a, b) for i in two for a, b in zip(two[i], other_seed[i]))
 
 
+def test_folder_crops_follow_the_epoch_into_persistent_workers(coordinate_data):
+    root, sizes = coordinate_data
+    dm = datamodule(
+        "data=folder",
+        f"data.root={root / 'tree'}",
+        "data.in_memory=false",
+        "data.image_size=32",
+        "data.batch_size=2",
+        "data.num_workers=2",
+    )
+    dm.seed, dm.train_crops = 7, SPECS
+    dm.setup()
+    loader = dm.train_dataloader()
+    assert loader.persistent_workers
+    for epoch in (0, 1, 2):
+        loader.sampler.set_epoch(epoch)  # what Lightning does at every epoch start
+        for batch in loader:
+            for k, index in enumerate(batch["index"].tolist()):
+                box = crops.view_boxes(*sizes[index], SPECS, 7, epoch, index)[0]
+                top, left, _, _ = read_back_box(batch["views"][0][k])
+                assert abs(top - box.top) < 1.0 and abs(left - box.left) < 1.0, (epoch, index)
+
+
 def test_evaluation_view_is_resize_then_centre_crop(coordinate_data):
     from PIL import Image
     from torchvision.transforms import functional as TF
