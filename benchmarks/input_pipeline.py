@@ -253,9 +253,9 @@ def measure_views(batch: int, repeats: int = 3) -> float:
 # ------------------------------------------------------------------------------ the table
 
 
-def run_child(args, path: str, tree: Path, shards: Path) -> dict:
+def run_child(args, path: str, tree: Path, shards: Path, batches: int) -> dict:
     command = [sys.executable, __file__, "--child", path, "--tree", str(tree), "--shards", str(shards)]
-    command += ["--workers", str(args.workers), "--batch", str(args.batch), "--batches", str(args.batches)]
+    command += ["--workers", str(args.workers), "--batch", str(args.batch), "--batches", str(batches)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         raise RuntimeError(f"{path} failed:\n{done.stderr[-3000:]}")
@@ -312,7 +312,11 @@ def main() -> int:
         order = paths if repeat % 2 == 0 else paths[::-1]  # alternate: drifts of a shared machine even out
         for path in order:
             for size, tree in sizes.items():
-                results[path][size].append(run_child(args, path, tree, args.root / f"shards_{tree.name}"))
+                # the small tree is there for the start-up columns only
+                batches = args.batches if size == "full" else 1
+                results[path][size].append(
+                    run_child(args, path, tree, args.root / f"shards_{tree.name}", batches)
+                )
     load = os.getloadavg()
     print(
         f"\n# {args.images // args.classes * args.classes} JPEGs ({args.small} for the small tree), "
