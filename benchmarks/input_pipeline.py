@@ -199,14 +199,14 @@ def rss_mb(pid: int) -> float:
 
 
 def measure(path: str, tree: Path, shards: Path, workers: int, batch: int, batches: int) -> dict:
+    import importlib
+
     import psutil
     import torch
 
-    # imports are not start-up work of a pipeline (and lightning_gen's pull in Lightning): done before the clock
-    import torchvision.datasets  # noqa: F401
-
-    import lightning_gen.data.folder  # noqa: F401
-    import lightning_gen.data.shards  # noqa: F401
+    # imports are not start-up work of a pipeline (lightning_gen's pull in Lightning): done before the clock
+    for module in ("torchvision.datasets",) if path.startswith("pil") else ("lightning_gen.data.shards",):
+        importlib.import_module(module)
 
     started = time.perf_counter()
     loader, dm = build_loader(path, tree, shards, workers, batch)
