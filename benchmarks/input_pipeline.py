@@ -211,14 +211,16 @@ def measure(path: str, tree: Path, shards: Path, workers: int, batch: int, batch
     started = time.perf_counter()
     loader, dm = build_loader(path, tree, shards, workers, batch)
     setup = time.perf_counter() - started  # listing the files / reading the shard index
-    device = torch.device("cuda") if path == "shards_gpu" else None
+    # shards_gpu without a GPU (a dry run of the benchmark) decodes in the main process on the CPU
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if path == "shards_gpu" else None
     batches_iter = iter(loader)
 
     def next_batch():
         b = next(batches_iter)
         if device is not None:
             b = dm.transfer_batch_to_device(b, device, 0)
-            torch.cuda.synchronize()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
         return b
 
     next_batch()
@@ -273,6 +275,12 @@ def cell(values: list[float], digits: int = 1) -> str:
     if len(values) == 1:
         return middle
     return f"{middle} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def startup(runs: list[dict]) -> str:
@@ -338,6 +346,8 @@ def main() -> int:
     baseline = (
         statistics.median(r["images_per_s"] for r in results["pil"]["full"]) if "pil" in results else None
     )
+    if "shards_gpu" in paths and not _has_cuda():
+        WHAT["shards_gpu"] = "no GPU here: the device path ran on the CPU, in the main process"
     for path in paths:
         full, small = results[path]["full"], results[path]["small"]
         per_core = [r["images_per_s"] / max(args.workers, 1) for r in full]
