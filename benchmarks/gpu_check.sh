@@ -36,7 +36,7 @@ stage() {  # stage NAME LIMIT COMMAND...: run with a time limit, keep the output
   local name=$1 limit=$2 rc
   shift 2
   echo "== $name (limit ${limit} s)"
-  timeout "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+  timeout "$limit" bash -c "$*" > "$OUT_DIR/$name.log" 2>&1  # bash -c: the stages are shell functions
   rc=$?
   if [ $rc -eq 124 ]; then
     echo "   $name: stopped at its ${limit} s limit" | tee -a "$OUT_DIR/$name.log"
@@ -52,11 +52,6 @@ ssl() {
   $PY benchmarks/ssl_throughput.py ${SSL_ARGS:---steps 20 --warmup 10} --methods simclr \
     --precisions bf16-mixed --channels-last true --compile true
 }
-stage ssl_throughput "${SSL_LIMIT:-190}" ssl
-
-stage input_pipeline "${INPUT_LIMIT:-140}" $PY benchmarks/input_pipeline.py --gpu --root "$OUT_DIR/input_pipeline_data" \
-  ${INPUT_ARGS:---workers 8 --batch 128 --batches 10}
-
 sampling() {
   local extractor="$OUT_DIR/digits_16px.pt"
   [ -f "$extractor" ] || $LGEN fid-extractor data=digits data.image_size=16 epochs=5 out="$extractor" || return 1
@@ -67,6 +62,12 @@ sampling() {
     --flow "$OUT_DIR/runs/flow_digits/gpu/checkpoints/last.ckpt" --extractor "$extractor" --ddim-steps 10 50 \
     --flow-steps 10 50 ${SAMPLING_ARGS:---n 500 --batch 500}
 }
+export -f ssl sampling
+export PY LGEN RUN OUT_DIR
+export SSL_ARGS INPUT_ARGS TRAIN_ARGS SAMPLING_ARGS 2>/dev/null || true
+stage ssl_throughput "${SSL_LIMIT:-190}" ssl
+stage input_pipeline "${INPUT_LIMIT:-140}" $PY benchmarks/input_pipeline.py --gpu --root "$OUT_DIR/input_pipeline_data" \
+  ${INPUT_ARGS:---workers 8 --batch 128 --batches 10}
 stage sampling "${SAMPLING_LIMIT:-120}" sampling
 
 echo
