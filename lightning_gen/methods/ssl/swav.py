@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_gen.config import choice
+from lightning_gen.config import ConfigError, choice
 from lightning_gen.distributed import gather_no_grad, is_distributed
 from lightning_gen.losses.swav import FeatureQueue, assign_codes, swapped_prediction_loss
 from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
@@ -70,7 +70,7 @@ class SwAV(SSLMethod):
         super().__init__(cfg, data)
         cfg = self.cfg  # a dataclass even when rebuilt from a checkpoint's dict
         if self.views.num_global < 2:
-            raise ValueError("SwAV needs at least 2 global crops: set method.views.global_crops.n >= 2")
+            raise ConfigError("SwAV needs at least 2 global crops: set method.views.global_crops.n >= 2")
         self.projector = MLPHead(self.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, layers=2)
         self.prototypes = nn.Linear(cfg.proj_dim, cfg.num_prototypes, bias=False)
         self.normalize_prototypes()
