@@ -36,6 +36,7 @@ class BarlowTwinsConfig(SSLConfig):
     lr: float = 0.2  # weights
     bias_lr: float = 0.0048  # biases and norm parameters (same scaling with the batch as lr)
     lr_scaling: str = choice("linear", "none", "linear", "sqrt")
+    global_bn: bool = True  # BatchNorm over all ranks under DDP, as the paper's implementation (SyncBN)
     weight_decay: float = 1.5e-6
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 1e-3

@@ -35,6 +35,7 @@ class BYOLConfig(SSLConfig):
     optimizer: str = choice("lars", "adam", "adamw", "sgd", "lars")
     lr: float = 0.2
     lr_scaling: str = choice("linear", "none", "linear", "sqrt")
+    global_bn: bool = True  # BatchNorm over all ranks under DDP, as the paper (cross-replica BN)
     weight_decay: float = 1.5e-6
     warmup_epochs: float = 10.0
     proj_hidden_dim: int = 4096

@@ -30,6 +30,7 @@ class SimSiamConfig(SSLConfig):
     optimizer: str = choice("sgd", "adam", "adamw", "sgd", "lars")
     lr: float = 0.05
     lr_scaling: str = choice("linear", "none", "linear", "sqrt")
+    global_bn: bool = True  # BatchNorm over all ranks under DDP, as the paper (SyncBN)
     weight_decay: float = 1e-4
     proj_hidden_dim: int = 2048
     proj_dim: int = 2048

@@ -47,6 +47,7 @@ class SwAVConfig(SSLConfig):
     optimizer: str = choice("lars", "adam", "adamw", "sgd", "lars")
     lr: float = 0.6
     lr_scaling: str = choice("linear", "none", "linear", "sqrt")
+    global_bn: bool = True  # BatchNorm over all ranks under DDP, as the paper's implementation (SyncBN)
     weight_decay: float = 1e-6
     min_lr_ratio: float = 1e-3
     proj_hidden_dim: int = 2048
@@ -80,21 +81,19 @@ class SwAV(SSLMethod):
     def frozen_module_names(self) -> set[str]:
         return {"queue"}
 
+    def buffers_identical_on_all_ranks(self) -> list[str]:
+        return ["queue.features", "queue.filled"] if self.cfg.queue_size > 0 else []  # gathered pushes
+
     @torch.no_grad()
     def normalize_prototypes(self) -> None:
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     def embed_views(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Unit-norm embeddings of every view, and the backbone features of the first global crop.
-        Crops of one resolution go through the network together (global crops, then local ones)."""
-        n_global, n = self.views.num_global, len(views[0])
-        groups = [views[:n_global], views[n_global:]] if len(views) > n_global else [views]
-        embeddings, first = [], None
-        for group in groups:
-            features = self.backbone(torch.cat(group))
-            first = features[:n] if first is None else first
-            embeddings += list(F.normalize(self.projector(features).float(), dim=1).chunk(len(group)))
-        return embeddings, first
+        Crops of one resolution go through the network together (one forward per crop size)."""
+        features = self.encode_by_size(views)
+        z = F.normalize(self.projector(torch.cat(features)).float(), dim=1)
+        return list(z.chunk(len(views))), features[0]
 
     def queue_in_use(self) -> bool:
         return self.cfg.queue_size > 0 and self.current_epoch >= self.cfg.queue_start_epoch

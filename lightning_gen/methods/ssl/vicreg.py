@@ -35,6 +35,7 @@ class VICRegConfig(SSLConfig):
     optimizer: str = choice("lars", "adam", "adamw", "sgd", "lars")
     lr: float = 0.2
     lr_scaling: str = choice("linear", "none", "linear", "sqrt")
+    global_bn: bool = True  # BatchNorm over all ranks under DDP, as the paper's implementation (SyncBN)
     weight_decay: float = 1e-6
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 1e-3
