@@ -5,7 +5,7 @@
 - evaluation (linear probe, kNN, k-means, image grids, validation) neither consumes nor resets the
   training streams: a run with all of it on trains bitwise like a run with all of it off;
 - a run stopped mid-epoch and resumed (`callbacks.stop_after.steps`) has per-step losses and final
-  weights bitwise equal to the uninterrupted run: SimCLR, MoCo v2 and DDPM on 1 process, SimCLR on 2;
+  weights bitwise equal to the uninterrupted run: SimCLR, MoCo v2, SwAV and DDPM on 1 process, SimCLR on 2;
 - the generator EMA moves once per optimizer step under gradient accumulation.
 CPU, 32-true, one thread per process (bitwise comparisons of sums need a fixed thread count).
 """
@@ -41,6 +41,8 @@ EXPERIMENTS = {
     "simclr_digits": EVALUATION_ON,
     "moco_v2_digits": [*EVALUATION_ON, "method.queue_size=96"],
     "ddpm_digits": ["method.width=16", "callbacks.fid.enabled=false", "callbacks.images.every_n_epochs=1"],
+    # queue full after 2 steps and in use at the cut; prototypes frozen in epoch 0, trained after
+    "swav_digits": ["method.queue_size=64", "method.queue_start_epoch=0", "method.num_prototypes=20"],
 }
 STOP = 6  # mid-epoch 1: after epoch 0's validation and evaluation callbacks
 
