@@ -14,7 +14,9 @@ cosine from ``momentum_start`` to ``momentum_end`` over ``trainer.estimated_step
 pure function of the optimizer step (so gradient accumulation counts updates and a resumed run uses
 the same τ). Published recipe (``conf/method/byol.yaml``): ResNet-50, 4096-256 projector and
 predictor MLPs, LARS lr 0.2 x B/256 with 10 warm-up epochs and cosine decay, weight decay 1.5e-6
-(biases and BN excluded from decay and LARS), BYOL's asymmetric augmentation pair.
+(biases and BN excluded from decay and LARS), BYOL's asymmetric augmentation pair. Under DDP the
+BatchNorm statistics are those of all ranks (``global_bn``, the paper's cross-replica BN); the loss
+is a per-sample mean, so nothing else crosses ranks.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ Published recipe (``conf/method/simsiam.yaml``, the paper's ImageNet setting): R
 projection MLP (2048-d, BN on every layer including the output), a 2-layer predictor with a 512-d
 bottleneck, SGD (momentum 0.9) lr 0.05 x B/256 with cosine decay and no warm-up, weight decay 1e-4,
 batch 512, MoCo v2's augmentation. The predictor's learning rate is *not* decayed (``fix_predictor_lr``,
-the paper's best variant in its predictor ablation); it keeps lr x B/256 throughout.
+the paper's best variant in its predictor ablation); it keeps lr x B/256 throughout. Under DDP the
+BatchNorm statistics are those of all ranks (``global_bn``, the paper's SyncBN); the loss is a
+per-sample mean, so nothing else crosses ranks.
 """
 
 from __future__ import annotations
