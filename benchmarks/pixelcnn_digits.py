@@ -5,7 +5,8 @@ never trained on) in bits/dim, with the raw and the EMA weights (the EMA weights
 sample). A class-conditional model gives -log2 p(x | y) with the true labels, and also the bits/dim of
 its marginal p(x) = Σ_y p(y) p(x | y) under a uniform class prior (one pass per class), which is
 comparable with the unconditional models. Then ``--samples`` images from the EMA weights with a fixed
-seed, saved as a grid (conditional models: classes 0..9 in the columns). Prints a markdown table.
+seed, saved as a grid (`--zoom` x nearest-neighbour; conditional models: classes 0..9 in the columns).
+Prints a markdown table.
 
     python benchmarks/pixelcnn_digits.py runs/pixelcnn_digits/readme/checkpoints/last.ckpt \
         runs/gated_pixelcnn_digits/readme/checkpoints/last.ckpt --grids docs/images
@@ -53,7 +54,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--samples", type=int, default=40)
-    parser.add_argument("--grids", type=Path, default=None, help="folder for <experiment>_<run>.png grids")
+    parser.add_argument(
+        "--grids", type=Path, default=None, help="folder for generative_<experiment>_<run>.png"
+    )
+    parser.add_argument("--zoom", type=int, default=3, help="grid pixels per image pixel (nearest neighbour)")
     args = parser.parse_args()
     print(
         "| experiment | net | conditional | parameters | steps | test bits/dim (raw) | test bits/dim (EMA) "
@@ -75,9 +79,9 @@ def main() -> int:
         run = Path(path).parents[1]
         if args.grids is not None:
             args.grids.mkdir(parents=True, exist_ok=True)
-            save_image(
-                samples, args.grids / f"{run.parent.name}_{run.name}.png", nrow=10, padding=1, pad_value=1.0
-            )
+            zoomed = torch.nn.functional.interpolate(samples, scale_factor=args.zoom, mode="nearest")
+            name = f"generative_{run.parent.name}_{run.name}.png"
+            save_image(zoomed, args.grids / name, nrow=10, padding=2, pad_value=1.0)
         params = sum(p.numel() for p in method.net.parameters())
         print(
             f"| {run.parent.name} | {method.cfg.net} | {method.conditional} | {params:,} | {steps} "
