@@ -94,15 +94,16 @@ class GatedPixelCNN(nn.Module):
             GatedLayer(data_channels if i == 0 else width, width, kernel_size, data_channels, first=i == 0)
             for i in range(layers)
         )
-        if num_classes > 0:  # one bias per layer for each stack's gate; row num_classes is the null class
-            self.class_bias = nn.Embedding(num_classes + 1, layers * 4 * width)
-            nn.init.zeros_(self.class_bias.weight)
         self.head = nn.Sequential(
             nn.ReLU(),
             MaskedConv2d(width, width, 1, "B", data_channels),
             nn.ReLU(),
             MaskedConv2d(width, 256 * data_channels, 1, "B", data_channels),
         )
+        if num_classes > 0:  # one bias per layer for each stack's gate; row num_classes is the null class.
+            # Created last, so the weights above are initialised alike with and without conditioning
+            self.class_bias = nn.Embedding(num_classes + 1, layers * 4 * width)
+            nn.init.zeros_(self.class_bias.weight)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         n, c, h, w = x.shape
