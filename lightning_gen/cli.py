@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import shlex
 import sys
+from pathlib import Path
 
 from lightning_gen.config import GROUPS, ConfigError, compose, options, to_yaml
 
@@ -105,9 +107,22 @@ def cmd_train(args) -> int:
         print(to_yaml(cfg), end="")
         return 0
     run = train(cfg)
+    if run.stopped_by is not None:
+        run.summary["resume_command"] = resume_command(args.overrides, run.cfg.run_id)
     if run.trainer.is_global_zero:
         print(format_summary(run.summary))
-    return 0
+    return run.exit_code
+
+
+def resume_command(overrides: list[str], run_id: str) -> str:
+    """The command line that continues run ``run_id`` from its newest checkpoint (same directory)."""
+    if Path(sys.argv[0]).name == "lgen":
+        program = ["lgen"]
+    else:  # python -m lightning_gen, or a script: this interpreter, as module
+        program = [sys.executable, "-m", "lightning_gen"]
+    kept = [o for o in overrides if not o.startswith(("run_id=", "resume="))]
+    again = ["resume=auto"] if any(o.startswith("resume=") for o in overrides) else []
+    return shlex.join([*program, "train", *kept, f"run_id={run_id}", *again])
 
 
 def cmd_list(args) -> int:
