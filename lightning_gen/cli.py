@@ -37,9 +37,13 @@ PLUGINS = {
         "lightning_gen.cluster.submit",
         "render and submit a SLURM job for the same overrides as train",
     ),
+    "export": (
+        "lightning_gen.export",
+        "take a trained encoder out: backbone weights (torchvision names) or embeddings of a split",
+    ),
     "fid-extractor": (
         "lightning_gen.eval.fid_extractor",
-        "train the small domain feature extractor for FID on digits/MNIST",
+        "build the domain feature extractor for FID on digits/MNIST ahead of time (training builds it on first use)",
     ),
 }
 
@@ -155,12 +159,15 @@ def cmd_list(args) -> int:
 
 
 def _experiment_summary(name: str) -> str:
+    """The experiment file's leading comment, all its lines joined (a description may wrap)."""
     from lightning_gen.config import conf_dir
 
+    lines = []
     for line in (conf_dir() / "experiment" / f"{name}.yaml").read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(lines)
 
 
 def cmd_prepare(args) -> int:

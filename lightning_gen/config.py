@@ -116,7 +116,13 @@ class ClusterConfig:
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    signal_grace_s: int = 120  # --signal=SIGUSR1@<grace>: time to checkpoint before the kill
+    # --signal=USR1@<grace>: seconds between the preemption signal and the time limit, for finishing the
+    # step and writing the checkpoint. 5 minutes: a ResNet-50 or ViT-B checkpoint with optimizer state is
+    # 0.3-1 GB, a shared file system can be slow under load, and SLURM may send the signal up to 60 s late.
+    signal_grace_s: int = 300
+    omp_num_threads: int | None = bounded(
+        None, 1
+    )  # per training process; default cpus_per_task - data.num_workers
     requeue: bool = True
     setup: list[str] = field(default_factory=list)  # e.g. ["module load cuda", "source .venv/bin/activate"]
     extra_sbatch: list[str] = field(default_factory=list)  # extra "#SBATCH ..." lines, without the prefix
