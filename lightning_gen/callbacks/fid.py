@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
@@ -221,7 +220,7 @@ class FID(L.Callback):
 
     def domain_extractor(self, trainer: L.Trainer, data) -> tuple[dict, str]:
         """(saved extractor, sha1 of its file): loaded, or first built, by global rank 0 and sent to every rank."""
-        from lightning_gen.eval.fid_extractor import build_extractor, default_path
+        from lightning_gen.eval.fid_extractor import default_path, ensure_extractor
 
         given = self.cfg.domain_extractor_path
         path = (
@@ -231,26 +230,10 @@ class FID(L.Callback):
         )
         loaded = None
         if trainer.is_global_zero:
-            if not path.is_file():
-                rank_zero_info(
-                    f"[fid] no {data.name} {data.image_size} px feature extractor in the cache yet: "
-                    f"training it once (about a minute on a CPU) -> {path}"
-                )
-                started = time.time()
-                root = getattr(trainer.datamodule.cfg, "root", None) if trainer.datamodule else None
-                blob = build_extractor(
-                    data.name,
-                    data.image_size,
-                    path,
-                    [f"data.root={root}"] if root else [],
-                    log=lambda _: None,
-                )
-                rank_zero_info(
-                    f"[fid] {data.name} {data.image_size} px feature extractor built in {time.time() - started:.0f} s "
-                    f"(test accuracy {blob['test_accuracy']:.3f}) and cached at {path}"
-                )
-            else:
-                rank_zero_info(f"[fid] {data.name} {data.image_size} px feature extractor: {path} (cached)")
+            root = getattr(trainer.datamodule.cfg, "root", None) if trainer.datamodule else None
+            ensure_extractor(
+                data.name, data.image_size, path, [f"data.root={root}"] if root else [], rank_zero_info
+            )
             loaded = (
                 torch.load(path, map_location="cpu", weights_only=False),
                 hashlib.sha1(path.read_bytes()).hexdigest(),

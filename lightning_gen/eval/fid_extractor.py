@@ -174,6 +174,24 @@ def build_extractor(data_name: str, image_size: int, out: Path, data_overrides=(
     return save_extractor(net, datamodule.info, 32, accuracy, out)
 
 
+def ensure_extractor(data_name: str, image_size: int, path: Path, data_overrides=(), log=print) -> Path:
+    """``path``, after building the extractor there if it is not there yet; says which it was."""
+    if path.is_file():
+        log(f"[fid] {data_name} {image_size} px feature extractor: {path} (cached)")
+        return path
+    log(
+        f"[fid] no {data_name} {image_size} px feature extractor in the cache yet: "
+        f"training it once (about a minute on a CPU) -> {path}"
+    )
+    started = time.time()
+    blob = build_extractor(data_name, image_size, path, data_overrides, log=lambda _: None)
+    log(
+        f"[fid] {data_name} {image_size} px feature extractor built in {time.time() - started:.0f} s "
+        f"(test accuracy {blob['test_accuracy']:.3f}) and cached at {path}"
+    )
+    return path
+
+
 def add_arguments(parser) -> None:
     parser.add_argument(
         "overrides", nargs="*", help="data=NAME, data.key=value, and epochs= lr= width= out= seed="
