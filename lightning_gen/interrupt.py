@@ -55,6 +55,10 @@ class StopOnSignal(L.Callback):
         for signum in self.signals:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._note)
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None and connector.received_sigterm:  # came in while Lightning's handler was set
+            connector.received_sigterm = False  # else Lightning would exit 0 at the end of the first step
+            self.pending = signal.SIGTERM
 
     def _note(self, signum: int, frame) -> None:
         received = signal.Signals(signum)
