@@ -17,7 +17,8 @@ snippet spell out:
   (``resnet18(norm_layer=lambda c: nn.GroupNorm(1, c))``).
 
 Other backbones (ViT, the small conv encoder) are saved as the state dict of lightning_gen's module,
-named in the .json. The features are the backbone's output, before any projection head.
+named in the .json. The features are the backbone's output, before any projection head; for DINO
+the exported backbone is the teacher, the network its ``embed`` (probe, kNN) uses.
 
 ``embeddings`` runs the method's ``embed`` (its own preprocessing) over a split of the run's dataset
 (or ``data=NAME``, ``data.KEY=VALUE`` as in ``lgen eval``) and writes features (N, D) float32, labels
@@ -54,8 +55,11 @@ class ExportConfig:
 
 
 def backbone_of(method) -> nn.Module:
-    """The representation network of a method: its ``backbone`` (SSL methods) or ``encoder``."""
-    for name in ("backbone", "encoder"):
+    """The network behind a method's ``embed``: the module its ``embed_module`` names (DINO: the teacher),
+    else its ``backbone`` (SSL methods) or ``encoder``."""
+    for name in (getattr(method, "embed_module", None), "backbone", "encoder"):
+        if name is None:
+            continue
         module = getattr(method, name, None)
         if isinstance(module, nn.Module):
             return module

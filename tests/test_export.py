@@ -86,3 +86,18 @@ def test_resnet50_with_group_norm_and_the_imagenet_stem_round_trips(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), method.backbone(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dino_exports_the_teacher_it_evaluates(tmp_path):
+    cfg = compose(["experiment=dino_digits", "method.backbone.name=resnet18"])
+    datamodule = build("data", section_object(cfg.data))
+    method = build("method", section_object(cfg.method), data=datamodule.info).eval()
+    with torch.no_grad():  # make the teacher differ from the student, as training does
+        for p in method.teacher_backbone.parameters():
+            p.add_(torch.randn_like(p))
+    state, described = export_backbone(method)
+    torch.save(state, tmp_path / "teacher.pt")
+    model = torchvision_model_from(described["torchvision"], tmp_path / "teacher.pt")
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), method.embed(x), rtol=1e-5, atol=1e-5)
