@@ -1,4 +1,4 @@
-"""Noise schedules and samplers of diffusion and flow models, separate from any network (methods.md §1.5-1.7).
+"""Noise schedules and samplers of diffusion and flow models, separate from any network. DDPM (Ho et al. 2020), DDIM (Song et al. 2021), rectified flow (Liu et al. 2023).
 
 Everything here takes the network as a plain function, so the same trained model runs under any
 sampler (DDPM ancestral, DDIM with any number of steps) and the maths is testable on closed forms.
@@ -11,7 +11,7 @@ the paper's alpha-bar_t and ``alpha_bar_prev[i]`` is alpha-bar_{t-1} (1 for the 
     mu~_t   = sqrt(ab_{t-1}) beta_t / (1 - ab_t) x_0 + sqrt(alpha_t) (1 - ab_{t-1}) / (1 - ab_t) x_t
     beta~_t = (1 - ab_{t-1}) / (1 - ab_t) beta_t
     mu_theta(x_t, t) = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - ab_t) eps_theta)
-                       (1/sqrt(alpha_t), *not* 1/sqrt(alpha-bar_t): an erratum of the notes)
+                       (1/sqrt(alpha_t), *not* 1/sqrt(alpha-bar_t), a common slip)
 """
 
 from __future__ import annotations
@@ -207,8 +207,8 @@ def euler_flow_sample(
 ) -> torch.Tensor:
     """Rectified flow: integrate dx/dt = v from t = 1 (noise) to t = 0 (data) with N Euler steps.
 
-    Evaluates v at t_k = 1 - k/N for k = 0..N-1 and steps dt = 1/N: the notes' loop
-    (linspace(1, 0, N) with step 1/N) is off by one (methods.md §1.7), this is the exact Euler grid.
+    Evaluates v at t_k = 1 - k/N for k = 0..N-1 and steps dt = 1/N: the exact Euler
+    grid (a loop over linspace(1, 0, N) with step 1/N would be off by one).
     ``v_fn`` gets t as a float tensor (N,).
     """
     if steps < 1:

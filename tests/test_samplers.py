@@ -94,7 +94,7 @@ def test_rectified_flow_euler_with_the_optimal_velocity_reproduces_the_data_gaus
 
 
 def test_a_wrong_mean_coefficient_is_caught():
-    """The check above has teeth: the notes' erratum (1/sqrt(alpha-bar) in the mean) breaks the moments."""
+    """The check above has teeth: 1/sqrt(alpha-bar) in place of 1/sqrt(alpha) in the mean (a common slip) breaks the moments."""
     schedule = diffusion.NoiseSchedule.linear(1000)
     broken = diffusion.NoiseSchedule.linear(1000)
     broken.alphas = broken.alpha_bar  # model_mean divides by sqrt(alphas): now alpha-bar

@@ -155,7 +155,8 @@ def reference(slurm_env, tmp_path_factory):
 
 
 def test_preempted_ddp_job_requeues_and_resumes_with_nothing_lost(slurm_env, reference, tmp_path):
-    proc = run_lgen("submit", *TRAIN, *JOB, "trainer.devices=2", cwd=tmp_path, env=slurm_env)
+    env = {**slurm_env, "OMP_NUM_THREADS": ONE_THREAD}  # sbatch passes the environment on to the job
+    proc = run_lgen("submit", *TRAIN, *JOB, "trainer.devices=2", cwd=tmp_path, env=env)
     job_id = submitted_job(proc)
     run_dir = tmp_path / "runs" / "ae_digits" / job_id
     log = run_dir / f"slurm-{job_id}.out"
@@ -193,6 +194,10 @@ def test_preempted_ddp_job_requeues_and_resumes_with_nothing_lost(slurm_env, ref
     last, ref = ckpt(run_dir / "checkpoints" / "last.ckpt"), ckpt(reference / "checkpoints" / "last.ckpt")
     assert last["global_step"] == ref["global_step"] == MAX_STEPS
     assert optimizer_steps(last) == optimizer_steps(ref) == {MAX_STEPS}
+    # Bitwise the uninterrupted run's weights: the resume continued the interrupted epoch at the next
+    # batch (loader position and every rank's random streams come back from the checkpoint).
+    for name, value in ref["state_dict"].items():
+        assert torch.equal(last["state_dict"][name], value), name
     # the stateless LR schedule lands on the uninterrupted run's values after the resume
     lr, ref_lr = lr_by_step(run_dir), lr_by_step(reference)
     assert max(lr) == max(ref_lr) == MAX_STEPS - 1

@@ -1,4 +1,4 @@
-"""k-means on frozen features and agreement of its clusters with the labels (methods.md §4.6).
+"""k-means on frozen features and agreement of its clusters with the labels.
 
 - k-means: k-means++ seeding, Lloyd iterations, ``n_init`` restarts keeping the lowest inertia;
   on the features' device, seeded.

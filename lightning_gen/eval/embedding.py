@@ -1,4 +1,4 @@
-"""2-D views of a representation: PCA and t-SNE of a fixed subset, coloured by class (methods.md §4.6)."""
+"""2-D views of a representation: PCA and t-SNE of a fixed subset, coloured by class."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Semi-supervised fine-tuning with 1% / 10% of the labels (SimCLR's protocol, methods.md §4.4).
+"""Semi-supervised fine-tuning with 1% / 10% of the labels (SimCLR's protocol, Chen et al. 2020).
 
 The labeled subset is class-balanced: the same number of images of every class,
 ``round(fraction * N / C)`` (at least 1), drawn by a permutation seeded with ``seed`` — so the same

@@ -1,4 +1,4 @@
-"""Weighted k-nearest-neighbour classifier on frozen features (DINO's protocol, methods.md §4.5).
+"""Weighted k-nearest-neighbour classifier on frozen features (Wu et al. 2018; DINO's protocol, Caron et al. 2021).
 
 Features are L2-normalised, so the dot product is the cosine similarity s. Each query takes its k
 most similar training samples; neighbour j votes for its class with weight exp(s_j / T), and the

@@ -1,4 +1,4 @@
-"""Linear probe: a linear classifier on frozen features (methods.md §4.3).
+"""Linear probe: a linear classifier on frozen features.
 
 Recipe: normalise the features with statistics of the training features (standardise, as a
 BatchNorm without affine would, or L2), then fit ``W x + b`` by cross-entropy for a fixed budget:

@@ -1,4 +1,4 @@
-"""Contrastive losses (methods.md §3.1-3.6): NT-Xent by sample index, InfoNCE, MoCo's key queue.
+"""Contrastive losses (van den Oord et al. 2018; Chen et al. 2020; He et al. 2020): NT-Xent by sample index, InfoNCE, MoCo's key queue.
 
 ``nt_xent`` finds positives by *sample index*: every row whose index equals the anchor's index
 (other than the anchor itself) is a positive, every other row a negative. Two views, multi-crop

@@ -1,4 +1,4 @@
-"""DINO's self-distillation loss (methods.md §3.7): H(t, s) between sharpened, centred teacher and student.
+"""DINO's self-distillation loss (Caron et al. 2021): H(t, s) between sharpened, centred teacher and student.
 
     H(t, s) = - Σ_k softmax((t - C) / τ_t)_k · log softmax(s / τ_s)_k
 

@@ -1,4 +1,4 @@
-"""VAE evidence lower bound pieces (methods.md §1.3): closed-form KL, decoder likelihoods, bits/dim.
+"""VAE evidence lower bound pieces (Kingma & Welling 2014): closed-form KL, decoder likelihoods, bits/dim.
 
 ELBO(x) = E_{z~q(z|x)}[log p(x|z)] - KL(q(z|x) || N(0, I))
 KL(N(mu, diag sigma^2) || N(0, I)) = 1/2 sum_j (mu_j^2 + sigma_j^2 - log sigma_j^2 - 1)

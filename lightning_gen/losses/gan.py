@@ -1,4 +1,4 @@
-"""GAN losses on discriminator logits (methods.md §1.4), D(x) = sigmoid(logit).
+"""GAN losses on discriminator logits (Goodfellow et al. 2014), D(x) = sigmoid(logit).
 
 Discriminator: maximise log D(x) + log(1 - D(G(z)))  ==  minimise softplus(-real) + softplus(fake).
 Generator, ``minimax`` (Goodfellow's original): minimise log(1 - D(G(z))) = -softplus(fake).

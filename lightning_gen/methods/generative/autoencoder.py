@@ -1,4 +1,4 @@
-"""Autoencoder and denoising autoencoder (methods.md §1.2; Vincent et al. 2008 for the denoising form).
+"""Autoencoder and denoising autoencoder (Hinton & Salakhutdinov 2006; Vincent et al. 2008 for the denoising form).
 
     z = g_phi(x~),  x^ = f_theta(z),  L = mean (x - x^)^2
 

@@ -32,7 +32,7 @@ class DDPMConfig(GenerativeConfig):
     attention_resolutions: tuple[int, ...] = (8,)
     dropout: float = 0.1
     conditional: bool = False  # class-conditional with classifier-free guidance
-    label_dropout: float = 0.1  # p(y -> null) in training; the paper used 0.1-0.2 (the notes say 0.5)
+    label_dropout: float = 0.1  # p(y -> null) in training; Ho & Salimans used 0.1-0.2
     sampler: str = choice("ddim", "ddpm", "ddim")  # default sampler of sample()/FID
     sample_steps: int = 50  # DDIM steps by default
     # DDIM's eta by default: 0 is the deterministic sampler of the paper. An undertrained eps-model errs at

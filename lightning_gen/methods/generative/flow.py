@@ -1,4 +1,4 @@
-"""Rectified flow (methods.md §1.7, the "clean" diffusion of the notes) with classifier-free guidance.
+"""Rectified flow (Liu et al. 2023; Lipman et al. 2023) with classifier-free guidance.
 
     x_t = (1 - t) x + t z,  z ~ N(0, I),  v = z - x,  minimise || f_theta(x_t, t, y) - v ||^2
 
@@ -31,12 +31,12 @@ class RectifiedFlowConfig(GenerativeConfig):
     attention_resolutions: tuple[int, ...] = (8,)
     dropout: float = 0.1
     conditional: bool = False
-    label_dropout: float = 0.1  # the notes use 0.5; Ho & Salimans used 0.1-0.2
+    label_dropout: float = 0.1  # Ho & Salimans used 0.1-0.2
     sample_steps: int = 50
     guidance: float = 0.0
     loss_reduction: str = choice(
         "mean", "mean", "sum"
-    )  # the notes' code sums; mean keeps the LR resolution-free
+    )  # sum over pixels is the textbook form; mean keeps the LR resolution-free
     lr: float = 2e-4
 
 

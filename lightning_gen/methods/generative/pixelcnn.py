@@ -1,4 +1,4 @@
-"""PixelCNN (van den Oord et al. 2016; methods.md §1.1): an autoregressive model of 8-bit subpixels.
+"""PixelCNN (van den Oord et al. 2016): an autoregressive model of 8-bit subpixels.
 
     p(x) = prod_i p(x_i | x_<i),  i over pixels in raster order and channels R, G, B within a pixel
 

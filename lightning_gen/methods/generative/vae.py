@@ -1,9 +1,9 @@
-"""Variational autoencoder (Kingma & Welling 2014; methods.md §1.3).
+"""Variational autoencoder (Kingma & Welling 2014).
 
     q_phi(z|x) = N(mu(x), diag sigma^2(x)),  z = mu + sigma * eps,  p(z) = N(0, I)
     loss = -E_q[log p_theta(x|z)] + beta KL(q_phi(z|x) || p(z))      (the negative ELBO when beta = 1)
 
-Decoder likelihood (the notes disagree, so all are offered): ``gaussian_fixed`` N(mu(z), sigma^2 I)
+Decoder likelihood (papers and implementations differ, so all are offered): ``gaussian_fixed`` N(mu(z), sigma^2 I)
 with a fixed sigma (then the reconstruction term is the L2 distance / 2 sigma^2), ``gaussian_learned``
 with a learned per-pixel log-variance output, or ``bernoulli`` on [0, 1] pixels. Logged: ELBO terms and
 bits/dim (dequantisation bound, Gaussian decoders). Sampling: z ~ N(0, I), the decoder mean.

@@ -14,7 +14,7 @@ multiplies an infinite derivative (of t^(1/3) at 0) by zero: gradients are finit
 
 Quantised ab (Zhang, Isola & Efros 2016): a grid of ``step``-wide bins over ab, keeping only the
 bins that some sRGB colour reaches. For step 10 this exact sRGB gamut gives 261 bins; the paper
-reports 313, drawn in a way the notes do not give, so the set here is computed rather than copied.
+reports 313, drawn by a procedure it does not give, so the set here is computed rather than copied.
 """
 
 from __future__ import annotations

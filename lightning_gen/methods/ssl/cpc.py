@@ -1,4 +1,4 @@
-"""Contrastive Predictive Coding on images (van den Oord et al. 2018; methods.md §3.6).
+"""Contrastive Predictive Coding on images (van den Oord et al. 2018; Hénaff et al. 2020).
 
 The image is cut into a grid of overlapping patches (50% overlap, ``grid`` x ``grid``); every
 patch is encoded on its own, z_ij = g_enc(x_ij) (the backbone). A context network g_ar sees only

@@ -1,4 +1,4 @@
-"""Context encoders: learning by inpainting (Pathak et al. 2016; methods.md §2.4).
+"""Context encoders: learning by inpainting (Pathak et al. 2016).
 
 A region M of the image is removed (M = 1 on missing pixels) and the network F reconstructs it
 from the context (1 - M) * x:

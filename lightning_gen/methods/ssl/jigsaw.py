@@ -1,4 +1,4 @@
-"""Jigsaw puzzles (Noroozi & Favaro 2016; methods.md §2.3).
+"""Jigsaw puzzles (Noroozi & Favaro 2016).
 
 Cut the image into a 3x3 grid of tiles (gap and jitter between them), shuffle the tiles with one
 permutation out of a fixed set of P, and classify *which* permutation was used (P-way). Each tile

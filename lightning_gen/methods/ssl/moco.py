@@ -1,4 +1,4 @@
-"""MoCo v1/v2/v3 (He et al. 2020; Chen et al. 2020; Chen, Xie, He 2021; methods.md §3.3-3.5), one class.
+"""MoCo v1/v2/v3 (He et al. 2020; Chen et al. 2020; Chen, Xie, He 2021), one class.
 
 ``version`` picks the paper (``conf/method/moco_v1.yaml``, ``moco_v2.yaml``, ``moco_v3.yaml``):
 

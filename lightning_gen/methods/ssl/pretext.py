@@ -1,4 +1,4 @@
-"""Shared machinery of the pretext-task methods (methods.md §2): label generators and patch geometry.
+"""Shared machinery of the pretext-task methods: label generators and patch geometry.
 
 Everything here is a pure tensor function (testable on its own) except ``PretextMethod``, the
 small base class that the rotation, relative-patch, jigsaw, colorization, inpainting and MAE files

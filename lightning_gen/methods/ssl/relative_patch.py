@@ -1,4 +1,4 @@
-"""Relative patch location (Doersch, Gupta & Efros 2015; methods.md §2.2).
+"""Relative patch location (Doersch, Gupta & Efros 2015).
 
 Cut a 3x3 grid of patches out of the image, with a gap between them and a random jitter of each
 patch inside its cell, so that the task cannot be solved by continuing lines or textures across

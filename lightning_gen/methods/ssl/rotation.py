@@ -1,4 +1,4 @@
-"""Rotation prediction, RotNet (Gidaris et al. 2018; methods.md §2.1).
+"""Rotation prediction, RotNet (Gidaris et al. 2018).
 
 A network can tell which way up an image is only if it knows what the object in it looks like
 upright. Every image of the batch is shown at 0, 90, 180 and 270 degrees (the paper found feeding
