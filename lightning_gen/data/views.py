@@ -14,6 +14,11 @@ Recipes (``VIEW_RECIPES``) hold the published settings:
 - ``moco_v2``  "aug+": crop (0.2, 1) + flip, jitter (0.4, 0.4, 0.4, 0.1) p 0.8, gray p 0.2, blur p 0.5
 - ``dino``     2 global crops (0.4, 1) blur p (1.0, 0.1), solarize p (0, 0.2) + local crops (0.05, 0.4)
                of 96/224 of the image side with blur p 0.5; jitter (0.4, 0.4, 0.2, 0.1) p 0.8
+- ``byol``     BYOL's asymmetric pair (Grill et al. 2020): crop (0.08, 1) + flip, jitter
+               (0.4, 0.4, 0.2, 0.1) p 0.8, gray p 0.2, blur p (1.0, 0.1), solarize p (0, 0.2); also
+               Barlow Twins' and VICReg's augmentation
+- ``swav``     SwAV's multi-crop (Caron et al. 2020): 2 global crops (0.14, 1) + 6 local crops (0.05, 0.14)
+               of 96/224 of the image side, jitter (0.8, 0.8, 0.8, 0.2) p 0.8, gray p 0.2, blur p 0.5
 
 ``Views(cfg, data_info)`` is an ``nn.Module`` usable by any method: ``views(images_uint8)``
 returns the list of standardised float views, global crops first. Datasets that decode per item
@@ -57,7 +62,9 @@ class CropConfig:
 
 @dataclass
 class ViewsConfig:
-    recipe: str = choice("simclr", "simclr", "simclr_cifar", "moco_v1", "moco_v2", "dino", "none")
+    recipe: str = choice(
+        "simclr", "simclr", "simclr_cifar", "moco_v1", "moco_v2", "dino", "byol", "swav", "none"
+    )
     global_crops: CropConfig = field(default_factory=CropConfig)
     local_crops: CropConfig = field(default_factory=CropConfig)
 
@@ -88,6 +95,14 @@ VIEW_RECIPES: dict[str, tuple[CropConfig, CropConfig]] = {
     "dino": (
         _crop(scale=(0.4, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2]),
         _crop(n=6, scale=(0.05, 0.4), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=[0.5]),
+    ),
+    "byol": (
+        _crop(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2]),
+        _crop(n=0),
+    ),
+    "swav": (
+        _crop(scale=(0.14, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), blur_p=[0.5]),
+        _crop(n=6, scale=(0.05, 0.14), jitter=(0.8, 0.8, 0.8, 0.2), blur_p=[0.5]),
     ),
     # Identity views (tests, evaluation): no crop, no colour change.
     "none": (
