@@ -82,12 +82,21 @@ class GAN(GenerativeMethod):
         device = generator.device if generator is not None else self.device
         return torch.randn(n, self.cfg.z_dim, generator=generator, device=device).to(self.device)
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Checked on the host batch (no device sync): a conditional GAN has no null class to give
+        # unlabeled images (DDPM and flow do, for classifier-free guidance).
+        if self.conditional and self.training and bool((batch["label"] < 0).any()):
+            raise ValueError(
+                "a conditional GAN (method.conditional=true) needs a label for every training image, but this "
+                "training set has unlabeled ones (STL-10 trains on train+unlabeled by default): set "
+                "data.train_split=train, or method.conditional=false"
+            )
+        return batch
+
     def training_step(self, batch, batch_idx):
         g_opt, d_opt = self.optimizers()
         real = self.to_float(batch["image"], "symmetric")
-        labels = (
-            batch["label"].clamp(min=0) if self.conditional else None
-        )  # unlabeled -> class 0 is not used here
+        labels = batch["label"] if self.conditional else None
         n = len(real)
 
         self.toggle_optimizer(d_opt)
@@ -114,7 +123,7 @@ class GAN(GenerativeMethod):
 
     def validation_step(self, batch, batch_idx):
         real = self.to_float(batch["image"], "symmetric")
-        labels = batch["label"].clamp(min=0) if self.conditional else None
+        labels = batch["label"].clamp(min=0) if self.conditional else None  # val/test splits are labeled
         fake = self.generator(self.noise(len(real)), labels)
         d_loss = discriminator_loss(self.discriminator(real, labels), self.discriminator(fake, labels))
         self.log("val/d_loss", d_loss, on_epoch=True, sync_dist=True)

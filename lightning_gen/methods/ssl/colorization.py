@@ -1,4 +1,4 @@
-"""Colorization (Zhang, Isola & Efros 2016) and the split-brain autoencoder (Zhang et al. 2017), §2.5.
+"""Colorization (Zhang, Isola & Efros 2016) and the split-brain autoencoder (Zhang et al. 2017).
 
 The image is converted to CIE Lab. The network sees only the lightness L (X in R^{HxWx1}) and
 predicts the colour channels ab (Y in R^{HxWx2}); it can only do so by recognising what is in the

@@ -11,6 +11,7 @@ Notation: ``momentum_start/end`` is the teacher momentum l (cosine 0.996 -> 1),
 uninterrupted one, and so is the weight decay, a cosine from ``weight_decay`` to ``weight_decay_end``
 (0.04 -> 0.4 in the paper). The head's last layer is frozen for ``freeze_last_layer_epochs`` (stability),
 and, as in the official code, each parameter's gradient is clipped to norm ``clip_grad`` on its own.
+``embed`` (linear probe, kNN, export) is the teacher's backbone, as DINO evaluates it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class DINO(SSLMethod):
     """DINO: student/teacher self-distillation over multi-crop views with centering and sharpening."""
 
     config_class = DINOConfig
+    embed_module = "teacher_backbone"  # the network behind embed(), which `lgen export backbone` writes
 
     def __init__(self, cfg: DINOConfig, data=None):
         super().__init__(cfg, data)
@@ -106,14 +108,18 @@ class DINO(SSLMethod):
                 self.head(self.backbone(torch.cat(views[n_global:]))).chunk(len(views) - n_global)
             )
         with torch.no_grad():
-            teacher = list(
-                self.teacher_head(self.teacher_backbone(torch.cat(views[:n_global]))).chunk(n_global)
-            )
+            teacher_feats = self.teacher_backbone(torch.cat(views[:n_global]))
+            teacher = list(self.teacher_head(teacher_feats).chunk(n_global))
         tau_t = self.teacher_temp_at(self.global_step)
         loss = self.loss_fn(student, teacher, tau_t)
         self.loss_fn.update_center(teacher)
         self.log("train/teacher_temp", tau_t, on_step=True, on_epoch=False)
-        return loss, global_feats.chunk(n_global)[0]
+        return loss, teacher_feats.chunk(n_global)[0]  # the online probe reads what embed() gives
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        # The teacher is the encoder DINO evaluates: the momentum average of the student, and the better
+        # one throughout training (Caron et al. 2021, Sec. 5.2 and their evaluation code).
+        return self.teacher_backbone(x)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Gradients are unscaled here (mixed precision) and about to be applied.

@@ -1,4 +1,4 @@
-"""Masked autoencoders (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners"), §2.7.
+"""Masked autoencoders (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners").
 
 Split the image into non-overlapping patches and mask a large random subset (75%). The ViT
 encoder runs on the *visible* patches only (no mask tokens: a quarter of the tokens, hence cheap),
