@@ -7,6 +7,7 @@ real dataset need Debian's package (``sudo apt-get install dataset-fashion-mnist
 from __future__ import annotations
 
 import csv
+
 import numpy as np
 import pytest
 import torch
