@@ -10,7 +10,7 @@ class: the fidelity/diversity trade-off of guidance in two columns. Every row al
 fraction of "noise-like" samples: rougher (mean absolute vertical pixel difference) than every real
 training image.
 
-FID uses the digits domain extractor (lgen fid-extractor data=digits data.image_size=16) against the
+FID uses the digits domain extractor (the cached one that training uses, built here if missing) against the
 train split, the same statistics as `val/fid_digits` during training. Prints a markdown table.
 """
 
@@ -22,7 +22,7 @@ import time
 import torch
 
 from lightning_gen.callbacks.fid import fid_from_features
-from lightning_gen.eval.fid_extractor import default_path, load_extractor
+from lightning_gen.eval.fid_extractor import default_path, ensure_extractor, load_extractor
 from lightning_gen.methods.base import load_method
 
 
@@ -97,7 +97,10 @@ def main() -> None:
     device = torch.device(args.device)
     ddpm = load_method(args.ddpm).to(device)
     info = ddpm.data_info
-    extractor, _ = load_extractor(args.extractor or default_path(info.name, info.image_size))
+    path = args.extractor or ensure_extractor(
+        info.name, info.image_size, default_path(info.name, info.image_size)
+    )
+    extractor, _ = load_extractor(path)
     extractor.to(device)
     reals = real_images(ddpm)
     real = features(extractor, reals, device)

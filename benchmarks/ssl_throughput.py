@@ -99,11 +99,20 @@ class Data(L.LightningDataModule):
 
 
 def framework(
-    method: str, batch: int, steps: int, warmup: int, precision: str, channels_last: bool, device: str
+    method: str,
+    batch: int,
+    steps: int,
+    warmup: int,
+    precision: str,
+    channels_last: bool,
+    device: str,
+    compile: bool = False,
 ):
     model = build(method, batch)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if compile:  # what trainer.compile=true does
+        model.compile_networks()
     clock = Clock(warmup)
     trainer = L.Trainer(
         accelerator=device,
@@ -123,10 +132,21 @@ def framework(
     return batch / statistics.median(clock.steps)
 
 
-def bare(method: str, batch: int, steps: int, warmup: int, precision: str, channels_last: bool, device: str):
+def bare(
+    method: str,
+    batch: int,
+    steps: int,
+    warmup: int,
+    precision: str,
+    channels_last: bool,
+    device: str,
+    compile: bool = False,
+):
     model = build(method, batch).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile_networks()
     model.train()
     params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("online_probe")]
     base_lr = model.scaled_lr()
@@ -195,6 +215,12 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["simclr", "moco_v2"])
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
     parser.add_argument("--channels-last", nargs="+", default=["false", "true"])
+    parser.add_argument(
+        "--compile",
+        nargs="+",
+        default=["false"],
+        help="torch.compile the backbones (trainer.compile): false true",
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
@@ -215,27 +241,42 @@ def main() -> int:
         f"# {name}, ResNet-18 32x32, batch {args.batch_size}, median of {args.steps} steps after {args.warmup}"
         f" warm-up, {args.repeats} run(s) per path"
     )
-    print("| method | precision | channels_last | lightning_gen img/s | bare PyTorch img/s | overhead |")
-    print("|---|---|---|---|---|---|")
-    for method in args.methods:
-        for precision in args.precisions:
-            for cl in args.channels_last:
-                cl = cl == "true"
-                runs = {"framework": [], "bare": []}
-                for repeat in range(args.repeats):  # alternate the order: drifts of a shared machine even out
-                    order = ("framework", "bare") if repeat % 2 == 0 else ("bare", "framework")
-                    for path in order:
-                        torch.manual_seed(0)
-                        run = framework if path == "framework" else bare
-                        runs[path].append(
-                            run(method, args.batch_size, args.steps, args.warmup, precision, cl, args.device)
-                        )
-                fw, ref = statistics.median(runs["framework"]), statistics.median(runs["bare"])
-                print(
-                    f"| {method} | {precision} | {cl} | {spread(runs['framework'])} | {spread(runs['bare'])} "
-                    f"| {100 * (1 - fw / ref):+.1f}% |",
-                    flush=True,
+    print(
+        "| method | precision | channels_last | compile | lightning_gen img/s | bare PyTorch img/s | overhead |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    cases = [
+        (m, p, cl == "true", c == "true")
+        for m in args.methods
+        for p in args.precisions
+        for cl in args.channels_last
+        for c in args.compile
+    ]
+    for method, precision, cl, compiled in cases:
+        runs = {"framework": [], "bare": []}
+        for repeat in range(args.repeats):  # alternate the order: drifts of a shared machine even out
+            order = ("framework", "bare") if repeat % 2 == 0 else ("bare", "framework")
+            for path in order:
+                torch.manual_seed(0)
+                run = framework if path == "framework" else bare
+                runs[path].append(
+                    run(
+                        method,
+                        args.batch_size,
+                        args.steps,
+                        args.warmup,
+                        precision,
+                        cl,
+                        args.device,
+                        compiled,
+                    )
                 )
+        fw, ref = statistics.median(runs["framework"]), statistics.median(runs["bare"])
+        print(
+            f"| {method} | {precision} | {cl} | {compiled} | {spread(runs['framework'])} | {spread(runs['bare'])} "
+            f"| {100 * (1 - fw / ref):+.1f}% |",
+            flush=True,
+        )
     return 0
 
 

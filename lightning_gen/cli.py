@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import shlex
 import sys
+from pathlib import Path
 
 from lightning_gen.config import GROUPS, ConfigError, compose, options, to_yaml
 
@@ -35,9 +37,17 @@ PLUGINS = {
         "lightning_gen.cluster.submit",
         "render and submit a SLURM job for the same overrides as train",
     ),
+    "shards": (
+        "lightning_gen.data.shard_writer",
+        "write an image-folder tree into streaming shards (data=shards), or validate shards",
+    ),
+    "export": (
+        "lightning_gen.export",
+        "take a trained encoder out: backbone weights (torchvision names) or embeddings of a split",
+    ),
     "fid-extractor": (
         "lightning_gen.eval.fid_extractor",
-        "train the small domain feature extractor for FID on digits/MNIST",
+        "build the domain feature extractor for FID on digits/MNIST ahead of time (training builds it on first use)",
     ),
 }
 
@@ -105,9 +115,22 @@ def cmd_train(args) -> int:
         print(to_yaml(cfg), end="")
         return 0
     run = train(cfg)
+    if run.stopped_by is not None:
+        run.summary["resume_command"] = resume_command(args.overrides, run.cfg.run_id)
     if run.trainer.is_global_zero:
         print(format_summary(run.summary))
-    return 0
+    return run.exit_code
+
+
+def resume_command(overrides: list[str], run_id: str) -> str:
+    """The command line that continues run ``run_id`` from its newest checkpoint (same directory)."""
+    if Path(sys.argv[0]).name == "lgen":
+        program = ["lgen"]
+    else:  # python -m lightning_gen, or a script: this interpreter, as module
+        program = [sys.executable, "-m", "lightning_gen"]
+    kept = [o for o in overrides if not o.startswith(("run_id=", "resume="))]
+    again = ["resume=auto"] if any(o.startswith("resume=") for o in overrides) else []
+    return shlex.join([*program, "train", *kept, f"run_id={run_id}", *again])
 
 
 def cmd_list(args) -> int:
@@ -140,12 +163,15 @@ def cmd_list(args) -> int:
 
 
 def _experiment_summary(name: str) -> str:
+    """The experiment file's leading comment, all its lines joined (a description may wrap)."""
     from lightning_gen.config import conf_dir
 
+    lines = []
     for line in (conf_dir() / "experiment" / f"{name}.yaml").read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(lines)
 
 
 def cmd_prepare(args) -> int:

@@ -46,32 +46,41 @@ def choice(default: str, *options: str, help: str = "") -> Any:
     return field(default=default, metadata={"choices": options, "help": help})
 
 
+def bounded(default: Any, low: float | None = None, high: float | None = None, hint: str = "") -> Any:
+    """A number field that must lie in [low, high] (None: no bound, and a None value is always allowed).
+
+    ``hint`` completes the error message with what the number means, e.g. "images per device and step"."""
+    return field(default=default, metadata={"low": low, "high": high, "hint": hint})
+
+
 @dataclass
 class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1  # int, list of ids, or "auto"
-    num_nodes: int = 1
+    num_nodes: int = bounded(1, 1, hint="machines to train on")
     strategy: str = "auto"  # "auto" becomes ddp when more than one process trains
     precision: str = "auto"  # "auto": bf16-mixed where the hardware has fast bf16, else 32-true
     channels_last: bool = True  # memory format for conv nets (ignored by methods without convs)
-    max_epochs: int = 10
-    max_steps: int = -1
+    compile: bool = False  # torch.compile the networks that dominate the step (backbone, U-Net): see README
+    max_epochs: int = bounded(10, -1, hint="-1 trains until max_steps or max_time")
+    max_steps: int = bounded(-1, -1, hint="-1: no step limit")
     max_time: str | None = None  # "DD:HH:MM:SS"
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: float | None = None
+    accumulate_grad_batches: int = bounded(1, 1, hint="batches per optimizer step")
+    gradient_clip_val: float | None = bounded(None, 0)
     gradient_clip_algorithm: str = choice("norm", "norm", "value")
-    check_val_every_n_epoch: int = 1
-    val_check_interval: float | None = None
-    limit_train_batches: float | None = None
-    limit_val_batches: float | None = None
-    log_every_n_steps: int = 10
-    checkpoint_every_n_steps: int | None = None  # besides the checkpoint at every epoch end
-    keep_best: int = 1  # best checkpoints kept by the method's monitored metric
+    check_val_every_n_epoch: int = bounded(1, 1)
+    val_check_interval: float | None = bounded(None, 0)
+    limit_train_batches: float | None = bounded(None, 0, hint="a fraction (0.25) or a number of batches (10)")
+    limit_val_batches: float | None = bounded(None, 0, hint="a fraction (0.25) or a number of batches (10)")
+    # logged at least once per epoch: capped at the epoch's batch count on small datasets
+    log_every_n_steps: int = bounded(10, 1)
+    checkpoint_every_n_steps: int | None = bounded(None, 1)  # besides the checkpoint at every epoch end
+    keep_best: int = bounded(1, -1, hint="-1 keeps all")  # best checkpoints kept by the monitored metric
     sync_batchnorm: bool = False
     deterministic: bool = False
     benchmark: bool | None = None
     enable_progress_bar: bool = True
-    num_sanity_val_steps: int = 0
+    num_sanity_val_steps: int = bounded(0, -1)
     detect_anomaly: bool = False
 
 
@@ -96,17 +105,25 @@ class LoggerConfig:
 class ClusterConfig:
     """How `lgen submit` asks SLURM for resources (ignored by `lgen train`)."""
 
-    nodes: int = 1
-    gpus_per_node: int = 0  # 0: a CPU job; else ntasks-per-node = gpus_per_node
-    tasks_per_node: int | None = None  # CPU jobs: DDP processes per node (default: trainer.devices)
-    cpus_per_task: int = 4
+    nodes: int = bounded(1, 1)
+    gpus_per_node: int = bounded(0, 0)  # 0: a CPU job; else ntasks-per-node = gpus_per_node
+    tasks_per_node: int | None = bounded(
+        None, 1
+    )  # CPU jobs: DDP processes per node (default: trainer.devices)
+    cpus_per_task: int = bounded(4, 1)
     mem: str | None = "16G"
     time: str = "01:00:00"
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    signal_grace_s: int = 120  # --signal=SIGUSR1@<grace>: time to checkpoint before the kill
+    # --signal=USR1@<grace>: seconds between the preemption signal and the time limit, for finishing the
+    # step and writing the checkpoint. 5 minutes: a ResNet-50 or ViT-B checkpoint with optimizer state is
+    # 0.3-1 GB, a shared file system can be slow under load, and SLURM may send the signal up to 60 s late.
+    signal_grace_s: int = 300
+    omp_num_threads: int | None = bounded(
+        None, 1
+    )  # per training process; default cpus_per_task - data.num_workers
     requeue: bool = True
     setup: list[str] = field(default_factory=list)  # e.g. ["module load cuda", "source .venv/bin/activate"]
     extra_sbatch: list[str] = field(default_factory=list)  # extra "#SBATCH ..." lines, without the prefix
@@ -116,7 +133,7 @@ class ClusterConfig:
 @dataclass
 class RootConfig:
     experiment: str | None = None  # name of the experiment; the run directory is runs/<experiment>/<run_id>
-    seed: int = 0
+    seed: int = bounded(0, 0)
     run_id: str | None = None  # given, or $SLURM_JOB_ID, or generated
     resume: str = "auto"  # "auto": newest checkpoint of this run id; "never"; or a checkpoint path
     runs_dir: str = "runs"
@@ -278,6 +295,7 @@ def validate(cfg: DictConfig) -> DictConfig:
             nested += _all_leaf_paths(registry.get(kind, name).config, kind)
     _check_keys(cfg, RootConfig, "", skip={"method", "data", "callbacks"}, nested=nested)
     typed = _typed(cfg, RootConfig, "", skip={"method", "data", "callbacks"})
+    _check_devices(typed.trainer.devices)
     for kind in ("method", "data"):
         section = cfg.get(kind) or OmegaConf.create({})
         if "name" not in section:
@@ -384,7 +402,68 @@ def _typed(node: DictConfig, schema: type, path: str, skip=frozenset()) -> DictC
         raise ConfigError(
             f"wrong type for {full}: expected {expected}, got {value!r} ({type(value).__name__})"
         ) from error
+    _check_bounds(merged, schema, path)
     return merged
+
+
+def _check_bounds(node: DictConfig, schema: type, path: str) -> None:
+    """Numbers declared with ``bounded`` must lie in their range: caught here, not as a traceback later."""
+    for f in dataclasses.fields(schema):
+        kind = _field_type(schema, f.name)
+        value = node.get(f.name)
+        if dataclasses.is_dataclass(kind) and isinstance(value, DictConfig):
+            _check_bounds(value, kind, _join(path, f.name))
+            continue
+        meta = _bounds_metadata(schema, f.name)
+        low, high = meta.get("low"), meta.get("high")
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            full = _join(path, f.name)
+            allowed = (
+                f"between {low} and {high}"
+                if low is not None and high is not None
+                else (f"at least {low}" if low is not None else f"at most {high}")
+            )
+            hint = f" ({meta['hint']})" if meta.get("hint") else ""
+            default = f.default if f.default is not dataclasses.MISSING else None
+            fits = default is not None and not (
+                low is not None and default < low or high is not None and default > high
+            )
+            example = default if fits else (low if low is not None and value < low else high)
+            raise ConfigError(
+                f"invalid value {value} for {full}: it must be {allowed}{hint}; e.g. {full}={example}"
+            )
+
+
+def _bounds_metadata(schema: type, name: str) -> dict:
+    """The ``bounded`` metadata of a field, also when a subclass redeclares it with a plain default."""
+    for klass in schema.__mro__:
+        if dataclasses.is_dataclass(klass):
+            for f in dataclasses.fields(klass):
+                if f.name == name and ("low" in f.metadata or "high" in f.metadata):
+                    return dict(f.metadata)
+    return {}
+
+
+def _check_devices(devices: Any) -> None:
+    """trainer.devices: a count (N >= 1, or -1 for all), "auto", or device ids ([0, 1] or "0,1")."""
+    if isinstance(devices, bool):
+        ok = False
+    elif isinstance(devices, int):
+        ok = devices >= 1 or devices == -1
+    elif isinstance(devices, str):
+        ok = devices == "auto" or devices.strip().removesuffix(",").replace(",", "").isdigit()
+    else:  # a list of device ids
+        ok = (
+            all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+            and len(devices) > 0
+        )
+    if not ok:
+        raise ConfigError(
+            f"invalid value {devices!r} for trainer.devices: give a number of devices (trainer.devices=2), "
+            f"-1 or auto for all of them, or device ids (trainer.devices=[0,1])"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -80,6 +80,26 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over ranks (a new tensor; ``x`` itself on 1 process). No gradient."""
+    if not is_distributed():
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum of ``x`` over ranks. No gradient."""
+    if not is_distributed():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+@torch.no_grad()
 def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(x, src)

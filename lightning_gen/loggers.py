@@ -1,4 +1,4 @@
-"""Loggers that keep what a run already wrote when it resumes (requeues included)."""
+"""Loggers that keep what a run already wrote when it resumes (requeues included), and a quiet W&B logger."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import csv
 import os
 
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
@@ -35,3 +36,13 @@ class AppendingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = AppendingExperimentWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class WandbLogger(_LightningWandbLogger):
+    """Lightning's WandbLogger without the ``anonymous`` argument: Lightning always passes it to
+    ``wandb.init`` (None when unset), and wandb >= 0.19 warns for any value that it has no effect."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)

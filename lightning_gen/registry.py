@@ -23,8 +23,9 @@ class Entry:
 
     @property
     def summary(self) -> str:
+        """The first paragraph of the class docstring, on one line."""
         doc = (self.cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
+        return " ".join(doc.split("\n\n")[0].split())
 
 
 _REGISTRIES: dict[str, dict[str, Entry]] = {"method": {}, "data": {}, "callback": {}}

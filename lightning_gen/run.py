@@ -34,7 +34,9 @@ from omegaconf import DictConfig
 from lightning_gen import registry
 from lightning_gen.checkpoint import AtomicCheckpointIO, LastCheckpoint, resume_path
 from lightning_gen.config import ConfigError, section_object, to_dict, to_yaml
+from lightning_gen.interrupt import StopOnSignal
 from lightning_gen.methods.base import Method
+from lightning_gen.quiet import LogEveryEpoch, silence_library_notices
 from lightning_gen.randomness import RandomStreams
 
 RUN_ID_ENV = "LGEN_RUN_ID"
@@ -50,6 +52,17 @@ class Run:
     method: Method
     trainer: L.Trainer
     summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stopped_by(self) -> signal.Signals | None:
+        """The signal (SIGTERM, SIGINT) that stopped training early, if one did."""
+        stop = next((c for c in self.trainer.callbacks if isinstance(c, StopOnSignal)), None)
+        return stop.stopped_by if stop is not None else None
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 128 + the signal number when a signal stopped training (what `lgen train` exits with)."""
+        return 128 + int(self.stopped_by) if self.stopped_by is not None else 0
 
 
 # ------------------------------------------------------------------------------ run identity
@@ -88,6 +101,9 @@ def build_method(cfg: DictConfig, datamodule) -> Method:
     method = registry.build("method", section_object(cfg.method), data=datamodule.info)
     if cfg.trainer.channels_last:
         method = method.to(memory_format=torch.channels_last)
+    if cfg.trainer.compile:
+        compiled = method.compile_networks()
+        rank_zero_info(f"[lgen] torch.compile: {', '.join(compiled) or 'no network of this method'}")
     return method
 
 
@@ -126,6 +142,8 @@ def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: b
         ),
         LastCheckpoint(ckpt_dir),
         NonFiniteLossGuard(ckpt_dir),
+        StopOnSignal(),  # SIGTERM / SIGINT: stop at a step boundary with a checkpoint, exit 128 + signal
+        LogEveryEpoch(),
     ]
     if SLURMEnvironment.detect():  # Lightning's SIGUSR1 requeue, run where all ranks agree
         from lightning_gen.cluster.requeue import RequeueAtStepBoundary
@@ -182,21 +200,14 @@ def wandb_mode(requested: str) -> str:
 
 
 def wandb_run_id(run_dir: Path) -> str:
-    """One W&B id per run directory, kept across resumes and SLURM requeues."""
+    """One W&B id per run directory, kept across resumes and SLURM requeues (``save_run_files`` writes it)."""
     path = run_dir / "wandb_id"
-    if path.exists():
-        return path.read_text().strip()
-    run_id = secrets.token_hex(4)
-    if rank_zero_only.rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(run_id + "\n")
-    return run_id
+    return path.read_text().strip() if path.exists() else secrets.token_hex(4)
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    from lightning.pytorch.loggers import WandbLogger
-
-    from lightning_gen.loggers import AppendingCSVLogger
+    """The run's loggers; nothing is written until training starts (``save_run_files``, then the first log)."""
+    from lightning_gen.loggers import AppendingCSVLogger, WandbLogger
 
     loggers: list = []
     wandb_cfg = cfg.logger.wandb
@@ -282,7 +293,10 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path
 # ------------------------------------------------------------------------------ train
 
 
-def save_config(cfg: DictConfig, run_dir: Path) -> None:
+def save_run_files(cfg: DictConfig, run_dir: Path, loggers: list) -> None:
+    """Create the run directory with config.yaml and the W&B id: the first thing a run writes."""
+    from lightning.pytorch.loggers import WandbLogger
+
     if rank_zero_only.rank != 0:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -290,10 +304,27 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
     if path.exists() and path.read_text() != text:  # a resume with changed settings: keep the old one
         path.rename(run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
     path.write_text(text)
+    wandb_logger = next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
+    if wandb_logger is not None and not (run_dir / "wandb_id").exists():
+        (run_dir / "wandb_id").write_text(f"{wandb_logger.version}\n")
+
+
+def preflight(cfg: DictConfig, datamodule, method: Method, callbacks: list) -> None:
+    """What would otherwise fail once the run has started: the dataset's files (downloaded now when
+    ``data.download=true``), and each callback's own checks against the method (``preflight(method)``)."""
+    if cfg.data.download and rank_zero_only.rank == 0:
+        datamodule.prepare_data()  # global rank 0 only, as Lightning does; then its prepare_data finds the files
+    elif not cfg.data.download:
+        datamodule.check_files()
+    for callback in callbacks:
+        check = getattr(callback, "preflight", None)
+        if check is not None:
+            check(method)
 
 
 def train(cfg: DictConfig) -> Run:
     """Train the experiment ``cfg`` (from ``config.compose``) and return what was built."""
+    silence_library_notices()
     run_id = resolve_run_id(cfg)
     previous_env = os.environ.get(RUN_ID_ENV)
     os.environ[RUN_ID_ENV] = run_id  # DDP processes launched by Lightning inherit the same run directory
@@ -302,8 +333,9 @@ def train(cfg: DictConfig) -> Run:
         run_dir = run_directory(cfg, run_id)
         ckpt_path = resume_path(run_dir, cfg.resume)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        save_config(cfg, run_dir)
 
+        # Everything is built and checked before anything is written: a run that fails here leaves no
+        # run directory and no W&B run behind (a later run with the same id starts clean).
         datamodule = build_datamodule(cfg)
         method = build_method(cfg, datamodule)
         validates = cfg.trainer.limit_val_batches != 0
@@ -315,6 +347,9 @@ def train(cfg: DictConfig) -> Run:
                 "ddp_find_unused_parameters_true" if _multi_process(cfg) else cfg.trainer.strategy
             )
         trainer = build_trainer(cfg, callbacks, loggers, run_dir)
+        preflight(cfg, datamodule, method, callbacks)
+
+        save_run_files(cfg, run_dir, loggers)
         for logger in loggers:
             logger.log_hyperparams(to_dict(cfg))
         announce(cfg, trainer, run_dir, ckpt_path)
@@ -380,6 +415,10 @@ def summarize(run: Run, seconds: float) -> dict[str, Any]:
         "last_checkpoint": str(run.run_dir / "checkpoints" / "last.ckpt"),
         "best_checkpoint": best,
     }
+    if run.stopped_by is not None:
+        summary["stopped_by"] = (
+            f"{run.stopped_by.name} at step {trainer.global_step}: checkpoint saved, exit code {run.exit_code}"
+        )
     for key, value in sorted(trainer.callback_metrics.items()):
         if key.endswith("_step") or key == "lr":
             continue

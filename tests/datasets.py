@@ -114,3 +114,27 @@ def write_image_folder(root: Path, classes=("cat", "dog", "eel"), per_class: int
             for i in range(per_class):
                 pixels = np.full((size, size + 8, 3), 40 * c + 10 * i, dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+
+
+def coordinate_image(height: int, width: int) -> np.ndarray:
+    """RGB pixels whose red value is the column and green the row (sides up to 256): any crop of it,
+    resized, tells where in the original it was cut."""
+    assert height <= 256 and width <= 256
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[..., 0] = np.arange(width, dtype=np.uint8)[None, :]
+    pixels[..., 1] = np.arange(height, dtype=np.uint8)[:, None]
+    pixels[..., 2] = 128
+    return pixels
+
+
+def write_coordinate_folder(root: Path, sizes=((180, 240), (240, 180), (100, 250)), classes=("a", "b")):
+    """train/ and val/ trees of lossless (PNG) coordinate images, every size in every class."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, (h, w) in enumerate(sizes):
+                Image.fromarray(coordinate_image(h, w)).save(folder / f"{i}.png")
+    return [size for _ in classes for size in sizes]  # (height, width) of every train image, by index

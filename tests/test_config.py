@@ -101,3 +101,18 @@ def test_print_config_and_list_from_the_cli(lgen):
         assert line in listing
     bad = lgen("train", "method.lrr=1", check=False)
     assert bad.returncode == 2 and "did you mean 'lr'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_list_descriptions_are_whole(capsys):
+    from lightning_gen.cli import main
+
+    described = []
+    for what in ("methods", "data", "experiments", "callbacks"):
+        assert main(["list", what]) == 0
+        described += [
+            line.split(None, 1) for line in capsys.readouterr().out.splitlines() if line.startswith("  ")
+        ]
+    assert len(described) > 60 and ["cpc_digits"] in [d[:1] for d in described]
+    for name, text in described:
+        # A description cut at the end of its first line stops mid-sentence ("of the", "wd 0.1,").
+        assert text.endswith("."), f"{name}: {text!r} is cut"

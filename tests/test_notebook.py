@@ -5,19 +5,23 @@ PCA of trained vs random-init embeddings, probe and kNN scores."""
 
 from __future__ import annotations
 
+import shlex
 import shutil
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.conftest import REPO
+from tests.conftest import REPO, lgen_env, run_lgen
 
 NOTEBOOKS = {
     # name: (pictures at least, checkpoint the run leaves, text its outputs must show)
     "quickstart": (2, "runs/ae_digits/quickstart/checkpoints/last.ckpt", "online linear probe accuracy"),
     "ssl_digits": (3, "runs/simclr_digits/notebook/checkpoints/last.ckpt", "probe, 10 labels/class"),
 }
+
+
+EVAL_COMMANDS = {"quickstart": 0, "ssl_digits": 2}  # `lgen eval` commands each notebook shows
 
 
 @pytest.mark.parametrize("name", list(NOTEBOOKS))
@@ -37,3 +41,9 @@ def test_notebook_runs_and_shows_pictures(name, tmp_path, monkeypatch):
     assert (tmp_path / checkpoint).is_file()
     text = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
     assert marker in text
+    # The shell commands the notebook shows (its text and its output) run as written, on its checkpoint.
+    shown = "\n".join(c.source for c in notebook.cells if c.cell_type == "markdown") + "\n" + text
+    commands = sorted({line.strip() for line in shown.splitlines() if line.strip().startswith("lgen eval ")})
+    assert len(commands) >= EVAL_COMMANDS[name], commands
+    for command in commands:
+        run_lgen(*shlex.split(command)[1:], cwd=tmp_path, env=lgen_env(OMP_NUM_THREADS="1"))

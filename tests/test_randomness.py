@@ -5,7 +5,7 @@
 - evaluation (linear probe, kNN, k-means, image grids, validation) neither consumes nor resets the
   training streams: a run with all of it on trains bitwise like a run with all of it off;
 - a run stopped mid-epoch and resumed (`callbacks.stop_after.steps`) has per-step losses and final
-  weights bitwise equal to the uninterrupted run: SimCLR, MoCo v2 and DDPM on 1 process, SimCLR on 2;
+  weights bitwise equal to the uninterrupted run: SimCLR, MoCo v2, SwAV and DDPM on 1 process, SimCLR on 2;
 - the generator EMA moves once per optimizer step under gradient accumulation.
 CPU, 32-true, one thread per process (bitwise comparisons of sums need a fixed thread count).
 """
@@ -41,6 +41,8 @@ EXPERIMENTS = {
     "simclr_digits": EVALUATION_ON,
     "moco_v2_digits": [*EVALUATION_ON, "method.queue_size=96"],
     "ddpm_digits": ["method.width=16", "callbacks.fid.enabled=false", "callbacks.images.every_n_epochs=1"],
+    # queue full after 2 steps and in use at the cut; prototypes frozen in epoch 0, trained after
+    "swav_digits": ["method.queue_size=64", "method.queue_start_epoch=0", "method.num_prototypes=20"],
 }
 STOP = 6  # mid-epoch 1: after epoch 0's validation and evaluation callbacks
 
@@ -130,3 +132,45 @@ def test_generator_ema_moves_once_per_optimizer_step(lgen):
     saved = checkpoint(lgen.cwd / "runs" / "ddpm_digits" / "acc")
     assert saved["global_step"] == 4  # 2 epochs x 4 batches / 2 accumulated
     assert int(saved["state_dict"]["ema_updates"]) == saved["global_step"]
+
+
+def test_last_checkpoint_never_claims_an_interrupted_epoch_complete(tmp_path):
+    """A stop mid-epoch whose checkpoint was written elsewhere (SLURM's hpc_ckpt) must not be followed by
+    an epoch-end last.ckpt: Lightning would record the cut epoch as complete and a resume would skip
+    the rest of it. last.ckpt keeps the previous epoch's end."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_gen.checkpoint import LastCheckpoint
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(torch.randn(16, 2)), batch_size=4)
+
+    class StoppedElsewhere(L.Callback):  # as RequeueAtStepBoundary after Lightning's hpc save
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 6:
+                trainer.lgen_stop_checkpoint_step = trainer.global_step
+                trainer.should_stop = True
+
+    trainer = L.Trainer(
+        max_epochs=3,
+        callbacks=[StoppedElsewhere(), LastCheckpoint(tmp_path)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(Tiny())
+    assert trainer.global_step == 6  # stopped in epoch 1, after 2 of its 4 batches
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 4  # epoch 0's end

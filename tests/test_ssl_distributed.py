@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from lightning_gen.distributed import batch_shuffle, batch_unshuffle
 from lightning_gen.losses.contrastive import KeyQueue, info_nce, nt_xent
 from lightning_gen.losses.dino import DINOLoss
+from lightning_gen.losses.noncontrastive import barlow_twins_loss, vicreg_loss
+from lightning_gen.losses.swav import FeatureQueue, assign_codes, swapped_prediction_loss
 
 WORLD, N, D_IN, D_OUT, TAU = 2, 4, 6, 5, 0.2
 
@@ -46,7 +48,44 @@ def info_nce_problem(model, views, first_index=0, gather=True):
     return info_nce(queries, keys, TAU, gather=gather)
 
 
-PROBLEMS = {"nt_xent": nt_xent_problem, "info_nce": info_nce_problem}
+def barlow_twins_problem(model, views, first_index=0):
+    return barlow_twins_loss(model(views[0]), model(views[1]), lambd=0.1)
+
+
+def vicreg_problem(model, views, first_index=0):
+    return vicreg_loss(model(views[0]), model(views[1]), 25.0, 25.0, 1.0)[0]
+
+
+SWAV_QUEUE, SWAV_PROTOTYPES = 6, 7
+
+
+def swav_queue() -> FeatureQueue:
+    """A full queue with the same rows on every rank (what FeatureQueue.push guarantees, tested below)."""
+    g = torch.Generator().manual_seed(11)
+    queue = FeatureQueue(2, SWAV_QUEUE, D_OUT)
+    queue.features.copy_(F.normalize(torch.randn(2, SWAV_QUEUE, D_OUT, generator=g), dim=2))
+    queue.filled.fill_(SWAV_QUEUE)
+    return queue
+
+
+def swav_problem(model, views, first_index=0):
+    g = torch.Generator().manual_seed(12)
+    prototypes = F.normalize(torch.randn(SWAV_PROTOTYPES, D_OUT, generator=g), dim=1)
+    scores = [F.normalize(model(v), dim=1) @ prototypes.T for v in views]
+    queue = swav_queue()  # each rank feeds its own share of the queue rows to Sinkhorn-Knopp
+    codes = [assign_codes(scores[a].detach(), queue.local_rows(a) @ prototypes.T, 0.3, 3) for a in range(2)]
+    return swapped_prediction_loss(scores, codes, TAU)
+
+
+PROBLEMS = {
+    "nt_xent": nt_xent_problem,
+    "info_nce": info_nce_problem,
+    "barlow_twins": barlow_twins_problem,
+    "vicreg": vicreg_problem,
+    "swav": swav_problem,
+}
+# Problems whose cross-rank terms change the loss: computed on each rank's slice alone, they differ.
+BATCH_LEVEL = ("info_nce", "barlow_twins", "vicreg", "swav")
 
 
 def rank_mean_loss_and_grads(model, problem, local, first_index):
@@ -82,6 +121,12 @@ def worker(r: int, init_file: str, out_dir: str) -> None:
     for step_keys in keys:
         queue.enqueue(local_slice(step_keys, r))
     results.update(queue=queue.keys.clone(), ptr=queue.ptr.clone())
+
+    # SwAV queue: every rank pushes its own embeddings; the queues must end identical.
+    swav = FeatureQueue(2, 10, D_OUT)
+    for step_keys in keys:
+        swav.push([local_slice(step_keys, r), -local_slice(step_keys, r)])
+    results.update(swav_queue=swav.features.clone(), swav_filled=swav.filled.clone())
 
     # DINO center: all-reduced mean of the teacher outputs.
     center = DINOLoss(D_OUT)
@@ -140,15 +185,18 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         model.zero_grad()
         loss = problem(model, views)
         loss.backward()
+        # float32 round-off grows with the loss (Barlow Twins' and VICReg's are O(10)), so the
+        # tolerance does too; for the O(1) contrastive losses it is 1e-6
+        tol = 1e-6 * max(1.0, abs(loss.item()))
         for result in ranks:
             got_loss, got_grads = result[name]
-            assert torch.allclose(got_loss, loss.detach(), atol=1e-6), (name, got_loss, loss)
+            assert torch.allclose(got_loss, loss.detach(), atol=tol), (name, got_loss, loss)
             for got, want in zip(got_grads, [p.grad for p in model.parameters()]):
-                assert torch.allclose(got, want, atol=1e-6), (name, (got - want).abs().max())
-    halves = [info_nce_problem(model, local_slice(views, r), gather=False) for r in range(WORLD)]
-    assert (
-        abs(sum(h.item() for h in halves) / WORLD - loss.item()) > 1e-3
-    )  # local negatives: a different loss
+                assert torch.allclose(got, want, atol=tol), (name, (got - want).abs().max())
+    for name in BATCH_LEVEL:  # each rank on its own: a different loss (the comparison above can fail)
+        whole = PROBLEMS[name](model, views).item()
+        halves = [PROBLEMS[name](model, local_slice(views, r)).item() for r in range(WORLD)]
+        assert abs(sum(halves) / WORLD - whole) > 1e-3, name
 
     # A gather *without* gradient would get this wrong: the negatives' gradient goes missing.
     assert not torch.allclose(ranks[0]["nt_xent"][1][0], torch.zeros_like(ranks[0]["nt_xent"][1][0]))
@@ -160,6 +208,12 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for result in ranks:
         assert torch.equal(result["queue"], ranks[0]["queue"]) and int(result["ptr"]) == int(ranks[0]["ptr"])
         assert torch.allclose(result["queue"], queue.keys, atol=1e-6) and int(result["ptr"]) == int(queue.ptr)
+
+    swav = FeatureQueue(2, 10, D_OUT)
+    for step_keys in keys:
+        swav.push([step_keys, -step_keys])
+    for result in ranks:
+        assert torch.equal(result["swav_queue"], swav.features) and int(result["swav_filled"]) == 10
 
     center = DINOLoss(D_OUT)
     center.update_center(list(teacher))

@@ -54,12 +54,21 @@ CASES = {
         "method.weight_decay_end=0.4",
     ],
     "cpc_digits": [],
+    "byol_digits": ["method.momentum_start=0.99", "method.momentum_end=1.0"],
+    "simsiam_digits": [],
+    "barlow_twins_digits": ["method.proj_hidden_dim=64", "method.proj_dim=64"],
+    "vicreg_digits": ["method.proj_hidden_dim=64", "method.proj_dim=64"],
+    # queue of 2 batches from epoch 0: full at the interruption, used only after the resume
+    "swav_digits": ["method.queue_size=32", "method.queue_start_epoch=0", "method.num_prototypes=20"],
+    # the same SimCLR test with the backbone compiled (trainer.compile): same behaviour, resume included
+    "simclr_digits+compile": ["trainer.compile=true"],
 }
 
 
-@pytest.mark.parametrize("experiment", list(CASES))
-def test_train_interrupt_and_resume(lgen, experiment):
-    args = ["train", f"experiment={experiment}", *TINY, *CASES[experiment], "run_id=r"]
+@pytest.mark.parametrize("case", list(CASES))
+def test_train_interrupt_and_resume(lgen, case):
+    experiment = case.split("+")[0]
+    args = ["train", f"experiment={experiment}", *TINY, *CASES[case], "run_id=r"]
     run_dir = lgen.cwd / "runs" / experiment / "r"
     lgen(*args, "callbacks.stop_after.epochs=1")  # stops after epoch 1 of the planned 2, like a preemption
     first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
@@ -105,6 +114,51 @@ def test_train_interrupt_and_resume(lgen, experiment):
 
     method = load_method(str(run_dir / "checkpoints" / "last.ckpt"))
     assert method.embed_images(torch.zeros(3, 1, 16, 16, dtype=torch.uint8)).shape[0] == 3
+    if experiment in METHOD_CHECKS:
+        METHOD_CHECKS[experiment](method, first, final, run_dir)
+
+
+def optimizer_state_of(method, param, checkpoint) -> dict:
+    """The checkpoint's optimizer state of ``param`` (indexed by position in the method's own groups)."""
+    params = [p for g in method.configure_optimizers().param_groups for p in g["params"]]
+    index = next(i for i, p in enumerate(params) if p is param)
+    return checkpoint["optimizer_states"][0]["state"].get(index, {})
+
+
+def check_byol(method, first, final, run_dir):
+    sd = final[
+        "state_dict"
+    ]  # the target projector moved with the online one (momentum pair), not left at init
+    weights = [k for k in sd if k.startswith("projector.") and k.endswith("weight")]
+    assert weights and any(not torch.equal(sd[k], sd["target_" + k]) for k in weights)
+    assert not torch.equal(
+        first["state_dict"]["target_projector.net.0.weight"], sd["target_projector.net.0.weight"]
+    )
+
+
+def check_simsiam(method, first, final, run_dir):
+    """The predictor keeps its base lr (not decayed) while the rest follows warm-up + cosine."""
+    groups = final["optimizer_states"][0]["param_groups"]
+    fixed = [g for g in groups if g.get("fixed_lr") and g["base_lr"] == pytest.approx(2e-3)]  # not the probe
+    assert sum(len(g["params"]) for g in fixed) == len(list(method.predictor.parameters()))
+    assert all(g["lr"] == pytest.approx(2e-3) for g in fixed)
+    decayed = [g for g in groups if not g.get("fixed_lr")]
+    assert decayed and all(g["lr"] < 2e-3 for g in decayed)
+
+
+def check_swav(method, first, final, run_dir):
+    assert int(first["state_dict"]["queue.filled"]) == 32  # the queue is in the checkpoint, full
+    used = step_values(run_dir, "train/queue_used")
+    assert used == {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0}  # used from the first step after the resume on
+    prototypes = final["state_dict"]["prototypes.weight"]
+    assert torch.allclose(prototypes.norm(dim=1), torch.ones(len(prototypes)), atol=1e-5)
+    # frozen in epoch 0 (no gradient, so no optimizer state), trained in epoch 1
+    assert not optimizer_state_of(method, method.prototypes.weight, first)
+    assert optimizer_state_of(method, method.prototypes.weight, final)
+    assert not torch.equal(first["state_dict"]["prototypes.weight"], prototypes)
+
+
+METHOD_CHECKS = {"byol_digits": check_byol, "simsiam_digits": check_simsiam, "swav_digits": check_swav}
 
 
 def test_gradient_accumulation_counts_optimizer_steps_not_micro_batches(lgen):
@@ -199,6 +253,24 @@ def test_cpc_trains_with_two_ddp_processes_and_global_negatives(lgen):
     assert sorted(losses) == [0, 1] and all(math.isfinite(v) for v in losses.values())
 
 
+def test_swav_trains_with_two_ddp_processes_queue_and_global_sinkhorn(lgen):
+    """SwAV under real 2-process DDP: Sinkhorn-Knopp all-reduces its marginals inside every step, and
+    the queue gathers both ranks' embeddings (its equality across ranks is checked at every epoch end,
+    which raises on drift). The maths is checked in test_ssl_distributed; this checks the integration:
+    3 steps of 16 images per rank, a queue of 64 rows full after 2 steps and used in the third."""
+    quick = [a for a in TINY if not a.startswith(("trainer.max_epochs=", "trainer.limit_train_batches="))]
+    swav = ["method.queue_size=64", "method.queue_start_epoch=0", "method.num_prototypes=20"]
+    args = ["experiment=swav_digits", *quick, *swav, "trainer.max_epochs=1", "trainer.limit_train_batches=3"]
+    lgen("train", *args, "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "run_id=ddp")
+    run_dir = lgen.cwd / "runs" / "swav_digits" / "ddp"
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert final["global_step"] == 3
+    assert int(final["state_dict"]["queue.filled"]) == 64  # 2 ranks x 16 rows per step
+    assert step_values(run_dir, "train/queue_used") == {0: 0.0, 1: 0.0, 2: 1.0}
+    losses = step_values(run_dir, "train/loss_step")
+    assert sorted(losses) == [0, 1, 2] and all(math.isfinite(v) for v in losses.values())
+
+
 def test_multi_node_two_nodes_one_device_each(tmp_path):
     """num_nodes=2, devices=1: two processes started by hand with the env a cluster launcher sets."""
     port = _free_port()
@@ -243,14 +315,20 @@ def test_every_ssl_experiment_composes_and_builds():
     from lightning_gen.config import compose, options, section_object
     from lightning_gen.methods.base import DataInfo
 
-    names = [n for n in options("experiment") if n.split("_")[0] in ("simclr", "moco", "dino", "cpc")]
-    assert len(names) >= 24
+    ssl = ("simclr", "moco", "dino", "cpc", "byol", "simsiam", "barlow", "vicreg", "swav")
+    names = [n for n in options("experiment") if n.split("_")[0] in ssl]
+    assert len(names) >= 44
     for name in names:
         cfg = compose([f"experiment={name}"])
-        if cfg.data.name not in ("cifar10", "digits"):  # 96/224 px ResNet-50 / ViT-S builds are too slow here
+        if cfg.data.name not in (
+            "cifar10",
+            "digits",
+            "fashion_mnist",
+        ):  # 96/224 px ResNet-50 / ViT-S: too slow
             continue
         size = cfg.data.image_size or 32
-        info = DataInfo(name=cfg.data.name, channels=1 if cfg.data.name == "digits" else 3, image_size=size)
+        channels = 1 if cfg.data.name in ("digits", "fashion_mnist") else 3
+        info = DataInfo(name=cfg.data.name, channels=channels, image_size=size)
         method = registry.build("method", section_object(cfg.method), data=info)
         assert method.embed(torch.zeros(2, info.channels, size, size)).shape[0] == 2, name
         if name.startswith("cpc") and cfg.method.backbone.name.startswith("resnet"):  # CPC v2's layer norm
@@ -270,6 +348,59 @@ def test_resnet_layer_norm_makes_every_sample_independent_of_the_batch():
         net.train()
         same = torch.allclose(net(x)[0], net(others)[0], atol=1e-5)
         assert same == independent, norm
+
+
+def test_narrow_resnet_is_torchvisions_layout_with_every_stage_scaled():
+    """backbone.resnet_width: the same modules as torchvision's ResNet (names, blocks, strides), every
+    channel count scaled by width / 64; 64 is torchvision's own network."""
+    import torchvision
+
+    from lightning_gen.nets.backbones import BackboneConfig, build_backbone
+
+    reference = torchvision.models.resnet18(weights=None).state_dict()
+    for width in (64, 16):
+        net = build_backbone(BackboneConfig(name="resnet18", resnet_width=width, cifar_stem=False), 3, 64)
+        state = net.net.state_dict()
+        assert state.keys() == reference.keys() - {"fc.weight", "fc.bias"}
+        for key, value in state.items():
+            expected = tuple(
+                d if d in (1, 3, 7) else d * width // 64 for d in reference[key].shape
+            )  # kernel sizes stay, channels scale
+            assert tuple(value.shape) == expected, (width, key)
+        assert net.out_dim == 8 * width and net(torch.randn(2, 3, 64, 64)).shape == (2, 8 * width)
+    wide50 = build_backbone(BackboneConfig(name="resnet50", resnet_width=16), 1, 32)
+    assert wide50.out_dim == 512 and wide50(torch.randn(2, 1, 32, 32)).shape == (2, 512)
+
+
+def test_supervised_baseline_is_cross_entropy_of_its_classifier_on_the_view():
+    """The supervised baseline's loss is the cross-entropy of classifier(backbone(view)); it trains the
+    backbone, and the online probe (on detached features) does not."""
+    import torch.nn.functional as F
+
+    from lightning_gen import registry
+    from lightning_gen.config import compose, section_object
+    from lightning_gen.methods.base import DataInfo
+
+    identity = ["method.views.recipe=none", "method.views.global_crops.scale=[1.0,1.0]"]
+    cfg = compose(["experiment=supervised_fashion_mnist", *identity])
+    info = DataInfo(name="fashion_mnist", channels=1, image_size=32, mean=(0.286,), std=(0.353,))
+    torch.manual_seed(0)
+    method = registry.build("method", section_object(cfg.method), data=info)
+    images = torch.randint(0, 256, (8, 1, 32, 32), dtype=torch.uint8)
+    batch = {"image": images, "label": torch.arange(8) % 10, "index": torch.arange(8)}
+    views = method.make_views(batch)
+    loss, features = method.ssl_loss(views, batch)
+    x = method.to_float(images, "standard")
+    assert torch.allclose(views[0], x, atol=1e-5)  # recipe none: the view is the image
+    assert torch.allclose(loss, F.cross_entropy(method.classify(x), batch["label"]), atol=1e-5)
+    (loss + method.probe_loss(features, batch["label"], "train")).backward()
+    assert method.backbone.encoder.head.weight.grad is not None
+    probe_only = method.probe_loss(method.embed(x), batch["label"], "train")
+    method.zero_grad()
+    probe_only.backward()
+    assert (
+        method.backbone.encoder.head.weight.grad is None or not method.backbone.encoder.head.weight.grad.any()
+    )
 
 
 def test_moco_v3_vit_keeps_the_random_patch_projection_frozen():

@@ -226,3 +226,64 @@ def test_csv_log_continues_across_resumes(tmp_path):
         ("1", "0.5", ""),
         ("2", "0.25", "0.1"),
     ]
+
+
+def test_imagenet_recipe_carries_its_resources_and_srun_gets_the_cpus(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_main(["experiment=simclr_imagenet"]) == 0  # lgen submit --dry-run experiment=simclr_imagenet
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    for expected in (
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=10",  # data.num_workers=8 loader processes + the training process + 1
+        "#SBATCH --mem=320G",
+        "#SBATCH --time=48:00:00",
+        "#SBATCH --signal=USR1@300",
+        "export SRUN_CPUS_PER_TASK=10",
+        "export OMP_NUM_THREADS=2",  # the 10 CPUs minus the 8 loader workers
+    ):
+        assert expected in lines, expected
+    (srun,) = [line for line in lines if line.startswith("srun ")]
+    assert lines.index("export SRUN_CPUS_PER_TASK=10") < lines.index(srun)
+    assert " trainer.devices=8 " in srun and "trainer.accelerator=cpu" not in srun
+    assert "warning" not in captured.err  # the recipe's own resources feed it
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["experiment=simclr_imagenet", "cluster.cpus_per_task=4"],
+            ["cluster.cpus_per_task=4 cannot feed data.num_workers=8", "cluster.cpus_per_task=10"],
+        ),
+        (
+            # 2 GPU tasks, each holding train+unlabeled, test and the labeled train copy: 118k images of 3x96x96
+            ["experiment=simclr_stl10", "cluster.mem=16G"],
+            [
+                "cluster.mem=16G (per node) looks too small for 2 task(s) per node",
+                f"{118_000 * 3 * 96 * 96 / 2**30:.1f} GiB of stl10 images",
+                f"estimated {2 * (4 + 118_000 * 3 * 96 * 96 / 2**30 + 4 * 0.5):.1f} GiB",
+            ],
+        ),
+    ],
+)
+def test_resources_that_cannot_feed_the_recipe_are_a_warning(
+    overrides, expected, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    assert run_main(overrides) == 0  # a warning, not an error: the script is still printed
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("lgen submit: warning: ")]
+    assert len(warnings) == 1, captured.err
+    for text in expected:
+        assert text in warnings[0]
+    assert captured.out.startswith("#!/bin/bash")
+
+
+def test_slurm_memory_sizes():
+    from lightning_gen.cluster.resources import memory_bytes
+
+    assert memory_bytes("4G") == 4 * 2**30 and memory_bytes("500M") == 500 * 2**20
+    assert memory_bytes("2048") == 2 * 2**30  # SLURM's default unit is megabytes
+    assert memory_bytes("1T") == 2**40 and memory_bytes(None) is None and memory_bytes("0") is None

@@ -2,8 +2,10 @@
 
 from dataclasses import dataclass
 
+from lightning_gen.config import bounded
+
 
 @dataclass
 class CallbackConfig:
     enabled: bool = True
-    every_n_epochs: int = 1
+    every_n_epochs: int = bounded(1, 1)

@@ -9,8 +9,11 @@ loaded from there on later evaluations, later runs and resumes; each rank feeds 
 them so the synced real statistics count every real image once.
 
 Feature extractors, named in the metric so numbers are never confused:
-- ``domain`` (the default for digits/MNIST/Fashion-MNIST): the small classifier trained by
-  ``lgen fid-extractor data=NAME`` -> ``val/fid_<data>`` and ``val/kid_<data>``;
+- ``domain`` (the default for digits/MNIST/Fashion-MNIST): a small classifier trained on the domain
+  -> ``val/fid_<data>`` and ``val/kid_<data>``. It is built on first use (about a minute on a CPU)
+  and cached per user, one file per dataset and resolution (``lightning_gen.eval.fid_extractor``);
+  global rank 0 loads or builds it and every rank receives rank 0's copy, so all ranks measure with
+  the same network whatever their file systems hold;
 - ``inception``: torchmetrics' FID InceptionV3 (torch-fidelity's port) with weights from the local
   file ``inception_path`` (air-gapped clusters) -> ``val/fid_inception``. Images are resized to
   299x299 inside the network: ``antialias=true`` (torchmetrics >= 1.8 default: bilinear with
@@ -53,7 +56,8 @@ class FIDConfig(CallbackConfig):
     extractor: str = choice(
         "auto", "auto", "domain", "inception"
     )  # auto: domain for digits/MNIST, else inception
-    domain_extractor_path: str | None = None  # default fid_extractors/<data>_<size>px.pt
+    domain_extractor_path: str | None = None  # a given file; default: <extractor_dir>/<data>_<size>px.pt
+    extractor_dir: str | None = None  # the cache of domain extractors; default $LGEN_CACHE_DIR/fid_extractors
     inception_path: str = "weights/weights-inception-2015-12-05-6726825d.pth"
     antialias: bool = True  # Inception resize; false matches torch-fidelity / TF FID
     real_split: str = "train"
@@ -128,13 +132,7 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights_path: str, antialias: bool):
         super().__init__()
-        if not Path(weights_path).is_file():
-            raise ConfigError(
-                f"Inception weights for FID not found at {weights_path} (callbacks.fid.inception_path). "
-                f"Download {INCEPTION_URL} (torch-fidelity's FID Inception, the file torchmetrics uses) "
-                f"to that path on a machine with internet access, "
-                f"or use callbacks.fid.extractor=domain on digits/MNIST."
-            )
+        self.check_weights(weights_path)
         try:
             from torchmetrics.image.fid import NoTrainInceptionV3
 
@@ -143,6 +141,16 @@ class InceptionFeatures(nn.Module):
             raise ConfigError(
                 f"Inception FID needs torch-fidelity: pip install torch-fidelity ({error})"
             ) from error
+
+    @staticmethod
+    def check_weights(weights_path: str) -> None:
+        if not Path(weights_path).is_file():
+            raise ConfigError(
+                f"Inception weights for FID not found at {weights_path} (callbacks.fid.inception_path). "
+                f"Download {INCEPTION_URL} (torch-fidelity's FID Inception, the file torchmetrics uses) "
+                f"to that path on a machine with internet access, "
+                f"or use callbacks.fid.extractor=domain on digits/MNIST."
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
@@ -174,34 +182,63 @@ class FID(L.Callback):
         return f"val/fid_{data_name if self.extractor_kind(data_name) == 'domain' else 'inception'}"
 
     # ------------------------------------------------------------------ setup
-    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+    def preflight(self, module: L.LightningModule) -> str:
+        """Checks made before a run creates anything (``run.preflight``) and again in ``setup``; returns
+        the extractor kind, domain or inception."""
         if not getattr(module, "is_generative", False):
             raise ConfigError(
                 f"callbacks.fid needs a generator; method {module.registry_name!r} cannot sample. "
                 "Disable it with callbacks.fid.enabled=false"
             )
         data = module.data_info
-        if self.extractor_kind(data.name) == "domain":
-            from lightning_gen.eval.fid_extractor import default_path, load_extractor
-
-            path = Path(self.cfg.domain_extractor_path or default_path(data.name, data.image_size))
-            if not path.is_file():
-                raise ConfigError(
-                    f"FID on {data.name} uses a domain feature extractor, not found at {path}. "
-                    f"Train it once with\n"
-                    f"  lgen fid-extractor data={data.name} data.image_size={data.image_size}\n"
-                    f"(about a minute on a CPU), or set callbacks.fid.domain_extractor_path, "
-                    f"or callbacks.fid.extractor=inception, or callbacks.fid.enabled=false."
-                )
-            self.extractor, blob = load_extractor(path)
-            self.name = blob["data"]
-            self.extractor_id = (
-                f"{blob['data']}{blob['image_size']}-" + hashlib.sha1(path.read_bytes()).hexdigest()[:10]
+        kind = self.extractor_kind(data.name)
+        given = self.cfg.domain_extractor_path
+        if kind == "domain" and given and not Path(given).expanduser().is_file():
+            raise ConfigError(
+                f"callbacks.fid.domain_extractor_path={given}: no such file. Leave the setting out to use "
+                f"(and on first use build) the cached extractor of {data.name} at {data.image_size} px, "
+                f"or build one there with `lgen fid-extractor data={data.name} "
+                f"data.image_size={data.image_size} out={given}`"
             )
+        if kind == "inception":
+            InceptionFeatures.check_weights(self.cfg.inception_path)
+        return kind
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        kind = self.preflight(module)
+        if kind == "domain":
+            from lightning_gen.eval.fid_extractor import extractor_from_blob
+
+            blob, digest = self.domain_extractor(trainer, module.data_info)
+            self.extractor = extractor_from_blob(blob)
+            self.name = blob["data"]
+            self.extractor_id = f"{blob['data']}{blob['image_size']}-{digest[:10]}"
         else:
             self.extractor = InceptionFeatures(self.cfg.inception_path, self.cfg.antialias)
             self.name = "inception"
             self.extractor_id = f"inception-antialias{int(self.cfg.antialias)}"
+
+    def domain_extractor(self, trainer: L.Trainer, data) -> tuple[dict, str]:
+        """(saved extractor, sha1 of its file): loaded, or first built, by global rank 0 and sent to every rank."""
+        from lightning_gen.eval.fid_extractor import default_path, ensure_extractor
+
+        given = self.cfg.domain_extractor_path
+        path = (
+            Path(given).expanduser()
+            if given
+            else default_path(data.name, data.image_size, self.cfg.extractor_dir)
+        )
+        loaded = None
+        if trainer.is_global_zero:
+            root = getattr(trainer.datamodule.cfg, "root", None) if trainer.datamodule else None
+            ensure_extractor(
+                data.name, data.image_size, path, [f"data.root={root}"] if root else [], rank_zero_info
+            )
+            loaded = (
+                torch.load(path, map_location="cpu", weights_only=False),
+                hashlib.sha1(path.read_bytes()).hexdigest(),
+            )
+        return trainer.strategy.broadcast(loaded, src=0)
 
     def cache_path(self, trainer: L.Trainer, split: str) -> tuple[Path, str]:
         dm_cfg = trainer.datamodule.cfg

@@ -15,9 +15,10 @@ from __future__ import annotations
 import signal
 
 import lightning as L
-import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_gen.interrupt import any_rank
 
 
 class RequeueAtStepBoundary(L.Callback):
@@ -40,10 +41,7 @@ class RequeueAtStepBoundary(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._lightning_handler is None:
             return
-        flag = torch.tensor(float(self.received), device=pl_module.device)
-        if trainer.world_size > 1:  # one rank's signal is everyone's: all save and stop at this step
-            flag = trainer.strategy.reduce(flag, reduce_op="max")
-        if flag.item() > 0:
+        if any_rank(trainer, pl_module, int(self.received)):  # one rank's signal is everyone's
             self.received = False
             rank_zero_info(
                 f"[lgen] {self.requeue_signal.name}: checkpoint at step {trainer.global_step} and requeue"

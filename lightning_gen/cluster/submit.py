@@ -10,6 +10,10 @@ given it a job id, its run directory runs/<experiment>/<job id>/ (array task i: 
 the script (job.sbatch) and the resolved config, and the job is released. The job log is
 slurm-<id>.out in the run directory. SIGUSR1 arrives cluster.signal_grace_s seconds before the time
 limit; Lightning saves a checkpoint and requeues the job, which resumes in the same run directory.
+
+Before submitting, the resources are compared with what the recipe needs (``cluster.resources``):
+too few CPUs for the loader workers or too little memory for an in-memory dataset is a warning.
+The recipes for real datasets (``*_imagenet``, ``*_stl10``) carry their own ``cluster:`` section.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from lightning_gen.cluster import resources
 from lightning_gen.config import ConfigError, compose, to_yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,6 +123,7 @@ class Job:
     overrides: list[str]  # shared by all tasks (user overrides and the derived trainer settings)
     combos: list[list[str]]  # the sweep overrides of each task
     tasks_per_node: int
+    warnings: list[str] = field(default_factory=list)  # resources that may not feed the recipe
 
     @property
     def cluster(self) -> DictConfig:
@@ -230,7 +236,20 @@ def plan(args: list[str]) -> Job:
             f"the checkpoint signal would come before training starts; raise cluster.time or lower the grace"
         )
     derived = [d for d in derived if d not in overrides]
-    return Job(cfgs=cfgs, overrides=[*overrides, *derived], combos=combos, tasks_per_node=tasks)
+    return Job(
+        cfgs=cfgs,
+        overrides=[*overrides, *derived],
+        combos=combos,
+        tasks_per_node=tasks,
+        warnings=resources.warnings_for(first, tasks),
+    )
+
+
+def omp_threads(cfg: DictConfig) -> int:
+    """Threads of each training process: cluster.omp_num_threads, or the task's CPUs its loader workers leave."""
+    if cfg.cluster.omp_num_threads:
+        return cfg.cluster.omp_num_threads
+    return max(1, cfg.cluster.cpus_per_task - cfg.data.num_workers)
 
 
 # ------------------------------------------------------------------------------ rendering
@@ -259,6 +278,7 @@ def render(job: Job) -> str:
         "ntasks_per_node": job.tasks_per_node,
         "gpus_per_node": cluster.gpus_per_node or "",
         "cpus_per_task": cluster.cpus_per_task,
+        "omp_num_threads": omp_threads(cfg),
         "mem": cluster.mem or "",
         "time": cluster.time,
         "partition": cluster.partition or "",
@@ -355,6 +375,8 @@ def main(args) -> int:
     except SubmitError as error:
         print(f"lgen submit: error: {error}", file=sys.stderr)
         return 2
+    for warning in job.warnings:
+        print(f"lgen submit: warning: {warning}", file=sys.stderr)
     if args.dry_run:
         print(script, end="")
         tasks = "\n".join(f"#   task {i}: {' '.join(c) or '(base config)'}" for i, c in enumerate(job.combos))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_gen.config import bounded
 from lightning_gen.data.sampler import EpochSampler, ResumableLoader
 from lightning_gen.methods.base import DataInfo
 
@@ -37,13 +38,13 @@ class DataConfig:
     name: str = ""
     root: str = "data"  # where the torchvision on-disk layout lives
     download: bool = False  # prepare_data downloads (on one process) only when true
-    batch_size: int = 128  # per device; the global batch is printed at start
-    eval_batch_size: int = 256
-    num_workers: int = 0
+    batch_size: int = bounded(128, 1, hint="images per device and step")  # the global batch is printed at start
+    eval_batch_size: int = bounded(256, 1)
+    num_workers: int = bounded(0, 0, hint="loader processes per device; 0 loads in the training process")
     pin_memory: bool = False
-    image_size: int | None = None  # resize once at load time; None keeps the native size
-    val_fraction: float = 0.1  # held out from train, seeded; 0 -> validate on the test split
-    max_train_samples: int | None = None  # a deterministic subset, for quick runs and tests
+    image_size: int | None = bounded(None, 1, hint="pixels per side")  # resize at load time; None: native size
+    val_fraction: float = bounded(0.1, 0, 0.9)  # held out from train, seeded; 0 -> validate on the test split
+    max_train_samples: int | None = bounded(None, 1)  # a deterministic subset, for quick runs and tests
     split_seed: int = 0
 
 
@@ -131,8 +132,23 @@ class ImageDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node (rank 0): the only place that downloads.
         if self.cfg.download and any(not p.exists() for p in self.expected_files()):
+            created = not self.root.exists()
             self.root.mkdir(parents=True, exist_ok=True)
-            self.download()
+            try:
+                self.download()
+            except DatasetMissingError:
+                raise
+            except (OSError, RuntimeError) as error:  # URLError is an OSError; torchvision's MNIST
+                # raises RuntimeError once every mirror failed
+                if created and not any(self.root.iterdir()):
+                    self.root.rmdir()  # leave no empty folder behind
+                reason = " ".join(str(getattr(error, "reason", None) or error).split())
+                raise DatasetMissingError(
+                    f"could not download {self.registry_name} into {self.root.resolve()} "
+                    f"({type(error).__name__}: {reason}). Without internet access here, run "
+                    f"`{self.download_command()}` on a machine that has it and copy {self.root} over, "
+                    f"or point data.root at an existing copy"
+                ) from error
         self.check_files()
 
     def setup(self, stage: str | None = None) -> None:
@@ -172,7 +188,7 @@ class ImageDataModule(L.LightningDataModule):
         """Seeded per-epoch order, sharded over the DDP ranks, resumable mid-epoch (``data.sampler``)."""
         if "train" not in self.datasets:
             self.setup()
-        train = self.datasets["train"]
+        train = self.training_dataset()
         trainer = self.trainer  # None outside a Trainer (notebooks, evaluation)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EpochSampler(train, num_replicas=world, rank=rank, seed=self.seed)
@@ -185,7 +201,14 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=self.cfg.pin_memory,
             persistent_workers=workers > 0,
+            collate_fn=self.collate_fn,
         )
+
+    collate_fn = None  # the DataLoader's default_collate, unless a subclass's items need another
+
+    def training_dataset(self) -> Dataset:
+        """What the training loader reads: the train split, or a view of it that augments per item."""
+        return self.datasets["train"]
 
     def _workers(self) -> int:
         # More workers than cores only adds contention (and Lightning/torch warnings).
@@ -216,6 +239,10 @@ class _SubsetWithIndex(Dataset):
         item = dict(self.dataset[self.indices[i]])
         item["index"] = i
         return item
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
 
 def _subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:

@@ -72,6 +72,8 @@ class ResumableLoader(DataLoader):
     def __iter__(self):
         sampler: EpochSampler = self.sampler
         self.generator.manual_seed(stream_seed(sampler.seed, sampler.rank, 2, sampler.epoch))
+        if hasattr(self.dataset, "set_epoch"):  # datasets that augment per item seed by (seed, epoch, index)
+            self.dataset.set_epoch(sampler.epoch)
         self.samples_done = 0
         for batch in super().__iter__():
             self.samples_done += len(batch["index"]) if isinstance(batch, dict) else len(batch[0])

@@ -14,9 +14,17 @@ Recipes (``VIEW_RECIPES``) hold the published settings:
 - ``moco_v2``  "aug+": crop (0.2, 1) + flip, jitter (0.4, 0.4, 0.4, 0.1) p 0.8, gray p 0.2, blur p 0.5
 - ``dino``     2 global crops (0.4, 1) blur p (1.0, 0.1), solarize p (0, 0.2) + local crops (0.05, 0.4)
                of 96/224 of the image side with blur p 0.5; jitter (0.4, 0.4, 0.2, 0.1) p 0.8
+- ``byol``     BYOL's asymmetric pair (Grill et al. 2020): crop (0.08, 1) + flip, jitter
+               (0.4, 0.4, 0.2, 0.1) p 0.8, gray p 0.2, blur p (1.0, 0.1), solarize p (0, 0.2); also
+               Barlow Twins' and VICReg's augmentation
+- ``swav``     SwAV's multi-crop (Caron et al. 2020): 2 global crops (0.14, 1) + 6 local crops (0.05, 0.14)
+               of 96/224 of the image side, jitter (0.8, 0.8, 0.8, 0.2) p 0.8, gray p 0.2, blur p 0.5
 
 ``Views(cfg, data_info)`` is an ``nn.Module`` usable by any method: ``views(images_uint8)``
-returns the list of standardised float views, global crops first.
+returns the list of standardised float views, global crops first. Datasets that decode per item
+(image folders, shards) cut the random resized crops from the whole original image in their
+workers instead (``lightning_gen.data.crops``, following ``crop_specs()``); ``views(list_of_crops)``
+then takes one uint8 batch per view and does the rest (flip, colour, blur, solarize) here.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_gen.config import choice
+from lightning_gen.data.crops import CropSpec
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 
@@ -53,7 +62,9 @@ class CropConfig:
 
 @dataclass
 class ViewsConfig:
-    recipe: str = choice("simclr", "simclr", "simclr_cifar", "moco_v1", "moco_v2", "dino", "none")
+    recipe: str = choice(
+        "simclr", "simclr", "simclr_cifar", "moco_v1", "moco_v2", "dino", "byol", "swav", "none"
+    )
     global_crops: CropConfig = field(default_factory=CropConfig)
     local_crops: CropConfig = field(default_factory=CropConfig)
 
@@ -84,6 +95,14 @@ VIEW_RECIPES: dict[str, tuple[CropConfig, CropConfig]] = {
     "dino": (
         _crop(scale=(0.4, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2]),
         _crop(n=6, scale=(0.05, 0.4), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=[0.5]),
+    ),
+    "byol": (
+        _crop(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2]),
+        _crop(n=0),
+    ),
+    "swav": (
+        _crop(scale=(0.14, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), blur_p=[0.5]),
+        _crop(n=6, scale=(0.05, 0.14), jitter=(0.8, 0.8, 0.8, 0.2), blur_p=[0.5]),
     ),
     # Identity views (tests, evaluation): no crop, no colour change.
     "none": (
@@ -133,6 +152,13 @@ def random_resized_crop(x: torch.Tensor, size: int, scale, ratio, flip_p: float 
     theta[:, 1, 1], theta[:, 1, 2] = h, cy
     grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def random_flip(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Horizontal flip of each sample with probability ``p`` (for views whose crop was cut already)."""
+    if p <= 0:
+        return x
+    return _where(torch.rand(x.shape[0], device=x.device) < p, x.flip(-1), x)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -213,10 +239,16 @@ def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return torch.where(mask.view(-1, 1, 1, 1), a, b)
 
 
-def augment(x: torch.Tensor, crop: CropConfig, view: int = 0) -> torch.Tensor:
-    """One view of a float batch in [0, 1]: crop + flip, jitter, grayscale, blur, solarize (SimCLR order)."""
+def augment(x: torch.Tensor, crop: CropConfig, view: int = 0, cropped: bool = False) -> torch.Tensor:
+    """One view of a float batch in [0, 1]: crop + flip, jitter, grayscale, blur, solarize (SimCLR order).
+
+    ``cropped``: ``x`` is this view's random resized crop already (cut by the data loader), only flip it.
+    """
     n, dev = x.shape[0], x.device
-    x = random_resized_crop(x, crop.size, crop.scale, crop.ratio, crop.flip_p)
+    if cropped:
+        x = random_flip(x, crop.flip_p)
+    else:
+        x = random_resized_crop(x, crop.size, crop.scale, crop.ratio, crop.flip_p)
     if crop.jitter_p > 0 and any(crop.jitter):
         x = _where(torch.rand(n, device=dev) < crop.jitter_p, color_jitter(x, *crop.jitter), x)
     if crop.grayscale_p > 0 and x.shape[1] == 3:
@@ -232,6 +264,10 @@ def augment(x: torch.Tensor, crop: CropConfig, view: int = 0) -> torch.Tensor:
     if solarize_p > 0:
         x = _where(torch.rand(n, device=dev) < solarize_p, solarize(x), x)
     return x
+
+
+def _unit(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
 
 
 class Views(nn.Module):
@@ -259,16 +295,38 @@ class Views(nn.Module):
     def num_local(self) -> int:
         return self.local_crops.n
 
+    def crop_specs(self) -> list[CropSpec]:
+        """What a data loader that cuts the crops itself must deliver: one spec per view, in view order."""
+        return [
+            CropSpec(crop.size, tuple(crop.scale), tuple(crop.ratio))
+            for crop in (self.global_crops, self.local_crops)
+            for _ in range(crop.n)
+        ]
+
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, channels_last: bool = False) -> list[torch.Tensor]:
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    def forward(
+        self, images: torch.Tensor | list[torch.Tensor], channels_last: bool = False
+    ) -> list[torch.Tensor]:
+        """``images``: one batch to cut every view from, or one batch of crops per view (``crop_specs``)."""
+        cropped = isinstance(images, list | tuple)
+        if cropped:
+            self._check_crops(images)
         out = []
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(images[0].device.type, enabled=False):
+            if not cropped:
+                x = _unit(images)
             for crop in (self.global_crops, self.local_crops):
                 for v in range(crop.n):
-                    view = (augment(x, crop, v) - self.mean) / self.std
+                    source = _unit(images[len(out)]) if cropped else x
+                    view = (augment(source, crop, v, cropped=cropped) - self.mean) / self.std
                     out.append(view.contiguous(memory_format=torch.channels_last) if channels_last else view)
         return out
+
+    def _check_crops(self, crops) -> None:
+        sizes = [spec.size for spec in self.crop_specs()]
+        got = [tuple(c.shape[-2:]) for c in crops]
+        if got != [(s, s) for s in sizes]:
+            raise ValueError(f"pre-cut views must be one batch per view of sides {sizes}, got shapes {got}")
 
     def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised views back to [0, 1], for image grids."""

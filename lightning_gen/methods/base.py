@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_gen import schedules
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 
 
 @dataclass
@@ -42,16 +42,18 @@ class DataInfo:
 class MethodConfig:
     name: str = ""
     optimizer: str = choice("adamw", "adam", "adamw", "sgd", "lars")
-    lr: float = 1e-3  # at the reference batch size `base_batch_size` when `lr_scaling` is not "none"
+    lr: float = bounded(
+        1e-3, 0
+    )  # at the reference batch size `base_batch_size` when `lr_scaling` is not "none"
     lr_scaling: str = choice("none", "none", "linear", "sqrt")  # against the *global* batch
-    base_batch_size: int = 256
-    weight_decay: float = 0.0
+    base_batch_size: int = bounded(256, 1)
+    weight_decay: float = bounded(0.0, 0)
     momentum: float = 0.9  # SGD / LARS momentum
     betas: tuple[float, float] = (0.9, 0.999)
     exclude_bias_norm: bool = True  # no weight decay (and no LARS adaptation) on biases and norms
     schedule: str = choice("cosine", "cosine", "constant")
-    warmup_epochs: float = 0.0
-    min_lr_ratio: float = 0.0
+    warmup_epochs: float = bounded(0.0, 0)
+    min_lr_ratio: float = bounded(0.0, 0, 1)
     online_probe: bool = True  # linear classifier on detached features, trained alongside
     probe_lr: float = 1e-2
 
@@ -63,6 +65,9 @@ class Method(L.LightningModule):
     # metric and mode the best checkpoint is chosen by (None: no logged number measures quality)
     monitor: tuple[str, str] | None = ("val/loss", "min")
     is_generative: bool = False
+    # The networks that dominate a training step, where a method has them: trainer.compile=true compiles
+    # these (encoders, momentum/teacher copies, the U-Net), not the small heads or the losses.
+    compiled_networks: tuple[str, ...] = ("backbone", "backbone_k", "teacher_backbone", "encoder", "net")
 
     def __init__(self, cfg: MethodConfig, data: DataInfo | None = None):
         super().__init__()
@@ -81,6 +86,17 @@ class Method(L.LightningModule):
             }
         )
         self.online_probe: nn.Module | None = None
+
+    def compile_networks(self) -> list[str]:
+        """``torch.compile`` the networks in ``compiled_networks`` in place; returns their names.
+
+        ``nn.Module.compile`` keeps the parameter names (checkpoints load both ways) and the
+        parameters themselves, so momentum/EMA updates and optimizers are unaffected.
+        """
+        names = [n for n in self.compiled_networks if isinstance(getattr(self, n, None), nn.Module)]
+        for name in names:
+            getattr(self, name).compile()
+        return names
 
     # ---------------------------------------------------------------- data in
     def to_float(self, images: torch.Tensor, value_range: str = "unit") -> torch.Tensor:

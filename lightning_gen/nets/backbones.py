@@ -27,6 +27,9 @@ class BackboneConfig:
     # BatchNorm the patches of one image can pass information to the patch codes they are asked to
     # predict (Hénaff et al. 2020, "layer normalization")
     norm: str = choice("batch", "batch", "layer")
+    # Channels of the first ResNet stage (stages: w, 2w, 4w, 8w; features 8w, x4 for ResNet-50). 64 is
+    # the paper's; 16 or 32 give narrow ResNets (1/16, 1/4 of the FLOPs) that train on a CPU.
+    resnet_width: int = 64
     # ViT
     patch_size: int = 4
     depth: int = 6
@@ -38,21 +41,53 @@ class BackboneConfig:
     conv_dim: int = 256
 
 
+class ScaledResNet(torchvision.models.ResNet):
+    """torchvision's ResNet with ``width`` channels in the first stage instead of 64 (every stage scaled
+    alike), built by torchvision's own layer code, so modules and initialisation are the paper's."""
+
+    def __init__(self, block, layers: list[int], width: int, **kwargs):
+        self.scale = width / 64
+        super().__init__(block, layers, **kwargs)
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.bn1 = kwargs.get("norm_layer", nn.BatchNorm2d)(width)
+        self.fc = nn.Linear(8 * width * block.expansion, self.fc.out_features)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1, dilate: bool = False):
+        if planes == 64:  # the first stage: the stem's output has `width` channels, not 64
+            self.inplanes = round(64 * self.scale)
+        return super()._make_layer(block, round(planes * self.scale), blocks, stride, dilate)
+
+
 class ResNetBackbone(nn.Module):
     """torchvision ResNet without its classifier; the CIFAR stem keeps 32x32 inputs from collapsing."""
 
     def __init__(
-        self, depth: int, in_channels: int, cifar_stem: bool, zero_init_residual: bool, norm: str = "batch"
+        self,
+        depth: int,
+        in_channels: int,
+        cifar_stem: bool,
+        zero_init_residual: bool,
+        norm: str = "batch",
+        width: int = 64,
     ):
         super().__init__()
-        factory = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}[depth]
         norm_layer = {"batch": nn.BatchNorm2d, "layer": lambda channels: nn.GroupNorm(1, channels)}[norm]
-        net = factory(weights=None, zero_init_residual=zero_init_residual, norm_layer=norm_layer)
+        options = dict(zero_init_residual=zero_init_residual, norm_layer=norm_layer)
+        if width == 64:
+            factory = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}[depth]
+            net = factory(weights=None, **options)
+        else:
+            block, layers = {
+                18: (torchvision.models.resnet.BasicBlock, [2, 2, 2, 2]),
+                50: (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]),
+            }[depth]
+            net = ScaledResNet(block, layers, width, **options)
         if cifar_stem:
-            net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+            net.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
             net.maxpool = nn.Identity()
         elif in_channels != 3:
-            net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+            net.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
         self.out_dim = net.fc.in_features
         net.fc = nn.Identity()
         self.net = net
@@ -80,7 +115,9 @@ class ConvBackbone(nn.Module):
 def build_backbone(cfg: BackboneConfig, in_channels: int, image_size: int) -> nn.Module:
     if cfg.name in ("resnet18", "resnet50"):
         stem = cfg.cifar_stem if cfg.cifar_stem is not None else image_size <= 64
-        return ResNetBackbone(int(cfg.name[6:]), in_channels, stem, cfg.zero_init_residual, cfg.norm)
+        return ResNetBackbone(
+            int(cfg.name[6:]), in_channels, stem, cfg.zero_init_residual, cfg.norm, cfg.resnet_width
+        )
     if cfg.name == "vit":
         return VisionTransformer(
             image_size=image_size,

@@ -11,7 +11,9 @@ class MLPHead(nn.Module):
     """``layers`` linear layers in -> hidden -> ... -> out, with BN + ReLU between them.
 
     ``layers=1`` is a linear projection (MoCo v1); ``last_bn`` adds an affine-free BN on the output
-    (MoCo v3's projector and predictor-free variants); ``bn=False`` gives MoCo v2's plain MLP.
+    (MoCo v3's projector and predictor-free variants); ``bn=False`` gives MoCo v2's plain MLP;
+    ``last_bias=False`` drops the output bias where the loss standardises each dimension over the
+    batch anyway (Barlow Twins, VICReg), so a bias would be a parameter without gradient.
     """
 
     def __init__(
@@ -22,6 +24,7 @@ class MLPHead(nn.Module):
         layers: int = 2,
         bn: bool = True,
         last_bn: bool = False,
+        last_bias: bool = True,
     ):
         super().__init__()
         if layers < 1:
@@ -30,7 +33,8 @@ class MLPHead(nn.Module):
         blocks: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             last = i == layers - 1
-            blocks.append(nn.Linear(a, b, bias=not (bn and not last) and not (last and last_bn)))
+            bias = not (bn and not last) and not (last and (last_bn or not last_bias))
+            blocks.append(nn.Linear(a, b, bias=bias))
             if not last:
                 blocks += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)] if bn else [nn.ReLU(inplace=True)]
             elif last_bn:

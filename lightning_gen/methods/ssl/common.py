@@ -2,7 +2,8 @@
 
 - ``SSLConfig``: backbone + augmentation views on top of ``MethodConfig``.
 - ``SSLMethod``: builds the backbone, the on-device ``Views`` and the online probe; its
-  ``training_step`` makes the views, asks the method for ``ssl_loss(views, batch)`` and adds the
+  ``training_step`` makes the views (from ``batch["image"]``, or from ``batch["views"]``: crops of the
+  whole image cut by the data loader as ``crop_specs()`` asks), asks the method for ``ssl_loss(views, batch)`` and adds the
   probe loss on the first view's detached features; validation trains nothing and scores the
   probe on un-augmented images (``val/probe_acc``, the checkpoint monitor).
 - Momentum pairs (solo-learn style): a method lists ``(online, momentum)`` module pairs; after
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from lightning_gen import schedules
+from lightning_gen.data.crops import CropSpec
 from lightning_gen.data.views import Views, ViewsConfig
 from lightning_gen.methods.base import Method, MethodConfig, ema_update
 from lightning_gen.nets.backbones import BackboneConfig, build_backbone
@@ -88,7 +90,14 @@ class SSLMethod(Method):
         return features
 
     def make_views(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        return self.views(batch["image"], channels_last=self._use_channels_last())
+        # "views": crops of the whole original image cut by the data loader (image folders, shards);
+        # otherwise every view is cut here from the in-memory image.
+        images = batch["views"] if "views" in batch else batch["image"]
+        return self.views(images, channels_last=self._use_channels_last())
+
+    def crop_specs(self) -> list[CropSpec]:
+        """The random resized crops a data loader that decodes per item cuts for each view."""
+        return self.views.crop_specs()
 
     def training_step(self, batch, batch_idx):
         loss, features = self.ssl_loss(self.make_views(batch), batch)

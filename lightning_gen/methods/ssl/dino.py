@@ -57,6 +57,7 @@ class DINO(SSLMethod):
     """DINO: student/teacher self-distillation over multi-crop views with centering and sharpening."""
 
     config_class = DINOConfig
+    embed_module = "teacher_backbone"  # the network behind embed(), which `lgen export backbone` writes
 
     def __init__(self, cfg: DINOConfig, data=None):
         super().__init__(cfg, data)

@@ -1,0 +1,109 @@
+"""Losses of the non-contrastive joint-embedding methods: BYOL, SimSiam, Barlow Twins, VICReg.
+
+None of them uses negatives. BYOL and SimSiam regress one view's prediction onto the other view's
+projection under a stop-gradient; Barlow Twins and VICReg instead regularise the statistics of the
+embeddings over the batch, and those statistics are taken over the *global* batch: the embeddings
+of every rank are gathered with gradient (``gather_with_grad``), every rank computes the same loss on
+the concatenated batch, and DDP's gradient average then equals the single-process gradient on that
+batch (tested on 2 processes).
+
+    BYOL       L = || p̄ - z̄' ||²  = 2 - 2 cos(p, z'),  z' without gradient (x̄ = x / ||x||)
+    SimSiam    D(p, z) = -cos(p, stopgrad(z))
+    Barlow     C_ij = Σ_b ẑ_bi ẑ'_bj / N  (ẑ: each dimension standardised over the batch)
+               L = Σ_i (1 - C_ii)² + λ Σ_i Σ_{j≠i} C_ij²
+    VICReg     L = λ s(Z, Z') + μ [v(Z) + v(Z')] + ν [c(Z) + c(Z')]
+               s = mean_{b,j} (z_bj - z'_bj)²,   v = mean_j max(0, γ - sqrt(Var(z_j) + ε)),
+               c = Σ_{i≠j} Cov(Z)_ij² / d
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lightning_gen.distributed import gather_with_grad
+
+
+def byol_regression(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BYOL's mean squared error between L2-normalised prediction and target (Grill et al. 2020):
+    ``||p̄ - z̄'||² = 2 - 2 cos(p, z')`` averaged over the batch; the target carries no gradient."""
+    return (2 - 2 * F.cosine_similarity(prediction.float(), target.detach().float(), dim=-1)).mean()
+
+
+def negative_cosine(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SimSiam's D(p, z) = -cos(p, stopgrad(z)) averaged over the batch (Chen & He 2021)."""
+    return -F.cosine_similarity(prediction.float(), target.detach().float(), dim=-1).mean()
+
+
+def _global(z: torch.Tensor, gather: bool) -> torch.Tensor:
+    z = z.float()
+    return gather_with_grad(z) if gather else z
+
+
+def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Every column to zero mean and unit (biased) variance over the rows, as an affine-free BatchNorm."""
+    return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)
+
+
+def off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    """The entries of a square matrix that are not on its diagonal, flattened."""
+    return m[~torch.eye(len(m), dtype=torch.bool, device=m.device)]
+
+
+def barlow_twins_loss(
+    z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3, gather: bool = True
+) -> torch.Tensor:
+    """Barlow Twins' redundancy-reduction loss (Zbontar et al. 2021) on the global batch.
+
+    The cross-correlation is a statistic of the whole batch (each dimension is standardised with
+    the batch mean and variance, then correlated across samples), so under DDP it must be computed
+    over the samples of every rank, as the paper's multi-GPU implementation does; on a local slice
+    it would be a different, noisier matrix.
+    """
+    a, b = standardize(_global(z1, gather)), standardize(_global(z2, gather))
+    c = a.T @ b / len(a)
+    on_diagonal = (torch.diagonal(c) - 1).pow(2).sum()
+    return on_diagonal + lambd * off_diagonal(c).pow(2).sum()
+
+
+def variance_term(z: torch.Tensor, gamma: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+    """VICReg's v(Z): hinge on the regularised standard deviation of each dimension over the batch."""
+    std = torch.sqrt(z.var(0) + eps)
+    return F.relu(gamma - std).mean()
+
+
+def covariance_term(z: torch.Tensor) -> torch.Tensor:
+    """VICReg's c(Z): squared off-diagonal entries of the (unbiased) covariance matrix, divided by d."""
+    centred = z - z.mean(0)
+    cov = centred.T @ centred / (len(z) - 1)
+    return off_diagonal(cov).pow(2).sum() / z.shape[1]
+
+
+def vicreg_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    invariance_weight: float = 25.0,
+    variance_weight: float = 25.0,
+    covariance_weight: float = 1.0,
+    gamma: float = 1.0,
+    eps: float = 1e-4,
+    gather: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """VICReg (Bardes et al. 2022) on the global batch; returns the loss and its three terms.
+
+    Variance and covariance are statistics of the batch, so they are taken over the samples of
+    every rank (the paper's implementation gathers the embeddings of all GPUs with gradient); the
+    invariance term is a per-sample mean, the same whether gathered or not.
+    """
+    a, b = _global(z1, gather), _global(z2, gather)
+    terms = {
+        "invariance": F.mse_loss(a, b),
+        "variance": variance_term(a, gamma, eps) + variance_term(b, gamma, eps),
+        "covariance": covariance_term(a) + covariance_term(b),
+    }
+    loss = (
+        invariance_weight * terms["invariance"]
+        + variance_weight * terms["variance"]
+        + covariance_weight * terms["covariance"]
+    )
+    return loss, {k: v.detach() for k, v in terms.items()}

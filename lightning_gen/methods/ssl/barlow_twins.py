@@ -1,0 +1,72 @@
+"""Barlow Twins: Self-Supervised Learning via Redundancy Reduction (Zbontar et al. 2021).
+
+Two views go through the same network (backbone + projector); the cross-correlation matrix of their
+embeddings, computed along the batch, is pushed towards the identity: the diagonal to 1 (each
+dimension invariant to the augmentation), the off-diagonal to 0 (dimensions decorrelated, so the
+embedding cannot collapse to a few directions). No negatives, no predictor, no momentum network.
+
+    C_ij = Σ_b ẑ^A_bi ẑ^B_bj / N   (ẑ: every dimension standardised over the batch)
+    L = Σ_i (1 - C_ii)² + λ Σ_i Σ_{j≠i} C_ij²
+
+DDP: C is computed over the **global** batch. It is a statistic of the batch, and the paper's
+implementation correlates over all GPUs (cross-correlation summed over devices, batch statistics
+synchronised), so the embeddings of every rank are gathered with gradient and every rank computes
+the same C; 2 processes give the loss and gradients of 1 process on the concatenated batch (tested).
+
+Published recipe (``conf/method/barlow_twins.yaml``, the paper's ImageNet setting): ResNet-50, a
+3-layer 8192-8192-8192 projector, λ = 5e-3, LARS with lr 0.2 for the weights and 0.0048 for biases
+and BN parameters (both x B/256), 10 warm-up epochs then cosine decay by a factor 1000, weight decay
+1.5e-6, batch 2048, 1000 epochs, BYOL's augmentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lightning_gen.config import choice
+from lightning_gen.losses.noncontrastive import barlow_twins_loss
+from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
+from lightning_gen.nets.heads import MLPHead
+from lightning_gen.registry import register_method
+
+
+@dataclass
+class BarlowTwinsConfig(SSLConfig):
+    optimizer: str = choice("lars", "adam", "adamw", "sgd", "lars")
+    lr: float = 0.2  # weights
+    bias_lr: float = 0.0048  # biases and norm parameters (same scaling with the batch as lr)
+    lr_scaling: str = choice("linear", "none", "linear", "sqrt")
+    global_bn: bool = True  # BatchNorm over all ranks under DDP, as the paper's implementation (SyncBN)
+    weight_decay: float = 1.5e-6
+    warmup_epochs: float = 10.0
+    min_lr_ratio: float = 1e-3
+    proj_hidden_dim: int = 8192
+    proj_dim: int = 8192
+    proj_layers: int = 3
+    lambd: float = 5e-3  # weight of the off-diagonal (redundancy reduction) term
+
+
+@register_method("barlow_twins", BarlowTwinsConfig)
+class BarlowTwins(SSLMethod):
+    """Barlow Twins: cross-correlation of two views' embeddings over the global batch pushed to the identity."""
+
+    config_class = BarlowTwinsConfig
+
+    def __init__(self, cfg: BarlowTwinsConfig, data=None):
+        super().__init__(cfg, data)
+        cfg = self.cfg  # a dataclass even when rebuilt from a checkpoint's dict
+        self.projector = MLPHead(
+            self.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers, last_bias=False
+        )
+
+    def parameter_groups(self, modules, lr, weight_decay):
+        groups = super().parameter_groups(modules, lr, weight_decay)
+        for group in groups:
+            if group.get("exclude_lars"):  # the biases and norm parameters
+                group["base_lr"] = lr * self.cfg.bias_lr / self.cfg.lr
+        return groups
+
+    def ssl_loss(self, views, batch):
+        f1, f2 = self.backbone(views[0]), self.backbone(views[1])
+        loss = barlow_twins_loss(self.projector(f1), self.projector(f2), self.cfg.lambd)
+        return loss, f1

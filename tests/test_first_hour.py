@@ -1,0 +1,166 @@
+"""A newcomer's first hour: bad input is one clear line, a failed run leaves nothing behind, a default
+run prints no noise, and a generative experiment works from any directory with no manual step."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_gen.cli import main
+from tests.conftest import FAST, lgen_env, run_lgen
+
+# (command line, what the one-line error must say). Each fails before anything is created.
+BAD_INPUT = [
+    (["train", "data.batch_size=-5"], "invalid value -5 for data.batch_size: it must be at least 1"),
+    (["train", "data.batch_size=0"], "invalid value 0 for data.batch_size: it must be at least 1"),
+    (["train", "trainer.devices=abc"], "invalid value 'abc' for trainer.devices"),
+    (["train", "trainer.devices=0"], "trainer.devices=[0,1]"),
+    (["train", "trainer.max_epochs=-3"], "trainer.max_epochs: it must be at least -1"),
+    (["train", "data.image_size=0"], "data.image_size: it must be at least 1"),
+    (["train", "data.num_workers=-1"], "data.num_workers: it must be at least 0"),
+    (["train", "data.val_fraction=1.5"], "data.val_fraction: it must be between 0 and 0.9"),
+    (["train", "method.lr=-0.1"], "method.lr: it must be at least 0"),
+    (
+        ["train", "trainer.accumulate_grad_batches=0"],
+        "trainer.accumulate_grad_batches: it must be at least 1",
+    ),
+    (
+        ["train", "callbacks.images.every_n_epochs=0"],
+        "callbacks.images.every_n_epochs: it must be at least 1",
+    ),
+    (["train", "seed=-1"], "invalid value -1 for seed"),
+    (
+        [
+            "prepare",
+            "data=cifar10",
+            "data.download=true",
+        ],  # no network: the proxy below refuses every connection
+        "could not download cifar10",
+    ),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUT, ids=[" ".join(a[1:]) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_line_error_exit_2_and_creates_nothing(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # nothing listens there: no network, as offline
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert main(argv) == 2  # an exception (a traceback) would fail the test here
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lgen: error: ") and message in err[0], err
+    assert list(tmp_path.iterdir()) == []  # no run directory, no data folder, no W&B run
+
+
+def test_failed_runs_leave_nothing_and_a_default_run_prints_no_noise(tmp_path):
+    env = lgen_env(OMP_NUM_THREADS="1")
+    # Failures found once everything is built: the dataset is missing; Lightning rejects the trainer.
+    missing = run_lgen(
+        "train",
+        "data=cifar10",
+        f"data.root={tmp_path / 'none'}",
+        "run_id=r",
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    assert missing.returncode == 2 and "dataset 'cifar10' not found" in missing.stderr
+    rejected = run_lgen(
+        "train",
+        "trainer.accelerator=cpu",
+        "trainer.strategy=fsdp",
+        "run_id=r",
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    assert rejected.returncode == 2 and "Lightning rejects the trainer settings" in rejected.stderr
+    no_extractor = run_lgen(
+        "train",
+        "experiment=ddpm_digits",
+        "callbacks.fid.domain_extractor_path=nope.pt",
+        "run_id=r",
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    assert (
+        no_extractor.returncode == 2 and "domain_extractor_path=nope.pt: no such file" in no_extractor.stderr
+    )
+    for proc in (missing, rejected, no_extractor):
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+    # The embedded default (one epoch of it), W&B offline as for a user who is not logged in.
+    proc = run_lgen("train", "trainer.max_epochs=1", "run_id=r", cwd=tmp_path, env=env)
+    output = proc.stdout + proc.stderr
+    for noise in (
+        "Tip: For seamless cloud logging",  # Lightning advertising LitLogger
+        "The anonymous setting has no effect",  # Lightning passes anonymous=None to wandb.init
+        "LeafSpec",  # torch deprecation inside Lightning's _pytree
+        "log_every_n_steps",  # the digits have 9 batches per epoch, fewer than the logging interval
+        "not supported by the model summary",  # bf16-mixed on CPUs with AMX
+    ):
+        assert noise not in output, noise
+    # One W&B run segment: the failed attempts with this run id left none behind.
+    offline = list((tmp_path / "runs" / "ae_digits" / "r" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    assert f"wandb_sync          wandb sync {offline[0].relative_to(tmp_path)}" in proc.stdout
+    assert "segments" not in proc.stdout
+
+
+def test_generative_experiment_runs_from_any_directory_and_builds_the_fid_extractor_once(tmp_path):
+    cache, first, second = tmp_path / "cache", tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    env = lgen_env(OMP_NUM_THREADS="1", LGEN_CACHE_DIR=str(cache))
+    # A fresh clone's second command, from another directory: no manual step before it.
+    built = run_lgen("train", "experiment=ddpm_digits", "trainer.max_epochs=1", cwd=first, env=env)
+    extractor = cache / "fid_extractors" / "digits_16px.pt"
+    assert f"training it once (about a minute on a CPU) -> {extractor}" in built.stderr
+    assert extractor.is_file() and "lightning_gen run summary" in built.stdout
+    stamp = extractor.stat().st_mtime_ns
+
+    # Another run elsewhere measures FID with the cached extractor: nothing is rebuilt.
+    reused = run_lgen(
+        "train",
+        "experiment=ddpm_digits",
+        *FAST,
+        "method.width=8",
+        "method.mults=[1,2]",
+        "method.sample_steps=3",
+        "method.timesteps=20",
+        "trainer.check_val_every_n_epoch=1",
+        "callbacks.fid.every_n_epochs=1",
+        "callbacks.fid.num_samples=30",
+        "callbacks.fid.batch_size=10",
+        "callbacks.fid.kid_subsets=3",
+        "run_id=fid",
+        cwd=second,
+        env=env,
+    )
+    assert f"[fid] digits 16 px feature extractor: {extractor} (cached)" in reused.stderr
+    assert "training it once" not in reused.stderr
+    assert extractor.stat().st_mtime_ns == stamp
+    assert "val/fid_digits" in reused.stdout
+
+
+def test_building_the_extractor_leaves_the_training_random_streams_alone():
+    from lightning_gen import registry
+    from lightning_gen.config import compose, section_object
+    from lightning_gen.eval.fid_extractor import train_extractor
+
+    cfg = compose(["data=digits", "data.image_size=8"])
+    datamodule = registry.build("data", section_object(cfg.data))
+    torch.manual_seed(123)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    net, _ = train_extractor(datamodule, epochs=1, width=4, seed=7, log=lambda _: None)
+    after = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
+    # ...and the extractor itself is a function of its own seed, not of the caller's stream
+    torch.manual_seed(999)
+    again, _ = train_extractor(datamodule, epochs=1, width=4, seed=7, log=lambda _: None)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
