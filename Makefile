@@ -4,7 +4,7 @@ VENV ?= .venv
 # torch/torchvision are pinned to the builds this project is tested with; override for your CUDA.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup fashion-mnist train test lint format clean
+.PHONY: setup fashion-mnist train test lint format docs clean
 
 setup: $(VENV)/.installed fashion-mnist
 
@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH)
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev,docs]'
 	touch $@
 
 train: setup
@@ -43,5 +43,9 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The documentation site (docs/ + mkdocs.yml) into site/; --strict: a broken link or missing page fails.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs site .pytest_cache .ruff_cache
