@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the README table of generators on digits: one run per method (the first builds the cached
+# Reproduces the generators' table of docs/results-digits.md: one run per method (the first builds the cached
 # FID feature extractor), FID, sample grids,
 # and the sampler benchmark. Usage: bash benchmarks/digits_generators.sh [extra overrides for every run]
 set -euo pipefail

@@ -7,7 +7,7 @@
 #    SimCLR bf16 channels_last once more with trainer.compile);
 # 2. the input pipeline on a generated 20k-JPEG ImageNet-like tree, GPU decoding (nvjpeg) included;
 # 3. samplers (DDPM-1000, DDIM, rectified flow) of digits models trained here first (10 epochs: the
-#    FIDs are not the README's 20-epoch ones; the time per image is what this measures).
+#    FIDs are not the 20-epoch ones of docs/results-digits.md; the time per image is what this measures).
 # Each stage keeps its log and table in $OUT_DIR (default gpu_check/) and has a time limit in seconds
 # (SSL_LIMIT, INPUT_LIMIT, SAMPLING_LIMIT; together under 8 minutes); a stage that runs out is reported
 # and the others still run. The last table merges the stages' tables.

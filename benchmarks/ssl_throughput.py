@@ -9,7 +9,7 @@ the bare loop uses the same networks and loss functions with none of that machin
 Images/s = batch / median wall time of the ``--steps`` steps after ``--warmup`` (a step is timed from
 one batch end to the next, data loading included). Overhead = 1 - framework / bare. ``--repeats R``
 runs each path R times in alternating order and compares medians: on a noisy shared 2-core CPU VM
-whole runs of one path once differed by up to 75 % (README), far more than the overhead itself.
+whole runs of one path once differed by up to 75 % (docs/benchmarks.md), far more than the overhead itself.
 
     python benchmarks/ssl_throughput.py --steps 20 --warmup 5            # GPU
     python benchmarks/ssl_throughput.py --device cpu --steps 4 --warmup 2 --repeats 3

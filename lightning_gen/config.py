@@ -61,7 +61,7 @@ class TrainerConfig:
     strategy: str = "auto"  # "auto" becomes ddp when more than one process trains
     precision: str = "auto"  # "auto": bf16-mixed where the hardware has fast bf16, else 32-true
     channels_last: bool = True  # memory format for conv nets (ignored by methods without convs)
-    compile: bool = False  # torch.compile the networks that dominate the step (backbone, U-Net): see README
+    compile: bool = False  # torch.compile the networks that dominate the step (backbone, U-Net): see docs/data-at-scale.md
     max_epochs: int = bounded(10, -1, hint="-1 trains until max_steps or max_time")
     max_steps: int = bounded(-1, -1, hint="-1: no step limit")
     max_time: str | None = None  # "DD:HH:MM:SS"

@@ -37,7 +37,7 @@ class DDPMConfig(GenerativeConfig):
     sample_steps: int = 50  # DDIM steps by default
     # DDIM's eta by default: 0 is the deterministic sampler of the paper. An undertrained eps-model errs at
     # high t (where eps ~ x_t), 1/sqrt(alpha_bar) amplifies that into x0_hat, and eta = 0 carries the clipped
-    # error to the end as a noise image; eta = 1 re-noises each step and washes it out (README, samplers).
+    # error to the end as a noise image; eta = 1 re-noises each step and washes it out (docs/results-digits.md, samplers).
     sample_eta: float = 0.0
     guidance: float = 0.0  # default CFG weight w at sampling time
     clip_x0: bool = True  # clamp the predicted x_0 to [-1, 1] while sampling

@@ -13,7 +13,7 @@ the patch codes z averaged over the grid.
 ``patch_jitter`` adds the spatial half of CPC v2's patch augmentation (Hénaff et al. 2020): while
 training, every patch is cut at its own random offset, so the overlap between a patch and the one
 below no longer lets exact pixel matching solve the task (on digits this is the difference between
-codes below a random encoder and clearly above it, README).
+codes below a random encoder and clearly above it, docs/results-digits.md).
 """
 
 from __future__ import annotations
