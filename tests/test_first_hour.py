@@ -32,6 +32,11 @@ BAD_INPUT = [
         "callbacks.images.every_n_epochs: it must be at least 1",
     ),
     (["train", "seed=-1"], "invalid value -1 for seed"),
+    # RGB PixelCNN: the masks need one feature group per colour channel; 64 is the method's default width
+    (
+        ["train", "method=pixelcnn", "data=color_digits"],
+        "method.width=64 must be a multiple of the image channels (3)",
+    ),
     (
         [
             "prepare",

@@ -57,6 +57,13 @@ class PixelCNN(GenerativeMethod):
                 "method.conditional=true needs the gated network (set method.net=gated): "
                 "the classic PixelCNN here is unconditional"
             )
+        if cfg.width % info.channels:
+            # the masks split the features into one group per colour channel (R, G, B within a pixel)
+            lower = cfg.width - cfg.width % info.channels
+            raise ConfigError(
+                f"method.width={cfg.width} must be a multiple of the image channels ({info.channels}): "
+                f"set method.width={lower} or {lower + info.channels}"
+            )
         self.conditional = cfg.conditional and info.num_classes > 0
         if cfg.net == "gated":
             classes = info.num_classes if self.conditional else 0
