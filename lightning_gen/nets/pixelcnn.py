@@ -1,4 +1,5 @@
-"""PixelCNN (van den Oord et al. 2016): masked convolutions, gated residual blocks, 256-way softmax.
+"""PixelCNN (van den Oord et al. 2016a): masked convolutions; residual blocks with the gated activation
+unit of van den Oord et al. 2016b; 256-way softmax.
 
 Order: pixels in raster order, and within a pixel the channels in order (R, G, B). Feature maps
 are split into C contiguous groups, group g belonging to colour channel g. Mask A (first layer)
