@@ -199,3 +199,33 @@ def test_checkpoint_hyperparameters_rebuild_the_nested_backbone_config():
     rebuilt = Jigsaw(method.hparams["cfg"], method.hparams["data"])
     assert isinstance(rebuilt.cfg.backbone, BackboneConfig) and rebuilt.cfg == cfg
     assert dataclasses.asdict(rebuilt.cfg) == method.hparams["cfg"]
+
+
+def test_mae_sincos_position_embeddings_are_the_closed_form_and_never_train():
+    import math
+
+    from lightning_gen.nets.vit import sincos_pos_embed
+
+    grid, width = 3, 8
+    table = sincos_pos_embed(grid, width)[0]
+    assert table.shape == (1 + grid * grid, width) and not table[0].any()  # [CLS] position: zero
+
+    def axis(p):  # width/4 = 2 frequencies: 1 and 10000^(-1/2)
+        return [math.sin(p), math.sin(p / 100), math.cos(p), math.cos(p / 100)]
+
+    for row in range(grid):
+        for col in range(grid):
+            expected = torch.tensor(axis(col) + axis(row))
+            torch.testing.assert_close(table[1 + row * grid + col], expected, rtol=0, atol=1e-6)
+
+    backbone = BackboneConfig(name="vit", patch_size=4, depth=1, width=32, heads=2, pos_embed="sincos")
+    mae = MAE(
+        MAEConfig(backbone=backbone, decoder_width=16, decoder_depth=1, decoder_heads=2),
+        DataInfo(channels=1, image_size=16, num_classes=10),
+    )
+    fixed = [mae.encoder.pos_embed, mae.decoder.pos_embed]
+    torch.testing.assert_close(fixed[0].detach(), sincos_pos_embed(4, 32))
+    torch.testing.assert_close(fixed[1].detach(), sincos_pos_embed(4, 16))
+    optimized = {id(p) for group in mae.configure_optimizers().param_groups for p in group["params"]}
+    assert all(not p.requires_grad and id(p) not in optimized for p in fixed)
+    assert "encoder.pos_embed" in mae.state_dict()  # same checkpoint keys as the learned kind

@@ -36,6 +36,7 @@ class BackboneConfig:
     width: int = 192
     heads: int = 3
     mlp_ratio: float = 4.0
+    pos_embed: str = choice("learned", "learned", "sincos")  # sincos: MAE's fixed 2-D sine-cosine embeddings
     # small conv encoder
     conv_width: int = 32
     conv_dim: int = 256
@@ -127,6 +128,7 @@ def build_backbone(cfg: BackboneConfig, in_channels: int, image_size: int) -> nn
             depth=cfg.depth,
             heads=cfg.heads,
             mlp_ratio=cfg.mlp_ratio,
+            pos_embed=cfg.pos_embed,
         )
     if cfg.name == "conv":
         return ConvBackbone(in_channels, image_size, cfg.conv_width, cfg.conv_dim)

@@ -6,6 +6,26 @@ import torch
 from torch import nn
 
 
+def sincos_pos_embed(grid: int, width: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings (MAE, He et al. 2022), (1, 1 + grid², width), [CLS] first.
+
+    The first half of the width encodes the patch's column, the second half its row, each as
+    [sin(p ω_k), cos(p ω_k)] with ω_k = 10000^(-k / (width/4)), k = 0 .. width/4 - 1 (Vaswani et al.
+    2017 per axis); the [CLS] position is zero.
+    """
+    if width % 4:
+        raise ValueError(f"sine-cosine position embeddings need a width divisible by 4, got {width}")
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def axis(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.flatten().double()[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    patches = torch.cat([axis(cols), axis(rows)], dim=1)
+    return torch.cat([torch.zeros(1, width, dtype=torch.float64), patches]).float()[None]
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
 
@@ -22,8 +42,20 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def position_embedding(kind: str, grid: int, width: int) -> nn.Parameter:
+    """Position embeddings of a [CLS] token and grid x grid patches: learned, or fixed sine-cosine."""
+    if kind == "sincos":
+        return nn.Parameter(sincos_pos_embed(grid, width), requires_grad=False)
+    if kind == "learned":
+        return nn.Parameter(torch.randn(1, grid**2 + 1, width) * 0.02)
+    raise ValueError(f"unknown position embedding {kind!r}: learned or sincos")
+
+
 class VisionTransformer(nn.Module):
-    """Patch embedding + learned position embedding + [CLS] token + pre-norm blocks; output = [CLS] feature."""
+    """Patch embedding + position embedding + [CLS] token + pre-norm blocks; output = [CLS] feature.
+
+    ``pos_embed``: "learned" (ViT, DINO, MoCo v3) or "sincos", fixed 2-D sine-cosine embeddings
+    (MAE), kept as a parameter that does not train so that checkpoints have the same keys."""
 
     def __init__(
         self,
@@ -34,6 +66,7 @@ class VisionTransformer(nn.Module):
         depth: int,
         heads: int,
         mlp_ratio: float = 4.0,
+        pos_embed: str = "learned",
     ):
         super().__init__()
         if image_size % patch_size:
@@ -42,7 +75,7 @@ class VisionTransformer(nn.Module):
         self.num_patches = self.grid**2
         self.patch_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos_embed = nn.Parameter(torch.randn(1, self.num_patches + 1, width) * 0.02)
+        self.pos_embed = position_embedding(pos_embed, self.grid, width)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.out_dim = width

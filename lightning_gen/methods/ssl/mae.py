@@ -23,7 +23,7 @@ from torch import nn
 from lightning_gen.config import choice
 from lightning_gen.methods.ssl.pretext import PretextConfig, PretextMethod, random_patch_mask
 from lightning_gen.nets.backbones import BackboneConfig, build_backbone
-from lightning_gen.nets.vit import Block, VisionTransformer
+from lightning_gen.nets.vit import Block, VisionTransformer, position_embedding
 from lightning_gen.registry import register_method
 
 
@@ -61,12 +61,19 @@ class MAEDecoder(nn.Module):
     """Light transformer: encoded visible tokens + mask tokens back in place -> pixels of every patch."""
 
     def __init__(
-        self, encoder_width: int, num_patches: int, patch_dim: int, width: int, depth: int, heads: int
+        self,
+        encoder_width: int,
+        num_patches: int,
+        patch_dim: int,
+        width: int,
+        depth: int,
+        heads: int,
+        pos_embed: str = "learned",
     ):
         super().__init__()
         self.embed = nn.Linear(encoder_width, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, width) * 0.02)
+        self.pos_embed = position_embedding(pos_embed, int(round(num_patches**0.5)), width)
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.predict = nn.Linear(width, patch_dim)
@@ -104,6 +111,7 @@ class MAE(PretextMethod):
             cfg.decoder_width,
             cfg.decoder_depth,
             cfg.decoder_heads,
+            cfg.backbone.pos_embed,  # the decoder's embeddings are of the encoder's kind, as in the paper
         )
         self.setup_online_probe(self.encoder.out_dim)
 
