@@ -87,13 +87,15 @@ def test_conditional_gated_pixelcnn_trains_and_samples_a_class_through_the_cli(l
 
     method = load_method(str(ckpt))
     assert method.conditional and type(method.net).__name__ == "GatedPixelCNN"
-    images = (torch.rand(3, 1, 16, 16) * 255).to(torch.uint8)
+    images = (torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     labels = torch.tensor([0, 3, 9])
-    # a conditional model's likelihood depends on the label it is given (the embeddings were trained)
+    # a conditional model's predictions depend on the label it is given (the embeddings, zero at
+    # initialisation, were trained). Compared per logit: after 3 steps the change is far below what a
+    # float32 sum of 256 log-probabilities (~1400 nats) resolves.
     with torch.no_grad():
-        nll = method.nll(method.net, images, labels)
-        swapped = method.nll(method.net, images, labels.flip(0))
-    assert nll[0] != swapped[0] and nll[2] != swapped[2] and nll[1] == swapped[1]
+        logits = method.logits(method.net, images, labels)
+        swapped = method.logits(method.net, images, labels.flip(0))
+    assert (logits != swapped).flatten(1).any(1).tolist() == [True, False, True]
     out = lgen.cwd / "sevens.png"
     proc = lgen("sample", f"ckpt={ckpt}", "n=2", "class=7", f"out={out}")
     assert out.is_file() and "2 pixelcnn samples" in proc.stdout
