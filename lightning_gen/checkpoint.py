@@ -156,11 +156,19 @@ def _prune_preemption_checkpoints(run_dir: Path, newest: Path, progress: dict) -
             print(f"[lgen] removed {path} (superseded by {newest.name} at a later step)", flush=True)
 
 
-def _progress(path: Path) -> tuple[int, float]:
-    """(global step, mtime) of a checkpoint: which one is furthest along."""
+def _progress(path: Path) -> tuple[int, bool, float]:
+    """(global step, is a requeue checkpoint, mtime) of a checkpoint: which one is furthest along.
+
+    At the same step the requeue's hpc_ckpt wins over a last.ckpt that a periodic checkpoint
+    (``trainer.checkpoint_every_n_steps``) happened to write at that step too: they hold the same state,
+    and resuming from the one the requeue wrote does not depend on which file was written last."""
     try:
         step = int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", -1))
         mtime = path.stat().st_mtime
     except Exception:
-        return -1, 0.0  # unreadable (load_checkpoint reports it if it is the one chosen) or just removed
-    return step, mtime
+        return (
+            -1,
+            False,
+            0.0,
+        )  # unreadable (load_checkpoint reports it if it is the one chosen) or just removed
+    return step, path.name.startswith("hpc_ckpt_"), mtime

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import subprocess
 
 import pytest
@@ -193,6 +194,12 @@ def test_resume_picks_the_checkpoint_furthest_along(tmp_path):
     torch.save({"global_step": 80}, run_dir / "checkpoints" / "last.ckpt")  # resumed and went on
     assert resume_path(run_dir, "auto") == str(run_dir / "checkpoints" / "last.ckpt")
     assert resume_path(run_dir, "never") is None
+    # requeued at step 95, where trainer.checkpoint_every_n_steps also refreshed last.ckpt (written after):
+    # the same state, and the requeue's own checkpoint is the one resumed from
+    torch.save({"global_step": 95}, run_dir / "hpc_ckpt_2.ckpt")
+    torch.save({"global_step": 95}, run_dir / "checkpoints" / "last.ckpt")
+    os.utime(run_dir / "hpc_ckpt_2.ckpt", (1, 1))  # older file
+    assert resume_path(run_dir, "auto") == str(run_dir / "hpc_ckpt_2.ckpt")
 
 
 def test_resume_removes_only_preemption_checkpoints_that_a_later_one_supersedes(tmp_path):
