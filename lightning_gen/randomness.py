@@ -10,7 +10,10 @@ masks, label dropout) is drawn from the global torch RNG inside the LightningMod
 - **Evaluation never touches it.** Validation runs on a stream of its own, re-seeded the same way
   at every validation (so ``val/loss`` of a noisy objective is measured with the same noise every
   epoch) and the training state is put back afterwards; evaluation callbacks (probe, kNN, FID,
-  image grids, plots) run inside ``isolated()``.
+  image grids, plots) run inside ``isolated()``. Evaluation loaders carry their own generator:
+  a DataLoader without one draws its workers' base seed from the global RNG at ``iter()``, which
+  Lightning calls before ``on_validation_start`` (sanity check included), so validation would
+  otherwise shift the training stream.
 - **Exact resume.** Every rank's RNG state is gathered into each checkpoint and restored just
   before the first training batch after a resume, so an interrupted run (SLURM requeue included)
   continues the uninterrupted run's stream. The data order is a function of (seed, epoch): see
@@ -29,7 +32,8 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-TRAINING, VALIDATION = 0, 1  # stream purposes
+# stream purposes: training draws, validation draws, training-loader workers, evaluation-loader workers
+TRAINING, VALIDATION, TRAIN_LOADER, EVAL_LOADER = 0, 1, 2, 3
 
 
 def stream_seed(seed: int, rank: int, purpose: int = TRAINING, *more: int) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_gen.randomness import stream_seed
+from lightning_gen.randomness import TRAIN_LOADER, stream_seed
 
 
 class EpochSampler(DistributedSampler):
@@ -71,7 +71,7 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self):
         sampler: EpochSampler = self.sampler
-        self.generator.manual_seed(stream_seed(sampler.seed, sampler.rank, 2, sampler.epoch))
+        self.generator.manual_seed(stream_seed(sampler.seed, sampler.rank, TRAIN_LOADER, sampler.epoch))
         if hasattr(self.dataset, "set_epoch"):  # datasets that augment per item seed by (seed, epoch, index)
             self.dataset.set_epoch(sampler.epoch)
         self.samples_done = 0
