@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 from lightning_gen import registry
 from lightning_gen.checkpoint import AtomicCheckpointIO, LastCheckpoint, resume_path
 from lightning_gen.config import ConfigError, section_object, to_dict, to_yaml
+from lightning_gen.data.sampler import ElasticEpochResume
 from lightning_gen.interrupt import StopOnSignal
 from lightning_gen.methods.base import Method
 from lightning_gen.quiet import LogEveryEpoch, silence_library_notices
@@ -131,6 +132,7 @@ def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: b
     monitor, mode, every = best_checkpoint_rule(method, configured)
     callbacks: list[L.Callback] = [
         RandomStreams(cfg.seed),
+        ElasticEpochResume(),  # an epoch interrupted on another allocation ends where it should
         ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="epoch{epoch:03d}-step{step:06d}",
