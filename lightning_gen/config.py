@@ -77,7 +77,8 @@ class TrainerConfig:
     checkpoint_every_n_steps: int | None = bounded(None, 1)  # besides the checkpoint at every epoch end
     keep_best: int = bounded(1, -1, hint="-1 keeps all")  # best checkpoints kept by the monitored metric
     sync_batchnorm: bool = False
-    deterministic: bool = False
+    # true: deterministic algorithms only (an op without one raises); "warn": it warns instead; false: fastest
+    deterministic: Any = False
     benchmark: bool | None = None
     enable_progress_bar: bool = True
     num_sanity_val_steps: int = bounded(0, -1)
@@ -296,6 +297,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_keys(cfg, RootConfig, "", skip={"method", "data", "callbacks"}, nested=nested)
     typed = _typed(cfg, RootConfig, "", skip={"method", "data", "callbacks"})
     _check_devices(typed.trainer.devices)
+    _check_deterministic(typed.trainer.deterministic)
     for kind in ("method", "data"):
         section = cfg.get(kind) or OmegaConf.create({})
         if "name" not in section:
@@ -463,6 +465,15 @@ def _check_devices(devices: Any) -> None:
         raise ConfigError(
             f"invalid value {devices!r} for trainer.devices: give a number of devices (trainer.devices=2), "
             f"-1 or auto for all of them, or device ids (trainer.devices=[0,1])"
+        )
+
+
+def _check_deterministic(value: Any) -> None:
+    """trainer.deterministic: true, false or warn (Lightning's ``Trainer(deterministic=...)``)."""
+    if not (isinstance(value, bool) or value == "warn"):
+        raise ConfigError(
+            f"invalid value {value!r} for trainer.deterministic: expected true (deterministic algorithms "
+            "only: an operation without one raises), warn (it warns instead) or false"
         )
 
 
