@@ -31,10 +31,6 @@ class Progress:
     total: float  # optimizer steps planned (inf: no bound)
     steps_per_epoch: int
 
-    @property
-    def fraction(self) -> float:
-        return min(self.step / self.total, 1.0) if self.total > 0 else 1.0
-
     def steps(self, epochs: float) -> int:
         """An option given in epochs (warm-up, freeze windows) in optimizer steps."""
         return int(round(epochs * self.steps_per_epoch))

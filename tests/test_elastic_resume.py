@@ -77,6 +77,53 @@ def test_an_interrupted_epoch_is_finished_on_another_world_size_once(old, new, o
     assert loader.batches_left(skip) == len(dealt[0]) // new_batch
 
 
+@pytest.mark.parametrize(
+    "epochs, max_steps, accumulate, expected_total",
+    [(2, -1, 1, 10), (2, -1, 2, 6), (3, 4, 1, 4), (-1, 7, 2, 7)],  # 5 batches per epoch
+)
+def test_progress_is_global_step_over_the_planned_steps_on_the_allocation_a_run_started_with(
+    tmp_path, epochs, max_steps, accumulate, expected_total
+):
+    """On an unchanged allocation the shared progress is Lightning's own count: global_step at every
+    batch (accumulation included), over estimated_stepping_batches (or max_steps where it ends first)."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_gen.schedules import training_progress
+
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.seen = torch.nn.Linear(2, 1), []
+
+        def on_train_batch_start(self, batch, batch_idx):
+            progress = training_progress(self.trainer)
+            self.seen.append((progress.step, self.global_step, progress.total, progress.steps_per_epoch))
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Recorder()
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, DataLoader(TensorDataset(torch.randn(10, 2)), batch_size=2))
+    assert {total for _, _, total, _ in module.seen} == {expected_total}
+    assert {per_epoch for *_, per_epoch in module.seen} == {-(-5 // accumulate)}
+    assert [step for step, *_ in module.seen] == [global_step for _, global_step, *_ in module.seen]
+    assert trainer.global_step == expected_total
+
+
 def logged(run_dir) -> dict[str, list[float]]:
     """Per optimizer step, in order: every schedule value as logged in metrics.csv."""
     with open(run_dir / "metrics.csv") as handle:
