@@ -3,7 +3,8 @@
 - every DDP rank draws its own views / diffusion (t, eps) / GAN z / MAE masks, and a rerun with the
   same seed draws the same (2 real gloo processes through `lgen train trainer.devices=2`);
 - evaluation (linear probe, kNN, k-means, image grids, validation) neither consumes nor resets the
-  training streams: a run with all of it on trains bitwise like a run with all of it off;
+  training streams: a run with all of it on trains bitwise like a run with all of it off, and so do
+  runs that validate twice an epoch, never, or with a sanity check and more validation batches;
 - a run stopped mid-epoch and resumed (`callbacks.stop_after.steps`) has per-step losses and final
   weights bitwise equal to the uninterrupted run: SimCLR, MoCo v2, SwAV and DDPM on 1 process, SimCLR on 2;
 - the generator EMA moves once per optimizer step under gradient accumulation.
