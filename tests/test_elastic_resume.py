@@ -19,8 +19,8 @@ from lightning_gen.data.sampler import EpochSampler, ResumableLoader
 from tests.conftest import lgen_env
 
 # 301 digits, 15 % held out for validation -> 256 training images: 8 batches of 32 on one process,
-# 4 per process on two. 3 epochs: 24 optimizer steps on one process, 12 on two.
-SAMPLES, BATCH, EPOCHS = 256, 32, 3
+# 4 per process on two. 2 epochs: 16 optimizer steps on one process, 8 on two.
+SAMPLES, BATCH, EPOCHS = 256, 32, 2
 DINO = [
     "experiment=dino_digits",
     "data.image_size=16",
@@ -144,8 +144,8 @@ def test_schedules_continue_across_a_change_of_world_size(lgen):
     env = lgen_env(OMP_NUM_THREADS="1")
     runs = lgen.cwd / "runs" / "dino_digits"
     one, two = SAMPLES // BATCH, SAMPLES // (2 * BATCH)  # optimizer steps per epoch
-    # Uninterrupted, one process; it also keeps its checkpoint of step 14 (epoch 1, 6 of 8 batches done).
-    lgen("train", *DINO, "run_id=full", "trainer.checkpoint_every_n_steps=14", env=env)
+    # Uninterrupted, one process; it also keeps its checkpoint of step 12 (epoch 1, 4 of 8 batches done).
+    lgen("train", *DINO, "run_id=full", "trainer.checkpoint_every_n_steps=12", env=env)
     full = logged(runs / "full")
     assert len(full["lr"]) == EPOCHS * one
 
@@ -155,7 +155,7 @@ def test_schedules_continue_across_a_change_of_world_size(lgen):
     assert "global batch of 64, this run's is 32" in resumed.stderr and "0.002 -> 0.001" in resumed.stderr
     assert "resuming epoch 1 after 128 samples" in resumed.stderr + resumed.stdout
     down = logged(runs / "down")
-    # progress of each logged step: 6 steps of 1/(3 x 4), then the 4 + 8 batches left of 1/(3 x 8)
+    # progress of each logged step: 6 steps of 1/(2 x 4), then the 4 batches left of epoch 1, of 1/(2 x 8)
     progress = [s / (EPOCHS * two) for s in range(6)] + [s / (EPOCHS * one) for s in range(12, EPOCHS * one)]
     assert len(down["lr"]) == len(progress)  # the interrupted epoch trained exactly its 4 batches left
     down["lr"][:6] = [lr / 2 for lr in down["lr"][:6]]  # the 2-process segment ran at twice the peak LR
@@ -163,15 +163,15 @@ def test_schedules_continue_across_a_change_of_world_size(lgen):
         within_one_step(full[key], progress, down[key], step=1 / (EPOCHS * two))
         assert down[key][6:] == full[key][12:]  # on one process again: the very same grid of steps
 
-    # 1 -> 2: the uninterrupted run's step-14 checkpoint resumed on two processes.
-    step14 = runs / "full" / "checkpoints" / "step000014.ckpt"
-    resumed = lgen("train", *DINO, "run_id=up", "trainer.devices=2", f"resume={step14}", env=env)
+    # 1 -> 2: the uninterrupted run's step-12 checkpoint resumed on two processes.
+    step12 = runs / "full" / "checkpoints" / "step000012.ckpt"
+    resumed = lgen("train", *DINO, "run_id=up", "trainer.devices=2", f"resume={step12}", env=env)
     assert "global batch of 32, this run's is 64" in resumed.stderr and "0.001 -> 0.002" in resumed.stderr
     up = logged(runs / "up")
-    progress = [s / (EPOCHS * two) for s in range(7, EPOCHS * two)]
-    assert len(up["lr"]) == len(progress)  # 1 batch per process left of epoch 1, then 1 whole epoch
+    progress = [s / (EPOCHS * two) for s in range(6, EPOCHS * two)]
+    assert len(up["lr"]) == len(progress)  # 2 batches per process left of epoch 1
     up["lr"] = [lr / 2 for lr in up["lr"]]
     for key in SCHEDULES:
         within_one_step(full[key], progress, up[key], step=1 / (EPOCHS * two))
     final = torch.load(runs / "up" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert final["epoch"] == EPOCHS - 1 and final["global_step"] == 14 + len(progress)
+    assert final["epoch"] == EPOCHS - 1 and final["global_step"] == 12 + len(progress)
