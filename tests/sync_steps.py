@@ -49,7 +49,7 @@ TINY: dict[str, list[str]] = {
         "method.backbone.conv_width=8",
         "method.backbone.conv_dim=32",
     ],
-    "jigsaw": ["experiment=jigsaw_digits"],
+    "jigsaw": ["experiment=jigsaw_digits", "method.num_permutations=10"],
     "mae": ["experiment=mae_digits"],
     "moco": [
         "experiment=moco_v2_digits",
@@ -88,6 +88,11 @@ VARIANTS: dict[str, list[str]] = {
     ],
     "gated_pixelcnn": ["experiment=gated_pixelcnn_digits", "method.width=8", "method.blocks=1"],
 }
+# after COMMON: image sizes at which the tiles still move (their random jitter is part of the step)
+SIZES: dict[str, list[str]] = {
+    "jigsaw": ["method.grid=2"],
+    "relative_patch": ["data.image_size=24"],
+}
 COMMON = [
     "data.image_size=16",
     "data.batch_size=8",
@@ -113,6 +118,7 @@ class CountSyncs(L.Callback):
     def __init__(self, step: int = 1, raw: bool = False, stop: bool = True):
         self.step, self.raw, self.stop = step, raw, stop
         self.counter: HostSyncCounter | None = None
+        self.counted = False
 
     def open(self, pl_module, batch, batch_idx):
         """Called by ``_StartFirst``, the first callback, at ``on_train_batch_start``."""
@@ -130,8 +136,9 @@ class CountSyncs(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.counter is not None and batch_idx <= self.step:
             self.counter.__exit__(None, None, None)
-        if batch_idx == self.step and self.stop:
-            trainer.should_stop = True  # nothing more to count
+        if batch_idx == self.step:
+            self.counted = True
+            trainer.should_stop = self.stop or trainer.should_stop  # nothing more to count
 
 
 class _StartFirst(L.Callback):
@@ -146,23 +153,23 @@ class _StartFirst(L.Callback):
 
 def config(name: str, *extra: str):
     overrides = TINY.get(name) or VARIANTS[name]
-    cfg = compose([*overrides, *COMMON, *extra])
+    cfg = compose([*overrides, *COMMON, *SIZES.get(name, []), *extra])
     for section in (cfg.callbacks or {}).values():  # evaluation callbacks run at epoch ends, not in a step
         section.enabled = False
     return cfg
 
 
 def count_training_step(
-    name: str, run_dir: Path, raw: bool = False, extra: tuple[str, ...] = ()
+    name: str, run_dir: Path, raw: bool = False, step: int = 1, extra: tuple[str, ...] = ()
 ) -> HostSyncCounter:
-    """Train ``name`` for 2 steps as `lgen train` would and count the host syncs of the second step."""
+    """Train ``name`` as `lgen train` would and count the host syncs of batch ``step`` (0-based)."""
     cfg = config(name, *extra)
     datamodule = run.build_datamodule(cfg)
     method = run.build_method(cfg, datamodule)
-    counting = CountSyncs(step=1, raw=raw)
+    counting = CountSyncs(step=step, raw=raw)
     callbacks = [_StartFirst(counting), *run.build_callbacks(cfg, method, run_dir, validates=False), counting]
     trainer = run.build_trainer(cfg, callbacks, [], run_dir)
     L.seed_everything(0, verbose=False)
     trainer.fit(method, datamodule=datamodule)
-    assert counting.counter is not None, f"{name}: the second training step never ran"
+    assert counting.counter is not None and counting.counted, f"{name}: training step {step} never ran"
     return counting.counter
