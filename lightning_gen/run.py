@@ -36,6 +36,7 @@ from lightning_gen.checkpoint import AtomicCheckpointIO, LastCheckpoint, resume_
 from lightning_gen.config import ConfigError, section_object, to_dict, to_yaml
 from lightning_gen.interrupt import StopOnSignal
 from lightning_gen.methods.base import Method
+from lightning_gen.precision import resolve_precision
 from lightning_gen.quiet import LogEveryEpoch, silence_library_notices
 from lightning_gen.randomness import RandomStreams
 
@@ -105,18 +106,6 @@ def build_method(cfg: DictConfig, datamodule) -> Method:
         compiled = method.compile_networks()
         rank_zero_info(f"[lgen] torch.compile: {', '.join(compiled) or 'no network of this method'}")
     return method
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """``auto``: bf16-mixed where the hardware runs bf16 natively, else 32-true."""
-    if precision != "auto":
-        return precision
-    use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if use_cuda:
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    cpu_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16-mixed" if (cpu_bf16 or cpu_amx) else "32-true"
 
 
 def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: bool) -> list[L.Callback]:
