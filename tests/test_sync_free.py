@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_gen import registry
+from lightning_gen import registry, run
 from lightning_gen.host_sync import HostSyncCounter, module_tensors
 from tests.sync_steps import TINY, VARIANTS, config, count_training_step
 
@@ -58,8 +58,6 @@ def sampling_cases():
 @pytest.mark.parametrize("case", list(sampling_cases()))
 def test_sampling_makes_no_host_sync(case):
     """A whole (short) sampling run after a first one: no per-step copies, no reads of device values."""
-    from lightning_gen import run
-
     name, options = sampling_cases()[case]
     cfg = config(name, "method.timesteps=6", "data.image_size=8") if name == "ddpm" else config(name)
     if name == "pixelcnn":
@@ -120,3 +118,22 @@ def test_raw_counting_sees_what_a_naive_counter_sees(tmp_path):
     reported for today's main (e.g. 22 for the GAN), which the residency-aware count rightly drops."""
     counter = count_training_step("gan", tmp_path, raw=True)
     assert len(counter.events) >= 8, counter.report()
+
+
+def test_batches_are_pinned_when_training_on_a_cuda_device():
+    """The host-to-device copy of each batch overlaps with the GPU only from pinned memory. No CUDA
+    trainer can exist on this machine: a stand-in with a CUDA root device asks for the decision only."""
+    from types import SimpleNamespace
+
+    cfg = config("simclr")
+    datamodule = run.build_datamodule(cfg)
+    assert datamodule.cfg.pin_memory is None  # the default follows the accelerator
+    datamodule.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    assert datamodule.pins_memory()
+    datamodule.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    assert not datamodule.pins_memory()
+    datamodule.cfg.pin_memory = True  # set explicitly, it is kept
+    assert datamodule.pins_memory()
+    datamodule.trainer = None
+    datamodule.cfg.pin_memory = None
+    assert datamodule.eval_dataloader("val").pin_memory is False  # outside a Trainer: nothing to copy to
