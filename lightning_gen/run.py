@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
@@ -134,6 +134,10 @@ def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: b
         StopOnSignal(),  # SIGTERM / SIGINT: stop at a step boundary with a checkpoint, exit 128 + signal
         LogEveryEpoch(),
     ]
+    if cfg.trainer.enable_progress_bar:
+        # The bar reads every prog_bar value back to the host when it refreshes (on a GPU, a wait for the
+        # device): refresh on the logging steps, where Lightning reads the logged values anyway.
+        callbacks.append(TQDMProgressBar(refresh_rate=cfg.trainer.log_every_n_steps))
     if SLURMEnvironment.detect():  # Lightning's SIGUSR1 requeue, run where all ranks agree
         from lightning_gen.cluster.requeue import RequeueAtStepBoundary
 

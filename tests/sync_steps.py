@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 
 from lightning_gen import run
 from lightning_gen.config import compose
@@ -110,7 +111,7 @@ COMMON = [
 
 class CountSyncs(L.Callback):
     """Counts host synchronisations from ``on_train_batch_start`` of batch ``step`` to the end of its
-    ``on_train_batch_end`` (put it last among the callbacks; Lightning moves checkpointing after it).
+    ``on_train_batch_end`` (it must come after every callback but the checkpointing ones).
 
     The batches before ``step`` run under the same counter without recording, so that it learns
     where the tensors they create live (optimizer state, Lightning's logged-metric states)."""
@@ -169,6 +170,11 @@ def count_training_step(
     counting = CountSyncs(step=step, raw=raw)
     callbacks = [_StartFirst(counting), *run.build_callbacks(cfg, method, run_dir, validates=False), counting]
     trainer = run.build_trainer(cfg, callbacks, [], run_dir)
+    # the window closes after every callback but the checkpointing ones (Lightning adds its own
+    # progress bar and model summary after ours, and moves checkpointing last)
+    trainer.callbacks.remove(counting)
+    checkpoints = [i for i, c in enumerate(trainer.callbacks) if isinstance(c, Checkpoint)]
+    trainer.callbacks.insert(checkpoints[0] if checkpoints else len(trainer.callbacks), counting)
     L.seed_everything(0, verbose=False)
     trainer.fit(method, datamodule=datamodule)
     assert counting.counter is not None and counting.counted, f"{name}: training step {step} never ran"

@@ -44,6 +44,12 @@ def test_the_control_agreement_is_the_one_sync_of_its_step(tmp_path):
     assert [(e.kind, e.where.split(":")[0]) for e in counter.events] == [("device to host", "control.py")]
 
 
+def test_the_progress_bar_reads_values_back_only_on_logging_steps(tmp_path):
+    """Lightning's bar converts every prog_bar value with .item() when it refreshes (every batch by default)."""
+    counter = count_training_step("vae", tmp_path, extra=("trainer.enable_progress_bar=true",))
+    assert not counter.events, counter.report()
+
+
 def sampling_cases():
     return {
         "ddpm/ddpm": ("ddpm", {"sampler": "ddpm"}),
