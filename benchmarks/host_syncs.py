@@ -13,12 +13,17 @@ and what computing the losses in float32 under bf16 autocast costs.
    host-side time here, per agreement and per step; on a GPU add the wait for the queued work, which
    the next logging flush of Lightning would pay at the same step anyway.
 3. Each loss at a realistic size under CPU bf16 autocast: as shipped (``full_precision``: float32
-   inside) and undecorated (matmuls in bf16), median milliseconds per call.
+   inside) and undecorated (matmuls in bf16), median milliseconds per call, and how far the
+   undecorated value (Sinkhorn: the codes) and gradient (w.r.t. the first input) are from float32
+   (relative, in norm; the shipped ones equal float32, tests/test_loss_precision.py). VICReg's
+   variance and covariance terms are guarded functions of their own, so its undecorated form still
+   computes them in float32; Sinkhorn-Knopp has no matmul, only exponentials of float32 scores.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import sys
 import tempfile
@@ -122,12 +127,14 @@ def loss_cost(repeats: int) -> None:
         "Sinkhorn-Knopp 256 x 3000": (sinkhorn_knopp, (scores,), {}),
     }
     print(
-        "\n| loss (bf16 autocast, CPU, median) | float32 inside (shipped) ms | bf16 matmuls (undecorated) ms |\n|---|---|---|"
+        "\n| loss (bf16 autocast, CPU) | float32 inside (shipped): ms | undecorated: ms "
+        "| undecorated: value error | undecorated: gradient error |\n|---|---|---|---|---|"
     )
     for name, (fn, args, kwargs) in cases.items():
         medians = []
-        for f in (fn, fn.__wrapped__):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = inspect.unwrap(fn)  # without full_precision (and without Sinkhorn's no_grad)
+        for f in (fn, raw):
+            with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
                 for _ in range(3):
                     f(*args, **kwargs)
                 times = []
@@ -136,7 +143,26 @@ def loss_cost(repeats: int) -> None:
                     f(*args, **kwargs)
                     times.append(time.perf_counter() - start)
             medians.append(statistics.median(times) * 1e3)
-        print(f"| {name} | {medians[0]:.2f} | {medians[1]:.2f} |", flush=True)
+        value, grad = _value_and_gradient(raw, args, kwargs, autocast=False)
+        coarse, coarse_grad = _value_and_gradient(raw, args, kwargs, autocast=True)
+        value_error = ((coarse - value).norm() / value.norm()).item()
+        grad_error = "-" if grad is None else f"{((coarse_grad - grad).norm() / grad.norm()).item():.1e}"
+        print(
+            f"| {name} | {medians[0]:.2f} | {medians[1]:.2f} | {value_error:.1e} | {grad_error} |", flush=True
+        )
+
+
+def _value_and_gradient(fn, args, kwargs, autocast: bool):
+    """The loss (Sinkhorn: the codes) and its gradient w.r.t. the first input (None for the codes)."""
+    codes = fn.__name__ == "sinkhorn_knopp"  # no gradient by design (and in-place normalisations)
+    x = args[0].clone().requires_grad_(not codes)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.set_grad_enabled(not codes):
+        out = fn(x, *args[1:], **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    if codes:
+        return out.detach().float(), None
+    out.float().sum().backward()
+    return out.detach().float(), x.grad.float()
 
 
 def main() -> None:
