@@ -30,11 +30,18 @@ CPU); ``.cpu()`` or the string ``"cpu"`` means the host. A value on the host cos
 ``raw=True`` ignores residency and counts every such operation (what a naive counter reports,
 including reads of host tensors): useful to show that the detector detects.
 
-Usage (``tests/test_sync_free.py`` drives every method through a real Lightning ``Trainer`` this way)::
+Usage::
 
     with HostSyncCounter(device_tensors=[*model.parameters(), *model.buffers(), *batch.values()]) as sync:
         loss = model.training_step(batch, 0); loss.backward(); optimizer.step()
     assert not sync.events, sync.report()
+
+or, around one step of a real ``Trainer.fit`` (``tests/test_sync_free.py`` checks every method so)::
+
+    counting = CountStepSyncs(step=1); counting.install(trainer); trainer.fit(...); counting.counter.events
+
+On a GPU, ``CountStepSyncs(cuda_sync_errors=True)`` also runs the window under
+``torch.cuda.set_sync_debug_mode("error")``: CUDA itself then raises at any synchronising call.
 """
 
 from __future__ import annotations
@@ -45,7 +52,9 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
@@ -326,3 +335,61 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[list[torch.Tens
                 if isinstance(value, torch.Tensor):
                     (host if key == "step" and on_host_step and value.ndim == 0 else device).append(value)
     return device, host
+
+
+class CountStepSyncs(L.Callback):
+    """Counts the host synchronisations of training batch ``step`` (0-based) of a ``Trainer.fit``.
+
+    ``install(trainer)`` puts the window in place: it opens before every other callback's
+    ``on_train_batch_start`` and closes after every callback's ``on_train_batch_end`` but the
+    checkpointing ones (Lightning writes checkpoints at their own interval): the method's hooks,
+    forward, backward, optimizer step, EMA/momentum updates and the callbacks of the step. The
+    batches before ``step`` run under the same counter without recording, so that it learns where
+    the tensors they create live (optimizer state, Lightning's logged-metric states). ``stop`` ends
+    training after the counted batch; ``cuda_sync_errors`` also turns on
+    ``torch.cuda.set_sync_debug_mode("error")`` for the counted batch when training on a CUDA device.
+    """
+
+    def __init__(self, step: int = 1, raw: bool = False, stop: bool = True, cuda_sync_errors: bool = False):
+        self.step, self.raw, self.stop, self.cuda_sync_errors = step, raw, stop, cuda_sync_errors
+        self.counter: HostSyncCounter | None = None
+        self.counted = False
+        self._debug_mode_before: int | None = None
+
+    def install(self, trainer: L.Trainer) -> None:
+        callbacks = [c for c in trainer.callbacks if c is not self and not isinstance(c, _OpenWindow)]
+        checkpoints = [i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint)]
+        callbacks.insert(checkpoints[0] if checkpoints else len(callbacks), self)
+        trainer.callbacks[:] = [_OpenWindow(self), *callbacks]
+
+    def open(self, pl_module, batch, batch_idx) -> None:
+        if batch_idx > self.step:
+            return
+        if self.counter is None:
+            self.counter = HostSyncCounter(module_tensors(pl_module), raw=self.raw)
+        self.counter.mark_device(_tensors(batch))  # Lightning moved the batch to the device before this hook
+        self.counter.recording = batch_idx == self.step
+        if self.counter.recording and self.cuda_sync_errors and pl_module.device.type == "cuda":
+            self._debug_mode_before = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+        self.counter.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.counter is not None and batch_idx <= self.step:
+            self.counter.__exit__(None, None, None)
+        if self._debug_mode_before is not None:
+            torch.cuda.set_sync_debug_mode(self._debug_mode_before)
+            self._debug_mode_before = None
+        if batch_idx == self.step:
+            self.counted = True
+            trainer.should_stop = self.stop or trainer.should_stop  # nothing more to count
+
+
+class _OpenWindow(L.Callback):
+    """The first callback: opens ``CountStepSyncs``'s window before every other ``on_train_batch_start``."""
+
+    def __init__(self, counting: CountStepSyncs):
+        self.counting = counting
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.counting.open(pl_module, batch, batch_idx)

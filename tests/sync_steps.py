@@ -13,12 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import torch
-from lightning.pytorch.callbacks import Checkpoint
 
 from lightning_gen import run
 from lightning_gen.config import compose
-from lightning_gen.host_sync import HostSyncCounter, module_tensors
+from lightning_gen.host_sync import CountStepSyncs, HostSyncCounter
 
 # method name -> experiment (or method/data selection) and overrides that make it tiny
 TINY: dict[str, list[str]] = {
@@ -109,49 +107,6 @@ COMMON = [
 ]
 
 
-class CountSyncs(L.Callback):
-    """Counts host synchronisations from ``on_train_batch_start`` of batch ``step`` to the end of its
-    ``on_train_batch_end`` (it must come after every callback but the checkpointing ones).
-
-    The batches before ``step`` run under the same counter without recording, so that it learns
-    where the tensors they create live (optimizer state, Lightning's logged-metric states)."""
-
-    def __init__(self, step: int = 1, raw: bool = False, stop: bool = True):
-        self.step, self.raw, self.stop = step, raw, stop
-        self.counter: HostSyncCounter | None = None
-        self.counted = False
-
-    def open(self, pl_module, batch, batch_idx):
-        """Called by ``_StartFirst``, the first callback, at ``on_train_batch_start``."""
-        if batch_idx > self.step:
-            return
-        if self.counter is None:
-            self.counter = HostSyncCounter(module_tensors(pl_module), raw=self.raw)
-        batch_tensors = (
-            [v for v in batch.values() if isinstance(v, torch.Tensor)] if isinstance(batch, dict) else []
-        )
-        self.counter.mark_device(batch_tensors)  # Lightning moved the batch to the device before this hook
-        self.counter.recording = batch_idx == self.step
-        self.counter.__enter__()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.counter is not None and batch_idx <= self.step:
-            self.counter.__exit__(None, None, None)
-        if batch_idx == self.step:
-            self.counted = True
-            trainer.should_stop = self.stop or trainer.should_stop  # nothing more to count
-
-
-class _StartFirst(L.Callback):
-    """Opens the counting window before every other callback's ``on_train_batch_start``."""
-
-    def __init__(self, counting: CountSyncs):
-        self.counting = counting
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.counting.open(pl_module, batch, batch_idx)
-
-
 def config(name: str, *extra: str):
     overrides = TINY.get(name) or VARIANTS[name]
     cfg = compose([*overrides, *COMMON, *SIZES.get(name, []), *extra])
@@ -167,14 +122,9 @@ def count_training_step(
     cfg = config(name, *extra)
     datamodule = run.build_datamodule(cfg)
     method = run.build_method(cfg, datamodule)
-    counting = CountSyncs(step=step, raw=raw)
-    callbacks = [_StartFirst(counting), *run.build_callbacks(cfg, method, run_dir, validates=False), counting]
-    trainer = run.build_trainer(cfg, callbacks, [], run_dir)
-    # the window closes after every callback but the checkpointing ones (Lightning adds its own
-    # progress bar and model summary after ours, and moves checkpointing last)
-    trainer.callbacks.remove(counting)
-    checkpoints = [i for i, c in enumerate(trainer.callbacks) if isinstance(c, Checkpoint)]
-    trainer.callbacks.insert(checkpoints[0] if checkpoints else len(trainer.callbacks), counting)
+    counting = CountStepSyncs(step=step, raw=raw)
+    trainer = run.build_trainer(cfg, run.build_callbacks(cfg, method, run_dir, validates=False), [], run_dir)
+    counting.install(trainer)
     L.seed_everything(0, verbose=False)
     trainer.fit(method, datamodule=datamodule)
     assert counting.counter is not None and counting.counted, f"{name}: training step {step} never ran"
