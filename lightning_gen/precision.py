@@ -11,7 +11,8 @@
 - No GPU: ``bf16-mixed`` on CPUs with native bf16 (AVX-512-BF16 or AMX), else ``32-true``.
 
 The compute capability comes from NVML (``libnvidia-ml``, the library behind nvidia-smi, which
-does not touch the CUDA runtime), or, where NVML cannot answer, from a short child process.
+does not touch the CUDA runtime; no NVML means no NVIDIA driver, hence no GPU), or, where NVML is
+there but cannot answer, from a short child process.
 """
 
 from __future__ import annotations
@@ -63,11 +64,11 @@ def cuda_capability() -> tuple[int, int] | None:
 
 
 def _nvml_capabilities() -> list[tuple[int, int]] | None:
-    """Capabilities of the visible GPUs through NVML; None where NVML cannot tell."""
+    """Capabilities of the visible GPUs through NVML; None where NVML is there but cannot tell."""
     try:
         nvml = ctypes.CDLL("libnvidia-ml.so.1")
     except OSError:
-        return None
+        return []  # NVML comes with the NVIDIA driver: without it there is no usable GPU
     if nvml.nvmlInit_v2() != 0:
         return None
     try:
