@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.nets.conv import ConvEncoder
 from lightning_gen.nets.deterministic import adaptive_avg_pool2d
 from lightning_gen.nets.vit import VisionTransformer
@@ -36,7 +36,14 @@ class BackboneConfig:
     width: int = 192
     heads: int = 3
     mlp_ratio: float = 4.0
-    pos_embed: str = choice("learned", "learned", "sincos")  # sincos: MAE's fixed 2-D sine-cosine embeddings
+    # learned; sincos: fixed 2-D sine-cosine embeddings, MAE's layout (column first); sincos_rows_first: MoCo v3's
+    pos_embed: str = choice("learned", "learned", "sincos", "sincos_rows_first")
+    # stochastic depth of the last block, rising linearly from 0 at the first (DINO's student: 0.1)
+    drop_path: float = bounded(0.0, 0, 1)
+    # 1e-6 as the timm ViTs of MoCo v3, DINO and MAE (PyTorch's default is 1e-5)
+    layer_norm_eps: float = bounded(1e-6, 0)
+    # weights as an official ViT initialises them (nets/vit.py): torch (PyTorch's), moco_v3, dino or mae
+    vit_init: str = choice("torch", "torch", "moco_v3", "dino", "mae")
     # small conv encoder
     conv_width: int = 32
     conv_dim: int = 256
@@ -129,6 +136,9 @@ def build_backbone(cfg: BackboneConfig, in_channels: int, image_size: int) -> nn
             heads=cfg.heads,
             mlp_ratio=cfg.mlp_ratio,
             pos_embed=cfg.pos_embed,
+            drop_path=cfg.drop_path,
+            layer_norm_eps=cfg.layer_norm_eps,
+            init=cfg.vit_init,
         )
     if cfg.name == "conv":
         return ConvBackbone(in_channels, image_size, cfg.conv_width, cfg.conv_dim)
