@@ -3,7 +3,8 @@
     h = f(x~),  z = g(h),  L = NT-Xent(z; τ) over all views of all ranks
 
 f is the backbone (the representation used downstream), g the projection MLP that is thrown
-away. Positives are found by sample index, so ``views.global_crops.n`` > 2 and local crops
+away: linear-BN-ReLU then linear-BN, the output BN with a learned scale and no shift, as the official
+code's ``projection_head`` (``center=False``). Positives are found by sample index, so ``views.global_crops.n`` > 2 and local crops
 (multi-crop) use the same loss, and ``supervised=true`` turns it into supervised contrastive
 learning (Khosla et al. 2020) by using class labels as the index. The published recipe uses
 LARS (bias/norm excluded from weight decay and from the trust ratio) with lr = 0.3 x B/256 for the
@@ -51,7 +52,16 @@ class SimCLR(SSLMethod):
     def __init__(self, cfg: SimCLRConfig, data=None):
         super().__init__(cfg, data)
         cfg = self.cfg  # a dataclass even when rebuilt from a checkpoint's dict
-        self.projector = MLPHead(self.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers)
+        # google-research/simclr model_util.projection_head: every layer linear + BN, the last BN with a scale
+        # and no shift (center=False) and no ReLU
+        self.projector = MLPHead(
+            self.feature_dim,
+            cfg.proj_hidden_dim,
+            cfg.proj_dim,
+            layers=cfg.proj_layers,
+            last_bn=True,
+            last_bn_scale=True,
+        )
 
     def positive_ids(self, batch) -> torch.Tensor:
         if not self.cfg.supervised:
