@@ -1,6 +1,6 @@
 """SimCLR (Chen et al. 2020): NT-Xent between augmented views, through a projection head.
 
-    h = f(x~),  z = g(h),  L = NT-Xent(z; τ) over all views of all ranks
+    h = f(x~),  z = g(h),  L = Σ_views mean over the view's anchors of NT-Xent(z; τ), all ranks' views
 
 f is the backbone (the representation used downstream), g the projection MLP that is thrown
 away: linear-BN-ReLU then linear-BN, the output BN with a learned scale and no shift, as the official
@@ -40,6 +40,9 @@ class SimCLRConfig(SSLConfig):
     supervised: bool = (
         False  # labels as the index: supervised contrastive (unlabeled samples use their own index)
     )
+    # "sum": the loss of each view's anchors (a mean over them) summed over the views, as the official code
+    # adds loss_a + loss_b; "mean": the mean over every anchor, 1 / views of that
+    view_reduction: str = choice("sum", "sum", "mean")
     global_bn: bool = True
 
 
@@ -74,4 +77,6 @@ class SimCLR(SSLMethod):
         z = self.projector(features)
         ids = self.positive_ids(batch).repeat(len(views))
         loss = nt_xent(z, ids, self.cfg.temperature)
+        if self.cfg.view_reduction == "sum":  # objective.py: loss_a + loss_b, each a mean over its views
+            loss = loss * len(views)
         return loss, features[: len(views[0])]
