@@ -220,6 +220,7 @@ class FID(L.Callback):
         """Measure with ``extractor`` (a module with ``num_features``), named ``name`` in the metric keys."""
         self.extractor, self.name, self.extractor_id = extractor, name, extractor_id
         self.metrics = build_metrics(self.metric_names, self.cfg, extractor.num_features)
+        self.real = None  # the reference is (re)loaded in this extractor's features at the next evaluation
 
     def domain_extractor(self, trainer: L.Trainer, data) -> tuple[dict, str]:
         """(saved extractor, sha1 of its file): loaded, or first built, by global rank 0 and sent to every rank."""
