@@ -49,7 +49,8 @@ _ROWWISE = (
     torch.Tensor.log_normal_,
     torch.Tensor.cauchy_,
 )
-_RANDOM = (*_SIZED, *_LIKE, *_ROWWISE, torch.randperm)
+# a set: every torch call of a sampler is looked up in it
+_RANDOM = frozenset((*_SIZED, *_LIKE, *_ROWWISE, torch.randperm))
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -73,16 +74,22 @@ class ChunkSeededDraws(TorchFunctionMode):
         self.generators = {c: torch.Generator(handle.device).manual_seed(chunk_seed(seed, c)) for c in chunks}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        generator = kwargs.get("generator")
-        if generator is self.handle:
-            return self._split(func, args, kwargs)
-        if generator is None and func in _RANDOM:
+        # every torch call of the sampler passes here: the common case (no random draw) is kept cheap
+        if func in _RANDOM:
+            generator = kwargs.get("generator") if kwargs else None
+            if generator is self.handle:
+                return self._split(func, args, kwargs)
+            if generator is None:
+                raise RuntimeError(
+                    f"sample() drew {_name(func)} from the global random stream: evaluation samples would "
+                    "differ between ranks and runs. Pass sample()'s generator to every random draw."
+                )
+        elif kwargs and kwargs.get("generator") is self.handle:
             raise RuntimeError(
-                f"sample() drew {_name(func)} from the global random stream: evaluation samples would "
-                "differ between ranks and runs. Pass sample()'s generator to every random draw."
+                f"sample() drew {_name(func)} with its generator: a draw that cannot be split by sample, "
+                "so evaluation noise could not be seeded per sample"
             )
-        return func(*args, **kwargs)
+        return func(*args, **(kwargs or {}))
 
     # ------------------------------------------------------------------ one draw, split by chunk
     def _pieces(self):
@@ -110,7 +117,7 @@ class ChunkSeededDraws(TorchFunctionMode):
             draw = self._like(func, args, kwargs)
         elif func in _ROWWISE:
             draw = self._rowwise(func, args, kwargs)
-        else:
+        else:  # randperm: no sample axis
             raise RuntimeError(
                 f"sample() drew {_name(func)} with its generator: a draw that cannot be split by sample, "
                 "so evaluation noise could not be seeded per sample"
