@@ -124,7 +124,7 @@ def test_sample_draws_that_cannot_be_seeded_per_sample_are_errors():
         assert torch.equal(torch.randn(8, 2, generator=handle)[2:6], split)
 
 
-def test_pixel_by_pixel_multinomial_sampling_is_split_by_sample_too():
+def test_pixel_by_pixel_multinomial_sampling_is_split_by_sample_too(one_thread):
     from lightning_gen.methods.generative.pixelcnn import PixelCNN, PixelCNNConfig
 
     torch.manual_seed(0)

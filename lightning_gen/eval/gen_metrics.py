@@ -72,6 +72,7 @@ class GenerativeMetric(Metric):
     def __init__(self, num_features: int):
         super().__init__()
         self.num_features = num_features
+        self.reference: Any = None  # set by set_reference: the metric's own summary of the real features
 
     @classmethod
     def from_config(cls, cfg: Any, num_features: int) -> GenerativeMetric:
@@ -85,6 +86,11 @@ class GenerativeMetric(Metric):
 
     def compute(self) -> Results:
         raise NotImplementedError
+
+    def reference_or_error(self):
+        if self.reference is None:
+            raise RuntimeError(f"{self.name}: set_reference(real features) must come before update/compute")
+        return self.reference
 
 
 def gaussian_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +137,8 @@ class FID(GenerativeMetric):
         self.reference = gaussian_statistics(features.to(self.device))
 
     def update(self, fake, labels=None) -> None:
-        shifted = fake.to(self.fake_sum.device, torch.float64) - self.reference[0].to(self.fake_sum.device)
+        mu_real = self.reference_or_error()[0].to(self.fake_sum.device)
+        shifted = fake.to(self.fake_sum.device, torch.float64) - mu_real
         self.fake_sum += shifted.sum(0)
         self.fake_outer += shifted.T @ shifted
         self.fake_count += len(shifted)
@@ -140,7 +147,7 @@ class FID(GenerativeMetric):
         n = int(self.fake_count)
         if n < 2:
             raise ValueError(f"FID needs at least 2 generated samples, got {n}")
-        mu_real, sigma_real = (t.to(self.fake_sum.device) for t in self.reference)
+        mu_real, sigma_real = (t.to(self.fake_sum.device) for t in self.reference_or_error())
         mean_shift = self.fake_sum / n
         sigma_fake = (self.fake_outer - n * torch.outer(mean_shift, mean_shift)) / (n - 1)
         return {("fid", ""): frechet_distance(mu_real, sigma_real, mu_real + mean_shift, sigma_fake)}
@@ -173,7 +180,7 @@ class KID(GenerativeMetric):
 
     def compute(self) -> Results:
         fake = dim_zero_cat(self.fake)
-        real = self.reference.to(fake.device)
+        real = self.reference_or_error().to(fake.device)
         size = min(self.subset_size, len(real), len(fake))
         if size < 2:
             raise ValueError(

@@ -93,7 +93,8 @@ class ChunkSeededDraws(TorchFunctionMode):
 
     # ------------------------------------------------------------------ one draw, split by chunk
     def _pieces(self):
-        """(chunk, rows of this call it covers as a slice of the call, the same rows within the chunk)."""
+        """For each chunk this call touches: (its generator, its rows as a slice of the call, the same
+        rows as a slice of the chunk)."""
         stop = self.first + self.count
         for c, generator in self.generators.items():
             lo, hi = max(self.first, c * SEED_CHUNK), min(stop, (c + 1) * SEED_CHUNK)
