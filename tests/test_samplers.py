@@ -93,13 +93,15 @@ def test_rectified_flow_euler_with_the_optimal_velocity_reproduces_the_data_gaus
     assert_moments(x)
 
 
-def test_a_wrong_mean_coefficient_is_caught():
-    """The check above has teeth: 1/sqrt(alpha-bar) in place of 1/sqrt(alpha) in the mean (a common slip) breaks the moments."""
+def test_a_wrong_posterior_coefficient_is_caught(monkeypatch):
+    """The check above has teeth: a posterior mean that takes sigma_s/sigma_t as b_s/b_t (forgetting that
+    sigma = b/a, a slip that is right only for VE) breaks the moments."""
+    from lightning_gen.diffusion import samplers
+
+    monkeypatch.setattr(samplers, "_ratio", lambda t, s: s.b / t.b)
     schedule = diffusion.NoiseSchedule.linear(1000)
-    broken = diffusion.NoiseSchedule.linear(1000)
-    broken.alphas = broken.alpha_bar  # model_mean divides by sqrt(alphas): now alpha-bar
     g = torch.Generator().manual_seed(0)
-    x = diffusion.ddpm_sample(optimal_eps(schedule), broken, (2000, 2), generator=g).double()
+    x = diffusion.ddpm_sample(optimal_eps(schedule), schedule, (2000, 2), generator=g).double()
     mean, cov = moments(x)
     assert not (torch.allclose(mean, M, atol=0.1) and torch.allclose(cov, S, atol=0.1))
 
