@@ -115,17 +115,19 @@ def test_ddim_timesteps_cover_the_range():
 def test_ddpm_sample_takes_ddim_eta_from_the_config_unless_given():
     """``method.sample_eta`` is what sample() (and so the FID and image-grid callbacks) use by default."""
     from lightning_gen.methods.base import DataInfo
-    from lightning_gen.methods.generative.ddpm import DDPM, DDPMConfig
+    from lightning_gen.methods.generative.diffusion import Diffusion, DiffusionConfig
 
     info = DataInfo(name="digits", channels=1, image_size=8, num_classes=0)
+    ddpm = dict(process="vp", prediction="eps", timesteps=1000, noise_schedule="linear", sampler="ddim")
+    small = dict(width=8, mults=(1, 2), attention_resolutions=())
     torch.manual_seed(0)
-    stochastic = DDPM(DDPMConfig(width=8, mults=(1, 2), attention_resolutions=(), sample_eta=1.0), info)
+    stochastic = Diffusion(DiffusionConfig(**ddpm, **small, sample_eta=1.0), info)
 
     def draw(method, **options):
         return method.sample(4, generator=torch.Generator().manual_seed(1), steps=5, **options)
 
     assert torch.equal(draw(stochastic), draw(stochastic, eta=1.0))
     assert not torch.equal(draw(stochastic), draw(stochastic, eta=0.0))
-    deterministic = DDPM(DDPMConfig(width=8, mults=(1, 2), attention_resolutions=()), info)
+    deterministic = Diffusion(DiffusionConfig(**ddpm, **small), info)
     deterministic.load_state_dict(stochastic.state_dict())
     assert torch.equal(draw(deterministic), draw(stochastic, eta=0.0))  # the paper's eta = 0 by default
