@@ -1,6 +1,6 @@
 """method=diffusion: the ddpm / ddpm_cfg / flow presets train bitwise like the methods they replaced,
 checkpoints of those methods load and sample as before, `lgen sample` runs every sampler with clear
-errors for what cannot run.
+errors for what cannot run, bits/dim through `lgen eval bpd`, and the sampler benchmark runs tiny.
 
 The bitwise reference is an independent re-implementation of the replaced training steps (Algorithm 1
 of Ho et al. with label dropout; the rectified-flow step), drawing from the same seeded streams.
@@ -12,6 +12,9 @@ samples that code drew from them (``reference_samples``).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,7 @@ from lightning_gen.config import ConfigError, compose, section_object
 from lightning_gen.methods.base import DataInfo, load_method
 from lightning_gen.methods.generative.diffusion import Diffusion, DiffusionConfig
 from lightning_gen.nets.unet import UNet
-from tests.conftest import run_lgen
+from tests.conftest import REPO, lgen_env, run_lgen
 
 DATA = Path(__file__).parent / "data"
 INFO = DataInfo(name="digits", channels=1, image_size=8, num_classes=10)
@@ -217,3 +220,48 @@ def test_every_process_and_prediction_trains_a_step_and_samples_with_every_sampl
                 )
                 assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
                 assert method.last_sample["nfe"] == (3 if sampler == "heun" else 2)
+
+
+def test_bits_per_dim_through_lgen_eval_bpd(tmp_path, capsys):
+    ckpt = DATA / "legacy_ddpm_cfg.pt"
+    out = tmp_path / "eval"
+    assert (
+        lgen_main(
+            ["eval", "bpd", f"ckpt={ckpt}", "n=6", "draws=2", "batch_size=4", f"out={out}", "wandb=false"]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    result = json.loads((out / "bpd.json").read_text())["results"]
+    assert result["images"] == 6 and len(result["per_image"]) == 6 and result["estimator"] == "diffusion vlb"
+    assert 0 < result["bits_per_dim"] < 64 and result["mc_stderr"] > 0 and "bits_per_dim" in printed
+    method = load_method(str(ckpt))
+    images = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    bpd, var = method.bits_per_dim(
+        images, estimator="ode", steps=2, generator=torch.Generator().manual_seed(0)
+    )
+    assert bpd.shape == (2,) and torch.isfinite(bpd).all() and (var == 0).all()
+    flow = load_method(str(DATA / "legacy_flow_cfg.pt"))
+    bpd, var = flow.bits_per_dim(images, estimator="vlb", draws=2, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(bpd).all() and (var > 0).all()
+
+
+def test_sampler_benchmark_runs_tiny(tmp_path):
+    from lightning_gen.eval.fid_extractor import DomainFeatureNet, save_extractor
+
+    torch.manual_seed(0)  # an untrained extractor is enough to exercise the table
+    extractor = tmp_path / "extractor.pt"
+    save_extractor(DomainFeatureNet(1, 8, 10, width=4), INFO, 4, 0.0, extractor)
+    out = tmp_path / "nfe.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "sampler_nfe.py"), str(DATA / "legacy_ddpm_cfg.pt"),
+         "--n", "20", "--batch", "10", "--samplers", "heun", "ddim", "--steps", "2", "30",
+         "--extractor", str(extractor), "--out", str(out)],
+        cwd=tmp_path, env=lgen_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["models"]["legacy_ddpm_cfg"]
+    by = {(r["sampler"], r["steps"]): r for r in rows}
+    assert by[("heun", 2)]["nfe"] == 3 and by[("ddim", 2)]["nfe"] == 2 and by[("heun", 30)]["nfe"] == 59
+    assert "at most T=20" in by[("ddim", 30)]["refused"]
+    assert "| heun | 2 | 3 |" in proc.stdout

@@ -5,6 +5,7 @@
     lgen eval finetune ckpt=... finetune.fractions=[0.01,0.1] seed=0
     lgen eval cluster  ckpt=... data=cifar10 data.root=/datasets
     lgen eval all      ckpt=...                       all four, features extracted once
+    lgen eval bpd      ckpt=... split=test n=1000     bits/dim of a likelihood model (eval/likelihood.py)
 
 Arguments are key=value. The data is the run's own (its config.yaml next to checkpoints/) unless
 ``data=NAME`` picks another dataset; ``data.KEY=VALUE`` overrides its settings. Protocol settings
@@ -32,9 +33,11 @@ from lightning_gen.eval.clustering import KMeansConfig, cluster_features
 from lightning_gen.eval.features import Features, require_embed, split_features
 from lightning_gen.eval.finetune import FinetuneConfig, balanced_subset, finetune
 from lightning_gen.eval.knn import KNNConfig, check_k, knn_accuracy
+from lightning_gen.eval.likelihood import LikelihoodConfig
 from lightning_gen.eval.probe import ProbeConfig, linear_probe
 
-COMMANDS = ("probe", "knn", "finetune", "cluster")
+COMMANDS = ("probe", "knn", "finetune", "cluster")  # of a representation ("all" runs these four)
+GENERATIVE = ("bpd",)  # of a likelihood model
 
 
 @dataclass
@@ -51,10 +54,11 @@ class EvalConfig:
     knn: KNNConfig = field(default_factory=KNNConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cluster: KMeansConfig = field(default_factory=KMeansConfig)
+    bpd: LikelihoodConfig = field(default_factory=LikelihoodConfig)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("protocol", choices=[*COMMANDS, "all"], help="which evaluation to run")
+    parser.add_argument("protocol", choices=[*COMMANDS, "all", *GENERATIVE], help="which evaluation to run")
     parser.add_argument("overrides", nargs="*", help="ckpt=PATH (required), data=NAME, data.KEY=V, KEY=VALUE")
 
 
@@ -74,7 +78,7 @@ def parse(protocol: str, args: list[str]) -> tuple[Any, list[str]]:
         elif (
             "." not in key
             and key not in {f for f in EvalConfig.__dataclass_fields__}
-            and protocol in COMMANDS
+            and protocol in (*COMMANDS, *GENERATIVE)
         ):
             dotted.append(f"{'cluster' if protocol == 'cluster' else protocol}.{arg}")  # lgen eval knn k=[20]
         else:
@@ -215,7 +219,8 @@ class Evaluation:
     def run(self, protocol: str) -> dict[str, float]:
         started = time.time()
         results = getattr(self, protocol)()
-        config = {k: v for k, v in asdict(self.cfg).items() if k not in set(COMMANDS) - {protocol}}
+        others = {*COMMANDS, *GENERATIVE} - {protocol}
+        config = {k: v for k, v in asdict(self.cfg).items() if k not in others}
         self.write(
             f"{protocol}.json",
             {
@@ -249,6 +254,11 @@ def main(args) -> int:
 
     try:
         cfg, data_overrides = parse(args.protocol, list(args.overrides))
+        if args.protocol == "bpd":
+            from lightning_gen.eval import likelihood
+
+            likelihood.run(cfg, data_overrides)
+            return 0
         evaluation = Evaluation(cfg, data_overrides)
         protocols = COMMANDS if args.protocol == "all" else (args.protocol,)
         everything = {}
