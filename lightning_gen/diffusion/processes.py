@@ -157,7 +157,7 @@ class Process(nn.Module):
     def at(self, t: float) -> Coefficients:
         """Coefficients at one time as Python floats (float64 maths on the host)."""
         c = self.coefficients(torch.tensor([t], dtype=torch.float64))
-        return Coefficients(*(float(v[0]) for v in (c.a, c.b, c.da, c.db)))
+        return Coefficients(*(v.tolist()[0] for v in (c.a, c.b, c.da, c.db)))
 
 
 class FlowProcess(Process):
@@ -280,7 +280,7 @@ class DiscreteVP(Process):
         # d log abar / dt on the step that ends at index i: T log(alpha_i)
         self.register_buffer("log_alpha_slope", T * schedule.alphas.log(), persistent=False)
         # host copies for the samplers' grids, computed once per sampling call without touching the device
-        self._host = {"knots": knots, "slope": T * schedule.alphas.log()}
+        self._host = {"alpha_bar": schedule.alpha_bar, "knots": knots, "slope": T * schedule.alphas.log()}
         sigma = (1 / schedule.alpha_bar - 1).sqrt()
         self.sigma_lo, self.sigma_hi = float(sigma[0]), float(sigma[-1])
 
@@ -289,18 +289,13 @@ class DiscreteVP(Process):
         return self.schedule.T
 
     def at_step(self, i: torch.Tensor, dtype=torch.float32) -> Coefficients:
-        """The chain at integer steps i (N,): a = sqrt(abar_i), b = sqrt(1 - abar_i) in ``dtype``."""
-        ab = self.alpha_bar[i].to(dtype)
+        """The chain at integer steps i (N,): a = sqrt(abar_i), b = sqrt(1 - abar_i) in ``dtype``
+        (from the buffers on the device, or the host tables for steps on the CPU)."""
+        on_host = i.device.type == "cpu"
+        ab = (self._host["alpha_bar"] if on_host else self.alpha_bar)[i].to(dtype)
         a, b = ab.sqrt(), (1 - ab).sqrt()
-        slope = self.log_alpha_slope[i].to(dtype)
+        slope = (self._host["slope"] if on_host else self.log_alpha_slope)[i].to(dtype)
         da = 0.5 * a * slope
-        return Coefficients(a, b, da, -a * da / b)
-
-    def host_step(self, i: int) -> Coefficients:
-        """``at_step`` for one step as Python floats, from the float64 tables on the host."""
-        ab = float(self.schedule.alpha_bar[i])
-        a, b = math.sqrt(ab), math.sqrt(1 - ab)
-        da = 0.5 * a * float(self._host["slope"][i])
         return Coefficients(a, b, da, -a * da / b)
 
     def network_time(self, t):

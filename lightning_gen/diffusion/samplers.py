@@ -101,21 +101,34 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:
     return sorted({int(round(v)) for v in torch.linspace(0, T - 1, steps).tolist()}, reverse=True)
 
 
-def _point(process: Process, t: float, net_time: float | None = None) -> Point:
-    coef = process.at(t)
-    scale = float(process.input_scale(coef))
-    net = float(process.network_time(torch.tensor(t, dtype=torch.float64))) if net_time is None else net_time
-    return Point(t, coef, net, scale)
+def grid_points(
+    process: Process, times: list[float], coef: Coefficients | None = None, net=None
+) -> list[Point]:
+    """Points at ``times``: coefficients, network times and input scales computed in one float64 pass
+    on the host (``coef`` / ``net``: given instead, as for DDPM's own steps)."""
+    t = torch.tensor(times, dtype=torch.float64)
+    coef = process.coefficients(t) if coef is None else coef
+    scale = process.input_scale(coef)
+    scales = scale.tolist() if torch.is_tensor(scale) else [scale] * len(times)
+    nets = process.network_time(t).tolist() if net is None else net
+    a, b, da, db = (v.tolist() for v in (coef.a, coef.b, coef.da, coef.db))
+    return [
+        Point(times[k], Coefficients(a[k], b[k], da[k], db[k]), nets[k], scales[k]) for k in range(len(times))
+    ]
 
 
 def uniform_grid(process: Process, steps: int, shift: float = 1.0) -> list[Point]:
     """``steps`` times from t = 1 evenly spaced in t (shifted), then the end t = 0: steps + 1 points."""
-    if isinstance(process, DiscreteVP):
-        steps_visited = ddim_timesteps(process.T, steps)
-        points = [Point((i + 1) / process.T, process.host_step(i), float(i)) for i in steps_visited]
+    if isinstance(process, DiscreteVP):  # the chain's own steps, with its exact coefficients
+        visited = ddim_timesteps(process.T, steps)
+        index = torch.tensor(visited)
+        times = [(i + 1) / process.T for i in visited]
+        points = grid_points(
+            process, times, process.at_step(index, torch.float64), [float(i) for i in visited]
+        )
     else:
-        points = [_point(process, shift_time(1 - k / steps, shift)) for k in range(steps)]
-    return [*points, _point(process, 0.0, net_time=math.nan)]
+        points = grid_points(process, [shift_time(1 - k / steps, shift) for k in range(steps)])
+    return [*points, *grid_points(process, [0.0], net=[math.nan])]
 
 
 def edm_sigmas(process: Process, steps: int) -> list[float]:
@@ -129,9 +142,8 @@ def edm_sigmas(process: Process, steps: int) -> list[float]:
 
 def sigma_points(process: Process, sigmas: list[float]) -> list[Point]:
     """Grid points at the given noise levels (all > 0), the network evaluated at t(sigma)."""
-    times = process.t_of_sigma(torch.tensor(sigmas, dtype=torch.float64))
-    low = 1 / process.T if isinstance(process, DiscreteVP) else 0.0
-    return [_point(process, min(max(float(t), low), 1.0)) for t in times]
+    times = process.t_of_sigma(torch.tensor(sigmas, dtype=torch.float64)).clamp(0, 1)
+    return grid_points(process, times.tolist())
 
 
 class Denoiser:
