@@ -185,8 +185,31 @@ def test_configuration_errors_name_the_mismatch():
         preset("flow", "method.timesteps=1000")
     with pytest.raises(ConfigError, match="method.sampler=ddim: .*pure noise"):
         preset("flow", "method.prediction=eps", "method.sampler=ddim")
-    with pytest.raises(ConfigError, match="method.net=dit"):
-        preset("diffusion", "method.net=dit")
+    with pytest.raises(ConfigError, match="patch_size=3 does not divide the image size 8"):
+        preset("diffusion", "method.net=dit", "method.dit.patch_size=3")
+
+
+def test_the_diffusion_transformer_plugs_in_as_the_network():
+    """method.net=dit: the same call f(x_t, t, y) and time input as the U-Net, CFG, every sampler."""
+    dit = [
+        "method.net=dit",
+        "method.dit.width=16",
+        "method.dit.depth=1",
+        "method.dit.heads=2",
+        "method.dit.learn_sigma=true",
+    ]
+    method = preset("diffusion", *dit, "method.conditional=true")
+    assert type(method.net).__name__ == "DiT" and type(method.ema).__name__ == "DiT"
+    method.log_loss = lambda stage, loss: None
+    batch = {"image": torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8), "label": torch.arange(4)}
+    method.training_step(batch, 0).backward()
+    assert (
+        method.net.final_layer.linear.weight.grad.abs().sum() > 0
+    )  # adaLN-Zero: the output layer learns first
+    images = method.sample(
+        2, cond=3, generator=torch.Generator().manual_seed(0), sampler="heun", steps=2, guidance=2.0
+    )
+    assert images.shape == (2, 1, 8, 8) and method.last_sample["nfe"] == 3
 
 
 def test_every_process_and_prediction_trains_a_step_and_samples_with_every_sampler():

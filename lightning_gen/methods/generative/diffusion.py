@@ -25,7 +25,7 @@ names that this one replaced (the same random draws in the same order), and thei
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from lightning_gen.diffusion import guided, likelihood, samplers
 from lightning_gen.diffusion.predictions import PREDICTIONS, training_target
 from lightning_gen.diffusion.processes import PROCESSES, Coefficients, build_process
 from lightning_gen.methods.generative.generator import GenerativeConfig, GenerativeMethod, evaluating
+from lightning_gen.nets.dit import DiT, DiTConfig
 from lightning_gen.nets.unet import UNet
 from lightning_gen.registry import register_legacy_method, register_method
 
@@ -53,7 +54,8 @@ class DiffusionConfig(GenerativeConfig):
     logit_std: float = bounded(1.0, 0)
     shift_base_size: int = bounded(0, 0)  # > 0: shift t toward noise by sqrt(H W) / this (Esser et al.)
     loss_reduction: str = choice("mean", "mean", "sum")  # over pixels: mean keeps the LR resolution-free
-    net: str = choice("unet", "unet", "dit")  # the denoising network
+    net: str = choice("unet", "unet", "dit")  # the denoising network: U-Net, or Diffusion Transformer
+    dit: DiTConfig = field(default_factory=DiTConfig)  # net=dit: preset (S/2 ... XL/8) and/or sizes
     width: int = bounded(64, 1)  # U-Net channels at the first level
     mults: tuple[int, ...] = (1, 2, 2)
     blocks_per_level: int = bounded(1, 1)
@@ -83,16 +85,18 @@ def _unet(cfg: DiffusionConfig, channels: int, image_size: int, num_classes: int
     )
 
 
-# Networks f(x_t, t, y) by ``method.net``; ``num_classes`` > 0 adds the class embedding and its null class.
-NETWORKS = {"unet": _unet}
+def _dit(cfg: DiffusionConfig, channels: int, image_size: int, num_classes: int) -> nn.Module:
+    return DiT.from_config(cfg.dit, channels, image_size, num_classes)
+
+
+# Networks f(x_t, t, y) by ``method.net``: the same call and time input; ``num_classes`` > 0 adds the
+# class embedding with its null class ``num_classes`` for classifier-free guidance.
+NETWORKS = {"unet": _unet, "dit": _dit}
 
 
 def build_network(cfg: DiffusionConfig, channels: int, image_size: int, num_classes: int) -> nn.Module:
     if cfg.net not in NETWORKS:
-        raise ConfigError(
-            f"method.net={cfg.net}: this version has no {cfg.net} network for diffusion "
-            f"(available: {', '.join(NETWORKS)}); the Diffusion Transformer arrives with lightning_gen/nets/dit.py"
-        )
+        raise ConfigError(f"method.net={cfg.net}: no such network; available: {', '.join(NETWORKS)}")
     return NETWORKS[cfg.net](cfg, channels, image_size, num_classes)
 
 
@@ -171,7 +175,12 @@ class Diffusion(GenerativeMethod):
 
     def predict(self, net, xt: torch.Tensor, coef: Coefficients, t_net: torch.Tensor, y) -> torch.Tensor:
         scale = self.process.input_scale(coef)
-        return net(xt if isinstance(scale, float) else xt * scale, t_net, y)
+        return self.prediction_of(net(xt if isinstance(scale, float) else xt * scale, t_net, y))
+
+    def prediction_of(self, out: torch.Tensor) -> torch.Tensor:
+        """The prediction in the network's output: the first channels when it also outputs a variance
+        (DiT's ``learn_sigma``, which this method does not train)."""
+        return out[:, : self.model_shape[0]] if out.shape[1] != self.model_shape[0] else out
 
     def step(self, batch, stage: str) -> torch.Tensor:
         x = self.encode(batch["image"])
@@ -206,7 +215,7 @@ class Diffusion(GenerativeMethod):
 
     def guided_model(self, net, labels: torch.Tensor | None, guidance: float):
         """The network as the samplers and likelihoods call it: (x_in, t_net) -> prediction."""
-        fn = lambda x, t, y: net(x.float(), t.float(), y)  # noqa: E731  (float64 in from the likelihoods)
+        fn = lambda x, t, y: self.prediction_of(net(x.float(), t.float(), y))  # noqa: E731  (float64 in: likelihoods)
         return guided(fn, labels, self.data_info.num_classes, float(guidance))
 
     @torch.no_grad()
