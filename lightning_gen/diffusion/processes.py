@@ -273,14 +273,17 @@ class DiscreteVP(Process):
         super().__init__()
         self.schedule = schedule
         T = schedule.T
-        # log abar at t = k / T for k = 0..T (0 at the data); float64 whatever the training precision
-        knots = torch.cat([torch.zeros(1, dtype=torch.float64), schedule.alpha_bar.log()])
-        self.register_buffer("alpha_bar", schedule.alpha_bar.clone(), persistent=False)
-        self.register_buffer("log_alpha_bar_knots", knots, persistent=False)
-        # d log abar / dt on the step that ends at index i: T log(alpha_i)
-        self.register_buffer("log_alpha_slope", T * schedule.alphas.log(), persistent=False)
-        # host copies for the samplers' grids, computed once per sampling call without touching the device
-        self._host = {"alpha_bar": schedule.alpha_bar, "knots": knots, "slope": T * schedule.alphas.log()}
+        # On the host (the samplers' grids, computed once per sampling call without touching the device)
+        # and, as buffers, on the method's device (training's per-sample lookups); float64 either way.
+        # log abar at t = k / T for k = 0..T (0 at the data); d log abar / dt on the step ending at i.
+        self._host = {
+            "alpha_bar": schedule.alpha_bar,
+            "knots": torch.cat([torch.zeros(1, dtype=torch.float64), schedule.alpha_bar.log()]),
+            "slope": T * schedule.alphas.log(),
+        }
+        self.register_buffer("alpha_bar", self._host["alpha_bar"].clone(), persistent=False)
+        self.register_buffer("log_alpha_bar_knots", self._host["knots"].clone(), persistent=False)
+        self.register_buffer("log_alpha_slope", self._host["slope"].clone(), persistent=False)
         sigma = (1 / schedule.alpha_bar - 1).sqrt()
         self.sigma_lo, self.sigma_hi = float(sigma[0]), float(sigma[-1])
 

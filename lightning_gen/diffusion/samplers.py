@@ -26,8 +26,8 @@ Updates, with x_hat and eps_hat the predicted data and noise at the current time
 
 Network evaluations (NFE): ``steps`` for all but Heun, which takes 2 steps - 1.
 
-No host synchronisation inside the loops: the grid's coefficients are Python floats computed once per
-call, the time inputs are one device tensor built once, and nothing is read back from the device.
+No host synchronisation: the grid's coefficients are Python floats computed once per call on the host,
+the network's time input is filled on the device from one of them, and nothing is read back.
 """
 
 from __future__ import annotations
@@ -151,14 +151,14 @@ class Denoiser:
 
     def __init__(self, model: Model, prediction: str, points: list[Point], n: int, device, clip):
         self.model, self.prediction, self.points, self.n, self.clip = model, prediction, points, n, clip
-        # every time input of the call, moved to the device once
-        self.times = torch.tensor([p.net_time for p in points], dtype=torch.float32, device=device)
-        self.nfe = 0
+        self.device, self.nfe = device, 0
 
     def raw(self, x: torch.Tensor, k: int) -> torch.Tensor:
         self.nfe += 1
-        scale = self.points[k].scale
-        return self.model(x if scale == 1.0 else x * scale, self.times[k].expand(self.n))
+        point = self.points[k]
+        # the time input is filled on the device from a Python float: no host-to-device copy
+        t_net = torch.full((self.n,), point.net_time, dtype=torch.float32, device=self.device)
+        return self.model(x if point.scale == 1.0 else x * point.scale, t_net)
 
     def x_eps(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         coef = self.points[k].coef
