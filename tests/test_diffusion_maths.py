@@ -316,7 +316,7 @@ def test_continuous_bound_on_a_gaussian_mixture_is_its_entropy_plus_the_closed_f
     n = 50_000
     component = torch.multinomial(W, n, replacement=True, generator=g)
     x = (MEANS[component] + STDS[component] * torch.randn(n, generator=g, dtype=torch.float64)).unsqueeze(1)
-    sigma_lo, sigma_hi = 0.3, 5.0
+    sigma_lo, sigma_hi = 0.3, 2.0  # both ends far enough in that the decoder and the prior terms show
     exact_nll = entropy()
     expected = entropy(sigma_lo**2) + prior_kl(sigma_hi)
     assert expected - exact_nll > 0.2  # a gap the test can resolve
