@@ -267,6 +267,10 @@ class LatentAutoencoder(GenerativeMethod):
         self.log("val/psnr", psnr, sync_dist=True, prog_bar=True)
 
     # ---------------------------------------------------------------- the latent scale
+    def buffers_identical_on_all_ranks(self) -> list[str]:
+        # every rank computes them from the same images: DDP need not re-broadcast them every step
+        return [*super().buffers_identical_on_all_ranks(), "latent_scale", "latent_shift"]
+
     def on_train_epoch_end(self) -> None:
         # Before the epoch's checkpoints are written (Lightning runs them after this hook).
         self.update_latent_scale()
