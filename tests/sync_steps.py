@@ -35,7 +35,12 @@ TINY: dict[str, list[str]] = {
     ],
     "cpc": ["experiment=cpc_digits", "method.backbone.conv_dim=32", "method.context_dim=32"],
     # the ddpm preset of the diffusion method: DDPM's discrete chain, eps-prediction, guidance
-    "diffusion": ["experiment=ddpm_cfg_digits", "method.width=8", "method.mults=[1,2]", "method.timesteps=20"],
+    "diffusion": [
+        "experiment=ddpm_cfg_digits",
+        "method.width=8",
+        "method.mults=[1,2]",
+        "method.timesteps=20",
+    ],
     "dino": [
         "experiment=dino_digits",
         "method.out_dim=64",
