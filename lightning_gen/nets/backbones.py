@@ -120,6 +120,28 @@ class ConvBackbone(nn.Module):
         return self.encoder.head(h.flatten(1))
 
 
+def encoder_stages(net: nn.Module) -> list[list[nn.Module | nn.Parameter]]:
+    """The stages of an encoder, in the order its input goes through them (RotNet's "blocks").
+
+    ResNet: the stem (first conv and norm), then layer1 .. layer4. ViT: the patch embedding with the
+    [CLS] token and the position embedding, each transformer block, the final norm. The small conv
+    encoder: each conv block (conv, norm, activation), then its linear map. ``lgen eval finetune
+    freeze=k`` keeps the first k of them fixed (Gidaris et al. 2018's semi-frozen evaluation)."""
+    if isinstance(net, ResNetBackbone):
+        r = net.net
+        return [[r.conv1, r.bn1], [r.layer1], [r.layer2], [r.layer3], [r.layer4]]
+    if isinstance(net, VisionTransformer):
+        return [[net.patch_embed, net.cls_token, net.pos_embed], *([b] for b in net.blocks), [net.norm]]
+    if isinstance(net, ConvBackbone):
+        net = net.encoder
+    if isinstance(net, ConvEncoder):
+        layers = list(net.features)
+        return [layers[i : i + 3] for i in range(0, len(layers), 3)] + [[net.head]]
+    raise ValueError(
+        f"{type(net).__name__} has no known stages: freezing blocks needs a ResNet, ViT or conv encoder"
+    )
+
+
 def build_backbone(cfg: BackboneConfig, in_channels: int, image_size: int) -> nn.Module:
     if cfg.name in ("resnet18", "resnet50"):
         stem = cfg.cifar_stem if cfg.cifar_stem is not None else image_size <= 64

@@ -162,6 +162,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = position_embedding(pos_embed, self.grid, width)
+        self.fixed_pos_embed = pos_embed != "learned"  # a table that never trains (also when fine-tuned)
         rates = torch.linspace(0, drop_path, depth).tolist()  # DINO's stochastic depth decay rule
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, rate, layer_norm_eps) for rate in rates)
         self.norm = nn.LayerNorm(width, eps=layer_norm_eps)
