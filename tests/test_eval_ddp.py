@@ -33,7 +33,7 @@ PRELOAD = (  # what the workers import, loaded once for all of them (tests.conft
     "lightning_gen.methods.generative.vae",
     "sklearn.datasets",
 )
-FID_SETTINGS = dict(num_samples=30, batch_size=20, kid_subsets=5, kid_subset_size=25)
+FID_SETTINGS = dict(num_samples=30, batch_size=20, metrics=["fid", "kid"], kid_subsets=5, kid_subset_size=25)
 
 
 def build():

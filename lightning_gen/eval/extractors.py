@@ -62,7 +62,6 @@ class ExtractorSettings:
     dinov2_path: str = "weights/dinov2_vits14_pretrain.pth"
     domain_extractor_path: str | None = None
     extractor_dir: str | None = None
-    data_root: str | None = None  # where the domain extractor's dataset is, to build it on first use
 
     @classmethod
     def of(cls, cfg: Any = None, **overrides) -> ExtractorSettings:
@@ -199,6 +198,16 @@ def resolved_kind(spec: str, data_name: str) -> str:
     return kind
 
 
+def extractor_name(spec: str, data_name: str) -> str:
+    """The name metrics carry for an extractor (``val/fid_<name>``), known before any file is read:
+    the dataset's for the domain extractor, else inception, dinov2, ckpt, timm_<model>."""
+    kind, name, _ = parse_spec(spec)
+    kind = resolved_kind(spec, data_name)
+    if kind == "domain":
+        return data_name
+    return "timm_" + name.replace(".", "_").replace("/", "_") if kind == "timm" else kind
+
+
 def domain_extractor_file(data_info, settings: ExtractorSettings) -> Path:
     """The domain extractor's file: the given one (which must exist), else the per-user cache's."""
     from lightning_gen.eval.fid_extractor import default_path
@@ -293,11 +302,12 @@ def domain_extractor(blob: dict, path: str | Path, sha256: str, resize: str) -> 
 
 
 def load_extractor(
-    spec: str, data_info, settings: ExtractorSettings | None = None, log=print
+    spec: str, data_info, settings: ExtractorSettings | None = None, data_root: str | None = None, log=print
 ) -> tuple[FeatureExtractor, dict[str, Any]]:
     """(frozen extractor on the CPU, its provenance) for ``spec`` on data described by ``data_info``
     (``name``, ``image_size``, ``channels``: a ``methods.base.DataInfo``). Files are read, never downloaded;
-    the domain extractor is built into the per-user cache on first use (about a minute on a CPU)."""
+    the domain extractor is built into the per-user cache on first use (about a minute on a CPU, from
+    the dataset under ``data_root``)."""
     from lightning_gen.eval.fid_extractor import ensure_extractor
 
     settings = settings or ExtractorSettings()
@@ -306,7 +316,7 @@ def load_extractor(
     if kind == "domain":
         path = domain_extractor_file(data_info, settings)
         if not settings.domain_extractor_path:
-            root = [f"data.root={settings.data_root}"] if settings.data_root else []
+            root = [f"data.root={data_root}"] if data_root else []
             ensure_extractor(data_info.name, data_info.image_size, path, root, log)
         blob = wrong_architecture(
             path, "a domain feature extractor (lgen fid-extractor)", lambda: _blob(path)
@@ -321,20 +331,16 @@ def load_extractor(
         backbone = wrong_architecture(
             path, "a DINOv2 ViT in the official layout", lambda: DinoV2Backbone(read_state_dict(path))
         )
-        provenance = {
-            "extractor": "dinov2",
-            "name": f"dinov2_{backbone.arch}",
-            "arch": f"dinov2_{backbone.arch}",
-        }
+        provenance = {"extractor": "dinov2", "name": "dinov2", "arch": f"dinov2_{backbone.arch}"}
     elif kind == "timm":
         backbone = wrong_architecture(
             path, f"weights of timm's {name}", lambda: TimmBackbone(name, read_state_dict(path))
         )
-        provenance = {"extractor": f"timm:{name}", "name": "timm_" + name.replace(".", "_"), "arch": name}
+        provenance = {"extractor": f"timm:{name}", "name": extractor_name(spec, data_info.name), "arch": name}
     else:  # ckpt
         method = _representation_method(path)
         backbone = MethodBackbone(method)
-        provenance = {"extractor": f"ckpt:{path}", "name": method.registry_name, "arch": method.registry_name}
+        provenance = {"extractor": f"ckpt:{path}", "name": "ckpt", "arch": method.registry_name}
     extractor = FeatureExtractor(
         backbone, settings.resize, {**provenance, "weights": str(path), "weights_sha256": sha256_of(path)}
     )

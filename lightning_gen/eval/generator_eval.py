@@ -1,0 +1,255 @@
+"""Metrics of a generator's samples without a Trainer: the machinery the FID callback and ``lgen eval gen`` share.
+
+``GeneratorEvaluation`` holds a feature extractor (``eval/extractors.py``), an optional classifier for
+CAS and the metrics (``eval/gen_metrics.py``) that they and the model allow. It generates its share
+of seeded samples (``eval/seeded_sampling.py``: the same samples for any world size and batch size),
+turns them into features, class logits and classifier logits, and computes every metric against
+the real references, synced over ranks when torch.distributed is initialised. ``cfg`` is any object
+with the fields of ``callbacks.fid.FIDConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_gen.config import ConfigError
+from lightning_gen.eval.extractor_backbones import DomainBackbone
+from lightning_gen.eval.extractors import ExtractorSettings, FeatureExtractor
+from lightning_gen.eval.features import Features, sharded_features
+from lightning_gen.eval.gen_metrics import (
+    Inputs,
+    build_metrics,
+    check_counts,
+    check_metric_names,
+    select_metrics,
+)
+from lightning_gen.eval.seeded_sampling import call_ranges, seeded_samples
+
+
+def requested_metrics(
+    cfg: Any, where: str = "callbacks.fid.metrics", require_fid: bool = True
+) -> list[str] | None:
+    """``cfg.metrics`` checked (None: all the inputs allow), with the older ``kid`` key applied to a list.
+    The callback requires fid in a list: it chooses the best checkpoint."""
+    if cfg.metrics is None:
+        return None
+    names = check_metric_names(list(cfg.metrics), where)
+    if cfg.kid is False:
+        names = [n for n in names if n != "kid"]
+    elif cfg.kid and "kid" not in names:
+        names.append("kid")
+    if require_fid and "fid" not in names:
+        raise ConfigError(
+            f"callbacks.fid.metrics={names} leaves out fid, which chooses the best checkpoint; "
+            f"add it, e.g. callbacks.fid.metrics=[fid,{','.join(names) or 'kid'}]"
+        )
+    return names
+
+
+def extractor_settings(cfg: Any) -> ExtractorSettings:
+    """The extractor settings of ``cfg``, the older ``antialias`` key applied."""
+    resize = cfg.resize if cfg.antialias is None else ("antialias" if cfg.antialias else "legacy")
+    return ExtractorSettings.of(cfg, resize=resize)
+
+
+@dataclass
+class Generated:
+    """What a rank's share of samples gives the metrics, in sample order."""
+
+    features: torch.Tensor  # (n, D) float64
+    labels: torch.Tensor | None  # requested classes (None: unconditional)
+    logits: torch.Tensor | None  # the extractor's class logits, when a metric needs them
+    classifier_logits: torch.Tensor | None  # CAS's classifier, when a metric needs it
+
+
+class GeneratorEvaluation:
+    """Extractor, classifier and metrics of one evaluation setting; references set once, samples measured often."""
+
+    def __init__(self, cfg: Any, requested: list[str] | None):
+        self.cfg, self.requested = cfg, requested
+        self.settings = extractor_settings(cfg)
+        self.metric_names: list[str] = []
+        self.skipped: dict[str, str] = {}
+        self.metrics = []
+        self.extractor: FeatureExtractor | None = None
+        self.classifier: FeatureExtractor | None = None  # CAS's; may be the extractor itself
+        self.name = ""
+        self.extractor_id = ""
+        self.real: Features | None = None
+        self.held_out: Features | None = None
+        self.data_name, self.image_size = "", 0  # of the generated images, for the provenance
+        self.reference_name = self.held_out_name = ""  # e.g. fashion_mnist:train (provenance)
+
+    @property
+    def needs_held_out(self) -> bool:
+        return any(m.needs_held_out for m in self.metrics)
+
+    def has_held_out(self) -> bool:
+        """Memorisation compares with the training images, its threshold with held-out ones."""
+        return bool(self.cfg.floor_split) and self.cfg.real_split == "train"
+
+    held_out_note = "callbacks.fid.real_split must be train and floor_split a held-out split"
+
+    def use_extractor(
+        self,
+        extractor,
+        name: str | None = None,
+        extractor_id: str | None = None,
+        conditional: bool = False,
+        classifier: FeatureExtractor | None = None,
+    ) -> None:
+        """Measure with ``extractor`` (a FeatureExtractor, or a bare domain network, as tests pass),
+        named ``name`` in the metric keys; choose the metrics it and the model allow."""
+        if not isinstance(extractor, FeatureExtractor):
+            provenance = {"extractor": "domain", "name": name, "weights": None, "weights_sha256": None}
+            extractor = FeatureExtractor(DomainBackbone(extractor), self.settings.resize, provenance)
+        self.extractor, self.classifier = extractor, classifier
+        self.name = name or extractor.name
+        sha = extractor.provenance.get("weights_sha256") or "memory"
+        self.extractor_id = extractor_id or f"{self.name}-{sha[:10]}-{extractor.resize}"
+        inputs = Inputs(
+            held_out=self.has_held_out(),
+            logits=extractor.num_classes > 0,
+            classifier=classifier is not None,
+            conditional=conditional,
+            notes={"held_out": self.held_out_note},
+        )
+        names, skipped = select_metrics(self.requested, inputs)
+        if self.requested is None:  # all that is allowed: also what the sample count allows
+            if self.cfg.kid is False:
+                names = [n for n in names if n != "kid"]
+            for name_ in list(names):
+                try:
+                    check_counts([name_], self.cfg, self.cfg.num_samples, None)
+                except ConfigError as error:
+                    names.remove(name_)
+                    skipped[name_] = str(error)
+        self.metric_names, self.skipped = names, skipped
+        self.metrics = build_metrics(
+            names, self.cfg, extractor.num_features, self.cfg.num_samples, self.cfg.seed
+        )
+        self.real = self.held_out = None  # references are (re)loaded in these features next time
+        for metric, why in skipped.items():
+            rank_zero_info(f"[fid] {metric} left out: {why}")
+
+    def outputs(self, images: torch.Tensor, device, logits: bool = False, classifier: bool = False):
+        """(features float64, extractor logits or None, classifier logits or None) of float images in
+        [0, 1] on ``device``, in float32 whatever the autocast."""
+        self.extractor.to(device)
+        if classifier and self.classifier is not None:
+            self.classifier.to(device)
+        feats, heads, judged = [], [], []
+        with torch.autocast(torch.device(device).type, enabled=False):
+            for x in images.split(250):
+                x = x.to(device).float()
+                features, head = (
+                    self.extractor.features_and_logits(x) if logits else (self.extractor(x), None)
+                )
+                feats.append(features.double())
+                heads.append(head)
+                if classifier:
+                    same = self.classifier is self.extractor and head is not None
+                    judged.append(head if same else self.classifier.logits(x))
+        return (
+            torch.cat(feats),
+            torch.cat(heads).double() if logits else None,
+            torch.cat(judged).double() if classifier else None,
+        )
+
+    def features(self, images: torch.Tensor, device) -> torch.Tensor:
+        """Extractor features (float64, on ``device``) of float images in [0, 1]."""
+        return self.outputs(images, device)[0]
+
+    def extract(self, loader, device) -> Features:
+        """Features of every image of ``loader``'s dataset (uint8 batches), on the CPU: each rank
+        extracts its shard and every rank receives all of them, in index order."""
+        return sharded_features(lambda x: self.features(x.float() / 255, device), loader, device).to("cpu")
+
+    def set_reference(self, real: Features, device, held_out: Features | None = None) -> None:
+        """The real features every metric compares with (the same full sets on every rank)."""
+        self.real, self.held_out = real, held_out
+        labels = real.labels if bool((real.labels >= 0).any()) else None
+        check_counts(self.metric_names, self.cfg, self.cfg.num_samples, len(real))
+        for metric in self.metrics:
+            metric.to(device)
+            metric.set_reference(real.features, labels, held_out.features if held_out is not None else None)
+
+    def generate(self, module: L.LightningModule, world_size: int = 1, rank: int = 0) -> Generated:
+        """What this rank's share of the samples gives the metrics, in sample order."""
+        logits = any(m.needs_logits for m in self.metrics)
+        classifier = any(m.needs_classifier for m in self.metrics)
+        parts, asked = [], []
+        was_training = module.training
+        module.eval()
+        with torch.autocast(module.device.type, enabled=False):
+            for indices in call_ranges(self.cfg.num_samples, self.cfg.batch_size, world_size, rank):
+                images, labels = seeded_samples(module, indices, self.cfg.seed)
+                parts.append(self.outputs(images, module.device, logits, classifier))
+                asked.append(labels)
+        module.train(was_training)
+        conditional = getattr(module, "conditional", False)
+        if not parts:  # fewer samples than ranks: an empty share still joins the metrics' sync
+            device = module.device
+            empty = torch.zeros(0, self.extractor.num_features, dtype=torch.float64, device=device)
+            classes = torch.zeros(0, dtype=torch.long, device=device) if conditional else None
+            head = torch.zeros(0, self.extractor.num_classes, dtype=torch.float64, device=device)
+            judge = torch.zeros(
+                0, getattr(self.classifier, "num_classes", 0), dtype=torch.float64, device=device
+            )
+            return Generated(empty, classes, head if logits else None, judge if classifier else None)
+        features, heads, judged = zip(*parts)
+        return Generated(
+            torch.cat(features),
+            None if asked[0] is None else torch.cat(asked),
+            torch.cat(heads) if logits else None,
+            torch.cat(judged) if classifier else None,
+        )
+
+    def generate_features(
+        self, module: L.LightningModule, world_size: int = 1, rank: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features (float64) of this rank's share of the samples, in sample order, and the classes
+        they were asked for (None for an unconditional model)."""
+        generated = self.generate(module, world_size, rank)
+        return generated.features, generated.labels
+
+    def measure(self, module: L.LightningModule, world_size: int = 1, rank: int = 0) -> dict[str, float]:
+        """Every metric of this rank's share of generated samples against the reference; a collective
+        under torch.distributed (every rank calls it), the same values on every rank."""
+        generated = self.generate(module, world_size, rank)
+        results = {}
+        with torch.autocast(module.device.type, enabled=False):
+            for metric in self.metrics:
+                metric.to(module.device)
+                metric.update(
+                    generated.features, generated.labels, generated.logits, generated.classifier_logits
+                )
+                computed = metric.compute()
+                metric.reset()
+                results.update(
+                    {f"val/{stem}_{self.name}{suffix}": v for (stem, suffix), v in computed.items()}
+                )
+        return results
+
+    def provenance(self) -> dict:
+        """What the numbers were measured with: the extractor's provenance and the evaluation's."""
+        classifier = None
+        if self.classifier is not None:
+            classifier = (
+                "the extractor's head" if self.classifier is self.extractor else self.classifier.provenance
+            )
+        return {
+            **self.extractor.provenance,
+            "image_size": self.image_size or None,
+            "num_fake": self.cfg.num_samples,
+            "num_real": len(self.real) if self.real is not None else None,
+            "reference": self.reference_name,
+            "held_out": self.held_out_name if self.held_out is not None else None,
+            "seed": self.cfg.seed,
+            "cas_classifier": classifier,
+        }
