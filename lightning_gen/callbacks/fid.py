@@ -74,7 +74,7 @@ from lightning_gen.eval.gen_metrics import (
     generative_metrics,
     select_metrics,
 )
-from lightning_gen.eval.generator_eval import GeneratorEvaluation, requested_metrics
+from lightning_gen.eval.generator_eval import GeneratorEvaluation, choose_cas_classifier, requested_metrics
 from lightning_gen.randomness import isolated
 from lightning_gen.registry import register_callback
 
@@ -181,34 +181,21 @@ class FID(L.Callback, GeneratorEvaluation):
             extractor, _ = load_extractor(self.cfg.extractor, data, self.settings)
             self.same_on_every_rank(trainer, extractor)
         conditional = getattr(module, "conditional", False)
-        classifier = self.cas_classifier(trainer, data, extractor) if conditional else None
+        classifier = None
+        if conditional:
+            load = lambda spec: self.load_classifier(trainer, data, spec)  # noqa: E731
+            classifier = choose_cas_classifier(self.cfg.cas_classifier, data, extractor, load)
         self.use_extractor(extractor, conditional=conditional, classifier=classifier)
         self.data_name, self.image_size = data.name, data.image_size
         self.reference_name = f"{data.name}:{self.cfg.real_split}"
         self.held_out_name = f"{data.name}:{self.cfg.floor_split}"
 
-    def cas_classifier(
-        self, trainer: L.Trainer, data, extractor: FeatureExtractor
-    ) -> FeatureExtractor | None:
-        spec = self.cfg.cas_classifier
-        if spec == "none":
-            return None
-        if spec == "auto":
-            if extractor.num_classes == data.num_classes:
-                return extractor
-            if data.name not in DOMAIN_DATASETS:
-                return None
-            spec = "domain"
+    def load_classifier(self, trainer: L.Trainer, data, spec: str) -> FeatureExtractor:
+        """CAS's classifier named by ``spec``: the domain one from rank 0, others from each rank's file."""
         if resolved_kind(spec, data.name) == "domain":
-            classifier = self.domain_extractor(trainer, data)
-        else:
-            classifier, _ = load_extractor(spec, data, self.settings)
-            self.same_on_every_rank(trainer, classifier)
-        if classifier.num_classes != data.num_classes:
-            raise ConfigError(
-                f"callbacks.fid.cas_classifier={spec} classifies {classifier.num_classes} classes; "
-                f"{data.name} has {data.num_classes}"
-            )
+            return self.domain_extractor(trainer, data)
+        classifier, _ = load_extractor(spec, data, self.settings)
+        self.same_on_every_rank(trainer, classifier)
         return classifier
 
     def domain_extractor(self, trainer: L.Trainer, data) -> FeatureExtractor:

@@ -295,7 +295,7 @@ def domain_extractor(blob: dict, path: str | Path, sha256: str, resize: str) -> 
         "extractor": "domain",
         "name": blob["data"],
         "arch": f"domain conv net, width {blob['width']}, {blob['image_size']} px",
-        "weights": str(path),
+        "weights": str(Path(path).resolve()),
         "weights_sha256": sha256,
     }
     return FeatureExtractor(DomainBackbone(extractor_from_blob(blob)), resize, provenance)
@@ -342,7 +342,9 @@ def load_extractor(
         backbone = MethodBackbone(method)
         provenance = {"extractor": f"ckpt:{path}", "name": "ckpt", "arch": method.registry_name}
     extractor = FeatureExtractor(
-        backbone, settings.resize, {**provenance, "weights": str(path), "weights_sha256": sha256_of(path)}
+        backbone,
+        settings.resize,
+        {**provenance, "weights": str(path.resolve()), "weights_sha256": sha256_of(path)},
     )
     return extractor, extractor.provenance
 

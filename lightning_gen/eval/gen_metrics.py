@@ -129,8 +129,8 @@ def missing_input(metric: type[GenerativeMetric], inputs: Inputs) -> str | None:
             metric.needs_logits,
             "class probabilities (an extractor with a classifier head: domain, inception)",
         ),
-        ("classifier", metric.needs_classifier, "a classifier of the data's classes"),
         ("conditional", metric.conditional, "a class-conditional model (samples asked for classes)"),
+        ("classifier", metric.needs_classifier, "a classifier of the data's classes"),
     ]
     for key, needed, what in needs:
         if needed and not getattr(inputs, key):

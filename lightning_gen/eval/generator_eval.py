@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_gen.config import ConfigError
 from lightning_gen.eval.extractor_backbones import DomainBackbone
-from lightning_gen.eval.extractors import ExtractorSettings, FeatureExtractor
+from lightning_gen.eval.extractors import DOMAIN_DATASETS, ExtractorSettings, FeatureExtractor
 from lightning_gen.eval.features import Features, sharded_features
 from lightning_gen.eval.gen_metrics import (
     Inputs,
@@ -39,9 +39,10 @@ def requested_metrics(
     if cfg.metrics is None:
         return None
     names = check_metric_names(list(cfg.metrics), where)
-    if cfg.kid is False:
+    kid = getattr(cfg, "kid", None)  # the callback's older key
+    if kid is False:
         names = [n for n in names if n != "kid"]
-    elif cfg.kid and "kid" not in names:
+    elif kid and "kid" not in names:
         names.append("kid")
     if require_fid and "fid" not in names:
         raise ConfigError(
@@ -55,6 +56,27 @@ def extractor_settings(cfg: Any) -> ExtractorSettings:
     """The extractor settings of ``cfg``, the older ``antialias`` key applied."""
     resize = cfg.resize if cfg.antialias is None else ("antialias" if cfg.antialias else "legacy")
     return ExtractorSettings.of(cfg, resize=resize)
+
+
+def choose_cas_classifier(spec: str, data_info, extractor: FeatureExtractor, load) -> FeatureExtractor | None:
+    """CAS's classifier for a conditional model on ``data_info``: ``none``; ``auto`` = the extractor's
+    head when it classifies the data's classes, else the domain extractor on digits/MNIST/Fashion-MNIST
+    (else none); or the extractor ``load(spec)`` returns, which must classify the data's classes."""
+    if spec == "none":
+        return None
+    if spec == "auto":
+        if extractor.num_classes == data_info.num_classes:
+            return extractor
+        if data_info.name not in DOMAIN_DATASETS:
+            return None
+        spec = "domain"
+    classifier = load(spec)
+    if classifier.num_classes != data_info.num_classes:
+        raise ConfigError(
+            f"cas_classifier={spec} classifies {classifier.num_classes} classes; "
+            f"{data_info.name or 'the data'} has {data_info.num_classes}"
+        )
+    return classifier
 
 
 @dataclass
@@ -94,6 +116,7 @@ class GeneratorEvaluation:
         return bool(self.cfg.floor_split) and self.cfg.real_split == "train"
 
     held_out_note = "callbacks.fid.real_split must be train and floor_split a held-out split"
+    real_note = ""
 
     def use_extractor(
         self,
@@ -102,9 +125,11 @@ class GeneratorEvaluation:
         extractor_id: str | None = None,
         conditional: bool = False,
         classifier: FeatureExtractor | None = None,
+        real: bool = True,
     ) -> None:
         """Measure with ``extractor`` (a FeatureExtractor, or a bare domain network, as tests pass),
-        named ``name`` in the metric keys; choose the metrics it and the model allow."""
+        named ``name`` in the metric keys; choose the metrics it, the model and the reference allow
+        (``real`` False: a reference of mean and covariance only)."""
         if not isinstance(extractor, FeatureExtractor):
             provenance = {"extractor": "domain", "name": name, "weights": None, "weights_sha256": None}
             extractor = FeatureExtractor(DomainBackbone(extractor), self.settings.resize, provenance)
@@ -113,30 +138,44 @@ class GeneratorEvaluation:
         sha = extractor.provenance.get("weights_sha256") or "memory"
         self.extractor_id = extractor_id or f"{self.name}-{sha[:10]}-{extractor.resize}"
         inputs = Inputs(
+            real=real,
             held_out=self.has_held_out(),
             logits=extractor.num_classes > 0,
             classifier=classifier is not None,
             conditional=conditional,
-            notes={"held_out": self.held_out_note},
+            notes={"held_out": self.held_out_note, "real": self.real_note},
         )
-        names, skipped = select_metrics(self.requested, inputs)
-        if self.requested is None:  # all that is allowed: also what the sample count allows
-            if self.cfg.kid is False:
-                names = [n for n in names if n != "kid"]
-            for name_ in list(names):
-                try:
-                    check_counts([name_], self.cfg, self.cfg.num_samples, None)
-                except ConfigError as error:
-                    names.remove(name_)
-                    skipped[name_] = str(error)
+        names, skipped = select_metrics(self.requested, inputs, self.where)
+        if self.requested is None and self.cfg.kid is False:
+            names = [n for n in names if n != "kid"]
         self.metric_names, self.skipped = names, skipped
         self.metrics = build_metrics(
             names, self.cfg, extractor.num_features, self.cfg.num_samples, self.cfg.seed
         )
+        self.fit_counts(None)
         self.real = self.held_out = None  # references are (re)loaded in these features next time
         for metric, why in skipped.items():
-            rank_zero_info(f"[fid] {metric} left out: {why}")
+            rank_zero_info(f"[{self.log_name}] {metric} left out: {why}")
 
+    log_name = "fid"  # in messages: [fid] ..., and the settings' name
+    where = "callbacks.fid.metrics"
+
+    def fit_counts(self, num_real: int | None) -> None:
+        """Sample counts a metric cannot work with: an error for a listed metric; a metric that came
+        with "all the inputs allow" is left out instead, with the reason."""
+        if self.requested is not None:
+            check_counts(self.metric_names, self.cfg, self.cfg.num_samples, num_real)
+            return
+        for metric in list(self.metrics):
+            try:
+                check_counts([metric.name], self.cfg, self.cfg.num_samples, num_real)
+            except ConfigError as error:
+                self.metrics.remove(metric)
+                self.metric_names.remove(metric.name)
+                self.skipped[metric.name] = str(error)
+                rank_zero_info(f"[{self.log_name}] {metric.name} left out: {error}")
+
+    @torch.no_grad()
     def outputs(self, images: torch.Tensor, device, logits: bool = False, classifier: bool = False):
         """(features float64, extractor logits or None, classifier logits or None) of float images in
         [0, 1] on ``device``, in float32 whatever the autocast."""
@@ -174,21 +213,38 @@ class GeneratorEvaluation:
         """The real features every metric compares with (the same full sets on every rank)."""
         self.real, self.held_out = real, held_out
         labels = real.labels if bool((real.labels >= 0).any()) else None
-        check_counts(self.metric_names, self.cfg, self.cfg.num_samples, len(real))
+        self.fit_counts(len(real))
         for metric in self.metrics:
             metric.to(device)
             metric.set_reference(real.features, labels, held_out.features if held_out is not None else None)
 
-    def generate(self, module: L.LightningModule, world_size: int = 1, rank: int = 0) -> Generated:
-        """What this rank's share of the samples gives the metrics, in sample order."""
-        logits = any(m.needs_logits for m in self.metrics)
-        classifier = any(m.needs_classifier for m in self.metrics)
+    def set_reference_statistics(self, mu: torch.Tensor, sigma: torch.Tensor, count: int, device) -> None:
+        """A reference of mean and covariance only (an .npz): FID uses it; IS and CAS need none."""
+        self.real_count = count
+        for metric in self.metrics:
+            metric.to(device)
+            if hasattr(metric, "set_reference_statistics"):
+                metric.set_reference_statistics(mu, sigma)
+            else:
+                metric.set_reference(None)
+
+    real_count: int | None = None  # the reference's size when it is statistics only
+
+    @property
+    def wants(self) -> tuple[bool, bool]:
+        """(extractor logits, classifier logits): whether any metric needs them."""
+        return any(m.needs_logits for m in self.metrics), any(m.needs_classifier for m in self.metrics)
+
+    def generate(self, module: L.LightningModule, world_size: int = 1, rank: int = 0, **options) -> Generated:
+        """What this rank's share of the samples gives the metrics, in sample order (``options``: the
+        model's sampling options, e.g. guidance)."""
+        logits, classifier = self.wants
         parts, asked = [], []
         was_training = module.training
         module.eval()
         with torch.autocast(module.device.type, enabled=False):
             for indices in call_ranges(self.cfg.num_samples, self.cfg.batch_size, world_size, rank):
-                images, labels = seeded_samples(module, indices, self.cfg.seed)
+                images, labels = seeded_samples(module, indices, self.cfg.seed, **options)
                 parts.append(self.outputs(images, module.device, logits, classifier))
                 asked.append(labels)
         module.train(was_training)
@@ -218,23 +274,42 @@ class GeneratorEvaluation:
         generated = self.generate(module, world_size, rank)
         return generated.features, generated.labels
 
-    def measure(self, module: L.LightningModule, world_size: int = 1, rank: int = 0) -> dict[str, float]:
-        """Every metric of this rank's share of generated samples against the reference; a collective
-        under torch.distributed (every rank calls it), the same values on every rank."""
-        generated = self.generate(module, world_size, rank)
+    def image_outputs(self, batches, device) -> Generated:
+        """What images (uint8 batches with their labels or None) give the metrics, in order."""
+        logits, classifier = self.wants
+        parts, labels = [], []
+        for images, batch_labels in batches:
+            parts.append(self.outputs(images.float() / 255, device, logits, classifier))
+            labels.append(batch_labels)
+        features, heads, judged = zip(*parts)
+        return Generated(
+            torch.cat(features),
+            None if labels[0] is None else torch.cat(labels).to(device),
+            torch.cat(heads) if logits else None,
+            torch.cat(judged) if classifier else None,
+        )
+
+    def compute_metrics(self, generated: Generated, device, prefix: str = "") -> dict[str, float]:
+        """Every metric of ``generated`` (this rank's share) against the reference, keyed
+        ``<prefix><metric>_<extractor><suffix>``; a collective under torch.distributed."""
         results = {}
-        with torch.autocast(module.device.type, enabled=False):
+        with torch.autocast(torch.device(device).type, enabled=False):
             for metric in self.metrics:
-                metric.to(module.device)
+                metric.to(device)
                 metric.update(
                     generated.features, generated.labels, generated.logits, generated.classifier_logits
                 )
                 computed = metric.compute()
                 metric.reset()
                 results.update(
-                    {f"val/{stem}_{self.name}{suffix}": v for (stem, suffix), v in computed.items()}
+                    {f"{prefix}{stem}_{self.name}{suffix}": v for (stem, suffix), v in computed.items()}
                 )
         return results
+
+    def measure(self, module: L.LightningModule, world_size: int = 1, rank: int = 0) -> dict[str, float]:
+        """Every metric of this rank's share of generated samples against the reference; a collective
+        under torch.distributed (every rank calls it), the same values on every rank."""
+        return self.compute_metrics(self.generate(module, world_size, rank), module.device, "val/")
 
     def provenance(self) -> dict:
         """What the numbers were measured with: the extractor's provenance and the evaluation's."""
@@ -247,7 +322,7 @@ class GeneratorEvaluation:
             **self.extractor.provenance,
             "image_size": self.image_size or None,
             "num_fake": self.cfg.num_samples,
-            "num_real": len(self.real) if self.real is not None else None,
+            "num_real": len(self.real) if self.real is not None else self.real_count,
             "reference": self.reference_name,
             "held_out": self.held_out_name if self.held_out is not None else None,
             "seed": self.cfg.seed,
