@@ -104,7 +104,7 @@ class TimmBackbone(NormalisedBackbone):
 
         if not timm.is_model(name):
             raise ConfigError(f"timm has no model {name!r}{did_you_mean(name, timm.list_models())}")
-        self.net = timm.create_model(name, pretrained=False)
+        self.net = timm.create_model(name, pretrained=False).eval()  # BatchNorm statistics frozen from here
         head = {
             f"{self.net.default_cfg.get('classifier', 'head')}.{k}"
             for k in self.net.get_classifier().state_dict()
