@@ -23,6 +23,7 @@ from lightning_gen.eval.extractors import DOMAIN_DATASETS, ExtractorSettings, Fe
 from lightning_gen.eval.features import Features, sharded_features
 from lightning_gen.eval.gen_metrics import (
     Inputs,
+    MetricSettings,
     build_metrics,
     check_counts,
     check_metric_names,
@@ -77,6 +78,17 @@ def choose_cas_classifier(spec: str, data_info, extractor: FeatureExtractor, loa
             f"{data_info.name or 'the data'} has {data_info.num_classes}"
         )
     return classifier
+
+
+DEFAULTS = MetricSettings()
+
+
+def counts_fit(name: str, settings: Any, num_fake: int, num_real: int | None) -> bool:
+    try:
+        check_counts([name], settings, num_fake, num_real)
+    except ConfigError:
+        return False
+    return True
 
 
 @dataclass
@@ -161,8 +173,10 @@ class GeneratorEvaluation:
     where = "callbacks.fid.metrics"
 
     def fit_counts(self, num_real: int | None) -> None:
-        """Sample counts a metric cannot work with: an error for a listed metric; a metric that came
-        with "all the inputs allow" is left out instead, with the reason."""
+        """Sample counts a metric cannot work with: an error for a listed metric, or for one whose own
+        settings (kid_subset_size, prdc_k, ...) ask for more than there is; a metric that came with
+        "all the inputs allow" and that even its default settings cannot run on so few images is left
+        out instead, with the reason."""
         if self.requested is not None:
             check_counts(self.metric_names, self.cfg, self.cfg.num_samples, num_real)
             return
@@ -170,6 +184,8 @@ class GeneratorEvaluation:
             try:
                 check_counts([metric.name], self.cfg, self.cfg.num_samples, num_real)
             except ConfigError as error:
+                if counts_fit(metric.name, DEFAULTS, self.cfg.num_samples, num_real):
+                    raise  # the metric's settings, not the number of images, are at fault
                 self.metrics.remove(metric)
                 self.metric_names.remove(metric.name)
                 self.skipped[metric.name] = str(error)
