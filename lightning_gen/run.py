@@ -232,6 +232,13 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
+def build_strategy(name: str):
+    """``fsdp`` is FSDP2 sharding (``lightning_gen.sharding``, CPU and GPU); other names go to Lightning."""
+    from lightning_gen.sharding import STRATEGY_NAME, FullyShardedStrategy
+
+    return FullyShardedStrategy() if name == STRATEGY_NAME else name
+
+
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path) -> L.Trainer:
     t = cfg.trainer
     kwargs = {
@@ -268,7 +275,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path
     try:
         trainer = L.Trainer(
             **kwargs,
-            strategy=t.strategy,
+            strategy=build_strategy(t.strategy),
             precision=precision,
             callbacks=callbacks,
             logger=loggers or False,
@@ -276,7 +283,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path
             plugins=plugins,
         )
     except (ValueError, MisconfigurationException) as error:
-        # e.g. strategy=fsdp on CPU, accelerator=gpu without a GPU: Lightning's reason, in our config's words
+        # e.g. accelerator=gpu without a GPU, 16-mixed with fsdp: Lightning's reason, in our config's words
         chosen = {
             "accelerator": t.accelerator,
             "devices": kwargs["devices"],
@@ -338,6 +345,12 @@ def train(cfg: DictConfig) -> Run:
         # run directory and no W&B run behind (a later run with the same id starts clean).
         datamodule = build_datamodule(cfg)
         method = build_method(cfg, datamodule)
+        if cfg.trainer.strategy == "fsdp":
+            from lightning_gen.sharding import unsupported_reason
+
+            reason = unsupported_reason(method)
+            if reason:
+                raise ConfigError(f"trainer.strategy=fsdp: {reason}")
         validates = cfg.trainer.limit_val_batches != 0
         callbacks = build_callbacks(cfg, method, run_dir, validates)
         loggers = build_loggers(cfg, run_dir)

@@ -32,6 +32,10 @@ BAD_INPUT = [
         "callbacks.images.every_n_epochs: it must be at least 1",
     ),
     (["train", "seed=-1"], "invalid value -1 for seed"),
+    (
+        ["train", "trainer.strategy=fsdp"],  # the default autoencoder has no blocks to shard
+        "trainer.strategy=fsdp: method 'autoencoder' has no transformer or U-Net blocks to shard",
+    ),
     # RGB PixelCNN: the masks need one feature group per colour channel; 64 is the method's default width
     (
         ["train", "method=pixelcnn", "data=color_digits"],
@@ -76,8 +80,10 @@ def test_failed_runs_leave_nothing_and_a_default_run_prints_no_noise(tmp_path):
     assert missing.returncode == 2 and "dataset 'cifar10' not found" in missing.stderr
     rejected = run_lgen(
         "train",
+        "experiment=mae_digits",
         "trainer.accelerator=cpu",
         "trainer.strategy=fsdp",
+        "trainer.precision=16-mixed",  # FSDP2 under Lightning has no sharded loss scaler
         "run_id=r",
         cwd=tmp_path,
         env=env,

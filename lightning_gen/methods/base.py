@@ -211,6 +211,15 @@ class Method(L.LightningModule):
         # Read by DDP when Lightning wraps the module, which happens after this hook.
         self._ddp_params_and_buffers_to_ignore = list(self.buffers_identical_on_all_ranks())
 
+    def configure_model(self) -> None:
+        """trainer.strategy=fsdp: shard the networks over the data-parallel ranks (``lightning_gen.sharding``).
+
+        Lightning calls this once the process group is up; its device mesh exists only under that strategy."""
+        if self.device_mesh is not None:
+            from lightning_gen.sharding import shard_method
+
+            shard_method(self, self.device_mesh["data_parallel"])
+
     def parameter_groups(self, modules: dict[str, nn.Module], lr: float, weight_decay: float) -> list[dict]:
         decay, no_decay = [], []
         for module in modules.values():
