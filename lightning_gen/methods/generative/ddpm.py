@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_gen import diffusion
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.methods.generative.generator import GenerativeConfig, GenerativeMethod, evaluating
 from lightning_gen.nets.unet import UNet
 from lightning_gen.registry import register_method
@@ -30,16 +30,16 @@ class DDPMConfig(GenerativeConfig):
     mults: tuple[int, ...] = (1, 2, 2)
     blocks_per_level: int = 1
     attention_resolutions: tuple[int, ...] = (8,)
-    dropout: float = 0.1
+    dropout: float = bounded(0.1, 0, 1, high_open=True)
     conditional: bool = False  # class-conditional with classifier-free guidance
-    label_dropout: float = 0.1  # p(y -> null) in training; Ho & Salimans used 0.1-0.2
+    label_dropout: float = bounded(0.1, 0, 1)  # p(y -> null) in training; Ho & Salimans used 0.1-0.2
     sampler: str = choice("ddim", "ddpm", "ddim")  # default sampler of sample()/FID
     sample_steps: int = 50  # DDIM steps by default
     # DDIM's eta by default: 0 is the deterministic sampler of the paper. An undertrained eps-model errs at
     # high t (where eps ~ x_t), 1/sqrt(alpha_bar) amplifies that into x0_hat, and eta = 0 carries the clipped
     # error to the end as a noise image; eta = 1 re-noises each step and washes it out (docs/results-digits.md, samplers).
-    sample_eta: float = 0.0
-    guidance: float = 0.0  # default CFG weight w at sampling time
+    sample_eta: float = bounded(0.0, 0, 1)
+    guidance: float = bounded(0.0, 0)  # default CFG weight w at sampling time
     clip_x0: bool = True  # clamp the predicted x_0 to [-1, 1] while sampling
     lr: float = 2e-4
     ema_decay: float = 0.999

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_gen import diffusion
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.methods.generative.generator import GenerativeConfig, GenerativeMethod, evaluating
 from lightning_gen.nets.unet import UNet
 from lightning_gen.registry import register_method
@@ -29,11 +29,11 @@ class RectifiedFlowConfig(GenerativeConfig):
     mults: tuple[int, ...] = (1, 2, 2)
     blocks_per_level: int = 1
     attention_resolutions: tuple[int, ...] = (8,)
-    dropout: float = 0.1
+    dropout: float = bounded(0.1, 0, 1, high_open=True)
     conditional: bool = False
-    label_dropout: float = 0.1  # Ho & Salimans used 0.1-0.2
+    label_dropout: float = bounded(0.1, 0, 1)  # Ho & Salimans used 0.1-0.2
     sample_steps: int = 50
-    guidance: float = 0.0
+    guidance: float = bounded(0.0, 0)  # default CFG weight w at sampling time
     loss_reduction: str = choice(
         "mean", "mean", "sum"
     )  # sum over pixels is the textbook form; mean keeps the LR resolution-free
