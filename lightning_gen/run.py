@@ -98,7 +98,14 @@ def build_datamodule(cfg: DictConfig):
 
 
 def build_method(cfg: DictConfig, datamodule) -> Method:
-    method = registry.build("method", section_object(cfg.method), data=datamodule.info)
+    info = datamodule.info
+    try:
+        method = registry.build("method", section_object(cfg.method), data=info)
+    except ValueError as error:  # built from the config alone: a network that cannot take this data's images
+        raise ConfigError(
+            f"method={cfg.method.name} cannot be built for data={cfg.data.name} "
+            f"({info.channels}x{info.image_size}x{info.image_size} images): {error}"
+        ) from error
     if cfg.trainer.channels_last:
         method = method.to(memory_format=torch.channels_last)
     if cfg.trainer.compile:
@@ -317,12 +324,11 @@ def save_run_files(cfg: DictConfig, run_dir: Path, loggers: list) -> None:
 
 
 def preflight(cfg: DictConfig, datamodule, method: Method, callbacks: list) -> None:
-    """What would otherwise fail once the run has started: the dataset's files (downloaded now when
-    ``data.download=true``), and each callback's own checks against the method (``preflight(method)``)."""
+    """What would otherwise fail once the run has started: the dataset's download (``data.download=true``;
+    without it ``train`` checked the files first of all), and each callback's own checks against the
+    method (``preflight(method)``)."""
     if cfg.data.download and rank_zero_only.rank == 0:
         datamodule.prepare_data()  # global rank 0 only, as Lightning does; then its prepare_data finds the files
-    elif not cfg.data.download:
-        datamodule.check_files()
     for callback in callbacks:
         check = getattr(callback, "preflight", None)
         if check is not None:
@@ -344,6 +350,8 @@ def train(cfg: DictConfig) -> Run:
         # Everything is built and checked before anything is written: a run that fails here leaves no
         # run directory and no W&B run behind (a later run with the same id starts clean).
         datamodule = build_datamodule(cfg)
+        if not cfg.data.download:  # a missing dataset is named before anything is built from its settings
+            datamodule.check_files()
         method = build_method(cfg, datamodule)
         if cfg.trainer.strategy == "fsdp":
             from lightning_gen.sharding import unsupported_reason

@@ -165,6 +165,9 @@ def shard_method(method: nn.Module, mesh) -> None:
 
     if is_sharded(method):  # configure_model runs again for every trainer.fit / validate
         return
+    # FSDP shards contiguous parameters only: conv weights go back from channels_last to the default layout
+    # (channels_last activations still make the convolutions run channels_last)
+    method.to(memory_format=torch.contiguous_format)
     for block in shardable_blocks(method):
         fully_shard(block, mesh=mesh)
     fully_shard(method, mesh=mesh)
