@@ -335,8 +335,10 @@ def preflight(cfg: DictConfig, datamodule, method: Method, callbacks: list) -> N
             check(method)
 
 
-def train(cfg: DictConfig) -> Run:
-    """Train the experiment ``cfg`` (from ``config.compose``) and return what was built."""
+def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> Run:
+    """Train the experiment ``cfg`` (from ``config.compose``) and return what was built.
+
+    ``extra_callbacks`` (benchmarks, notebooks) run before the run's own, in the order given."""
     silence_library_notices()
     run_id = resolve_run_id(cfg)
     previous_env = os.environ.get(RUN_ID_ENV)
@@ -360,7 +362,7 @@ def train(cfg: DictConfig) -> Run:
             if reason:
                 raise ConfigError(f"trainer.strategy=fsdp: {reason}")
         validates = cfg.trainer.limit_val_batches != 0
-        callbacks = build_callbacks(cfg, method, run_dir, validates)
+        callbacks = [*extra_callbacks, *build_callbacks(cfg, method, run_dir, validates)]
         loggers = build_loggers(cfg, run_dir)
         if getattr(method, "ddp_find_unused_parameters", False) and cfg.trainer.strategy in ("auto", "ddp"):
             # e.g. a GAN's D step leaves G without gradients: DDP must be told (only matters with >1 process)
