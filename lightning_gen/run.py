@@ -358,7 +358,7 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> Run:
         if cfg.trainer.strategy == "fsdp":
             from lightning_gen.sharding import unsupported_reason
 
-            reason = unsupported_reason(method)
+            reason = unsupported_reason(method, cfg.trainer.sync_batchnorm or not _multi_process(cfg))
             if reason:
                 raise ConfigError(f"trainer.strategy=fsdp: {reason}")
         validates = cfg.trainer.limit_val_batches != 0
