@@ -68,10 +68,10 @@ def shardable_blocks(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, types)]
 
 
-def unsupported_reason(method: nn.Module, batchnorm_in_step: bool = False) -> str | None:
+def unsupported_reason(method: nn.Module, batchnorm_agrees: bool = False) -> str | None:
     """Why ``method`` cannot train sharded, in a user's words; None when it can.
 
-    ``batchnorm_in_step``: every BatchNorm sees the same statistics on every rank anyway (one process,
+    ``batchnorm_agrees``: every BatchNorm sees the same statistics on every rank anyway (one process,
     or trainer.sync_batchnorm)."""
     from lightning_gen.nets.norm import GlobalBatchNorm
 
@@ -89,7 +89,7 @@ def unsupported_reason(method: nn.Module, batchnorm_in_step: bool = False) -> st
         for n, m in method.named_modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, GlobalBatchNorm)
     ]
-    if local_bn and not (batchnorm_in_step or getattr(getattr(method, "cfg", None), "global_bn", False)):
+    if local_bn and not (batchnorm_agrees or getattr(getattr(method, "cfg", None), "global_bn", False)):
         return (
             f"method {name!r} has BatchNorm layers ({local_bn[0]}, ...) whose statistics would differ between "
             "ranks under trainer.strategy=fsdp (it does not broadcast buffers as DDP does): set "
