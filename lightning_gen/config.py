@@ -88,7 +88,8 @@ class TrainerConfig:
     checkpoint_every_n_steps: int | None = bounded(None, 1)  # besides the checkpoint at every epoch end
     keep_best: int = bounded(1, -1, hint="-1 keeps all")  # best checkpoints kept by the monitored metric
     sync_batchnorm: bool = False
-    deterministic: bool = False
+    # true: deterministic algorithms only (an op without one raises); "warn": it warns instead; false: fastest
+    deterministic: Any = False
     benchmark: bool | None = None
     enable_progress_bar: bool = True
     num_sanity_val_steps: int = bounded(0, -1)
@@ -307,6 +308,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_keys(cfg, RootConfig, "", skip={"method", "data", "callbacks"}, nested=nested)
     typed = _typed(cfg, RootConfig, "", skip={"method", "data", "callbacks"})
     _check_devices(typed.trainer.devices)
+    _check_deterministic(typed.trainer.deterministic)
     for key in ("experiment", "run_id"):  # the run directory is <runs_dir>/<experiment>/<run_id>
         _check_folder_name(typed[key], key)
     for kind in ("method", "data"):
@@ -529,6 +531,15 @@ def _check_devices(devices: Any) -> None:
         raise ConfigError(
             f"invalid value {devices!r} for trainer.devices: give a number of devices (trainer.devices=2), "
             f"-1 or auto for all of them, or device ids (trainer.devices=[0,1])"
+        )
+
+
+def _check_deterministic(value: Any) -> None:
+    """trainer.deterministic: true, false or warn (Lightning's ``Trainer(deterministic=...)``)."""
+    if not (isinstance(value, bool) or value == "warn"):
+        raise ConfigError(
+            f"invalid value {value!r} for trainer.deterministic: expected true (deterministic algorithms "
+            "only: an operation without one raises), warn (it warns instead) or false"
         )
 
 

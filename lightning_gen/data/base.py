@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_gen.config import bounded
 from lightning_gen.data.sampler import EpochSampler, ResumableLoader
 from lightning_gen.methods.base import DataInfo
+from lightning_gen.randomness import EVAL_LOADER, stream_seed
 
 
 class DatasetMissingError(FileNotFoundError):
@@ -179,9 +180,14 @@ class ImageDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise KeyError(f"{self.registry_name} has no split {split!r}; splits: {', '.join(self.datasets)}")
         workers = self._workers()
+        # Its own generator: without one, iter() draws the workers' base seed from the global RNG, i.e.
+        # from the training stream (Lightning iterates a validation loader before on_validation_start).
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, rank, EVAL_LOADER))
         return DataLoader(
             self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
             num_workers=workers, pin_memory=self.cfg.pin_memory, persistent_workers=workers > 0,
+            generator=generator,
         )
 
     def train_dataloader(self) -> DataLoader:

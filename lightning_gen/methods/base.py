@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_gen import schedules
@@ -186,10 +187,14 @@ class Method(L.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         return self.data_info.batch_size * self.world_size * accumulate
 
+    def lr_scale(self, global_batch: int) -> float:
+        """The factor ``lr_scaling`` applies to a learning rate given at ``base_batch_size``."""
+        ratio = global_batch / self.cfg.base_batch_size
+        return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.cfg.lr_scaling]
+
     def scaled_lr(self, lr: float | None = None) -> float:
         lr = self.cfg.lr if lr is None else lr
-        ratio = self.global_batch_size / self.cfg.base_batch_size
-        return {"none": lr, "linear": lr * ratio, "sqrt": lr * math.sqrt(ratio)}[self.cfg.lr_scaling]
+        return lr * self.lr_scale(self.global_batch_size)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Modules the main optimizer trains (momentum/EMA copies and the probe excluded)."""
@@ -252,20 +257,52 @@ class Method(L.LightningModule):
             )
         return self.build_optimizer(groups)
 
-    def lr_factor(self, step: int) -> float:
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        steps_per_epoch = max(total / max(self.trainer.max_epochs or 1, 1), 1)
-        warmup = int(round(self.cfg.warmup_epochs * steps_per_epoch))
-        return schedules.LR_SCHEDULES[self.cfg.schedule](step, total, warmup, self.cfg.min_lr_ratio)
+    def progress(self) -> schedules.Progress:
+        """How far training is (``schedules.training_progress``): what every schedule is a function of."""
+        return schedules.training_progress(self.trainer)
+
+    def lr_factor(self, progress: schedules.Progress) -> float:
+        warmup = progress.steps(self.cfg.warmup_epochs)
+        return schedules.LR_SCHEDULES[self.cfg.schedule](
+            progress.step, progress.total, warmup, self.cfg.min_lr_ratio
+        )
 
     def on_train_batch_start(self, batch, batch_idx):
-        # Stateless LR: a function of global_step, so a resumed run lands on the same values.
-        factor = self.lr_factor(self.global_step)
+        # Stateless LR: a function of training progress, so a resumed run lands on the same values,
+        # on the allocation it started with or on another one.
+        factor = self.lr_factor(self.progress())
         for optimizer in self._optimizers():
             for group in optimizer.param_groups:
                 base = group.setdefault("base_lr", group["lr"])
                 group["lr"] = base if group.get("fixed_lr") else base * factor
         self.log("lr", self._optimizers()[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    # ---------------------------------------------------------------- resuming on another allocation
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["global_batch_size"] = self.global_batch_size  # what the saved peak LR was scaled for
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resumed_global_batch = checkpoint.get("global_batch_size")
+
+    def on_train_start(self) -> None:
+        # The optimizer state (with each group's peak LR) is restored by now: rescale it if the
+        # checkpoint was written at another global batch (another world size, batch or accumulation).
+        old, new = getattr(self, "_resumed_global_batch", None), self.global_batch_size
+        self._resumed_global_batch = None
+        if old is None or old == new:
+            return
+        factor = self.lr_scale(new) / self.lr_scale(old)
+        groups = [g for opt in self._optimizers() for g in opt.param_groups if not g.get("fixed_lr")]
+        if not groups:
+            return
+        before = groups[0].setdefault("base_lr", groups[0]["lr"])
+        for group in groups:
+            group["base_lr"] = group.setdefault("base_lr", group["lr"]) * factor
+        rank_zero_warn(
+            f"[lgen] the checkpoint was trained at a global batch of {old}, this run's is {new} "
+            f"(method.lr_scaling={self.cfg.lr_scaling}): peak learning rate {before:.6g} -> "
+            f"{groups[0]['base_lr']:.6g}; every schedule continues at the same training progress"
+        )
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         optimizers = self.optimizers(use_pl_optimizer=False)

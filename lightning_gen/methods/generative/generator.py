@@ -67,6 +67,7 @@ class GenerativeMethod(Method):
         self.update_ema()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         # Checkpoints written before the update count existed: one update was made per training step.
         state = checkpoint.get("state_dict", {})
         if self.cfg.ema_decay > 0 and "ema_updates" not in state:

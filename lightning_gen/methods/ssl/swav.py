@@ -117,9 +117,8 @@ class SwAV(SSLMethod):
         return loss, features
 
     def prototypes_frozen(self) -> bool:
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        per_epoch = total / max(self.trainer.max_epochs or 1, 1)
-        return self.global_step < int(round(self.cfg.freeze_prototypes_epochs * per_epoch))
+        progress = self.progress()
+        return progress.step < progress.steps(self.cfg.freeze_prototypes_epochs)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.prototypes_frozen():
