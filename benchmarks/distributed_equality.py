@@ -86,7 +86,8 @@ def use_draws(method, kind: str, drawn: dict, rows: slice, device) -> dict:
         mae.random_patch_mask = lambda n, length, ratio, device=None, generator=None: (mine(keep), mine(mask))
     elif kind == "dino":
         method.make_views = lambda batch: [mine(v) for v in drawn["views"]]
-        method.teacher_temp_at = lambda step: 0.04  # its schedule reads the Trainer, which this loop has not
+        method.progress = lambda: None  # its schedules read the Trainer's progress, which this loop has not
+        method.teacher_temp_at = lambda progress: 0.04
     else:
         method.draw_noise = lambda x0: tuple(mine(d) for d in drawn["noise"])
     return {k: mine(v) for k, v in drawn["batch"].items()}

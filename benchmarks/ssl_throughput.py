@@ -37,6 +37,7 @@ from lightning_gen.data.base import ImageTensorDataset  # noqa: E402
 from lightning_gen.data.views import ViewsConfig  # noqa: E402
 from lightning_gen.methods.base import DataInfo, ema_update  # noqa: E402
 from lightning_gen.nets.backbones import BackboneConfig  # noqa: E402
+from lightning_gen.schedules import Progress  # noqa: E402
 
 
 def build(method: str, batch: int):
@@ -177,8 +178,9 @@ def bare(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        tau = model.momentum_at(Progress(step, warmup + steps, warmup + steps))
         for online, target in model.momentum_pairs():  # what SSLMethod.optimizer_step adds
-            ema_update(target, online, model.momentum_at(step))
+            ema_update(target, online, tau)
         if device == "cuda":
             torch.cuda.synchronize()
         now = time.perf_counter()
