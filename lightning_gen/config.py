@@ -70,7 +70,9 @@ class TrainerConfig:
     devices: Any = 1  # int, list of ids, or "auto"
     num_nodes: int = bounded(1, 1, hint="machines to train on")
     strategy: str = "auto"  # "auto" becomes ddp when more than one process trains
-    precision: str = "auto"  # "auto": bf16-mixed where the hardware has fast bf16, else 32-true
+    # "auto": bf16-mixed on GPUs of compute capability >= 8.0 and bf16-native CPUs, 16-mixed on older GPUs,
+    # else 32-true (lightning_gen/precision.py)
+    precision: str = "auto"
     channels_last: bool = True  # memory format for conv nets (ignored by methods without convs)
     compile: bool = False  # torch.compile the networks that dominate the step (backbone, U-Net): see docs/data-at-scale.md
     max_epochs: int = bounded(10, -1, hint="-1 trains until max_steps or max_time")
@@ -83,7 +85,9 @@ class TrainerConfig:
     val_check_interval: float | None = bounded(None, 0)
     limit_train_batches: float | None = bounded(None, 0, hint="a fraction (0.25) or a number of batches (10)")
     limit_val_batches: float | None = bounded(None, 0, hint="a fraction (0.25) or a number of batches (10)")
-    # logged at least once per epoch: capped at the epoch's batch count on small datasets
+    # logged at least once per epoch: capped at the epoch's batch count on small datasets; also the interval
+    # at which ranks agree on stop signals and non-finite losses (lightning_gen/control.py) and the
+    # progress bar refreshes: the steps on which the host reads values back from the GPU
     log_every_n_steps: int = bounded(10, 1)
     checkpoint_every_n_steps: int | None = bounded(None, 1)  # besides the checkpoint at every epoch end
     keep_best: int = bounded(1, -1, hint="-1 keeps all")  # best checkpoints kept by the monitored metric

@@ -21,11 +21,17 @@ from collections.abc import Callable
 
 import torch
 
+from lightning_gen.device_constants import device_constant
+
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, step index (N,)) -> eps or velocity
 
 
 class NoiseSchedule:
-    """Variance schedule beta_1..beta_T and the quantities DDPM/DDIM derive from it (float64 on CPU)."""
+    """Variance schedule beta_1..beta_T and the quantities DDPM/DDIM derive from it (float64 on CPU).
+
+    Per-sample lookups (``q_sample`` with a timestep per image) read a float64 copy of each table on
+    the images' device, made once per device (``device_constant``): copying the table at every
+    lookup would be a blocking host-to-device copy, some 6,000 of them per DDPM-1000 sample."""
 
     def __init__(self, betas: torch.Tensor):
         betas = betas.double()
@@ -66,7 +72,7 @@ class NoiseSchedule:
     @staticmethod
     def _at(values: torch.Tensor, i: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """values[i] shaped (N, 1, 1, ...) to broadcast against ``like``, in its dtype and device."""
-        out = values.to(like.device)[i.to(like.device)].to(like.dtype)
+        out = device_constant(values, like.device, torch.float64)[i.to(like.device)].to(like.dtype)
         return out.view(-1, *([1] * (like.ndim - 1)))
 
     def q_sample(self, x0: torch.Tensor, i: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -141,6 +147,7 @@ def ddpm_sample(
     """
     x = _noise(shape, generator, device)
     sigma2 = schedule.betas if variance == "beta" else schedule.posterior_variance
+    sigma = sigma2.sqrt().tolist()  # Python numbers from the host table: no step reads the device
     for step in reversed(range(schedule.T)):
         i = torch.full((shape[0],), step, device=device, dtype=torch.long)
         eps = eps_fn(x, i)
@@ -150,7 +157,7 @@ def ddpm_sample(
         else:
             mean = schedule.model_mean(x, i, eps)
         if step > 0:
-            x = mean + sigma2[step].sqrt().item() * _noise(shape, generator, device)
+            x = mean + sigma[step] * _noise(shape, generator, device)
         else:
             x = mean
     return x
@@ -181,11 +188,12 @@ def ddim_sample(
     """
     x = _noise(shape, generator, device)
     seq = ddim_timesteps(schedule.T, steps)
+    alpha_bar = schedule.alpha_bar.tolist()  # Python numbers from the host table: no step reads the device
     for k, step in enumerate(seq):
         i = torch.full((shape[0],), step, device=device, dtype=torch.long)
         eps = eps_fn(x, i)
-        ab = schedule.alpha_bar[step].item()
-        ab_prev = schedule.alpha_bar[seq[k + 1]].item() if k + 1 < len(seq) else 1.0
+        ab = alpha_bar[step]
+        ab_prev = alpha_bar[seq[k + 1]] if k + 1 < len(seq) else 1.0
         x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
         if clip is not None:
             x0 = x0.clamp(-clip, clip)

@@ -29,7 +29,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
@@ -40,6 +40,7 @@ from lightning_gen.config import ConfigError, section_object, to_dict, to_yaml
 from lightning_gen.data.sampler import ElasticEpochResume
 from lightning_gen.interrupt import StopOnSignal
 from lightning_gen.methods.base import Method
+from lightning_gen.precision import resolve_precision
 from lightning_gen.quiet import LogEveryEpoch, silence_library_notices
 from lightning_gen.randomness import RandomStreams
 
@@ -147,18 +148,6 @@ def build_method(cfg: DictConfig, datamodule) -> Method:
     return method
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """``auto``: bf16-mixed where the hardware runs bf16 natively, else 32-true."""
-    if precision != "auto":
-        return precision
-    use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if use_cuda:
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    cpu_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16-mixed" if (cpu_bf16 or cpu_amx) else "32-true"
-
-
 def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: bool) -> list[L.Callback]:
     from lightning_gen.callbacks.guards import NonFiniteLossGuard
 
@@ -186,6 +175,10 @@ def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: b
         StopOnSignal(),  # SIGTERM / SIGINT: stop at a step boundary with a checkpoint, exit 128 + signal
         LogEveryEpoch(),
     ]
+    if cfg.trainer.enable_progress_bar:
+        # The bar reads every prog_bar value back to the host when it refreshes (on a GPU, a wait for the
+        # device): refresh on the logging steps, where Lightning reads the logged values anyway.
+        callbacks.append(TQDMProgressBar(refresh_rate=cfg.trainer.log_every_n_steps))
     if SLURMEnvironment.detect():  # Lightning's SIGUSR1 requeue, run where all ranks agree
         from lightning_gen.cluster.requeue import RequeueAtStepBoundary
 

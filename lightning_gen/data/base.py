@@ -42,7 +42,8 @@ class DataConfig:
     batch_size: int = bounded(128, 1, hint="images per device and step")  # the global batch is printed at start
     eval_batch_size: int = bounded(256, 1)
     num_workers: int = bounded(0, 0, hint="loader processes per device; 0 loads in the training process")
-    pin_memory: bool = False
+    # page-locked batches, so the copy to the GPU runs asynchronously; None: on when training on a CUDA GPU
+    pin_memory: bool | None = None
     image_size: int | None = bounded(None, 1, hint="pixels per side")  # resize at load time; None: native size
     val_fraction: float = bounded(0.1, 0, 0.9)  # held out from train, seeded; 0 -> validate on the test split
     max_train_samples: int | None = bounded(None, 1)  # a deterministic subset, for quick runs and tests
@@ -186,7 +187,7 @@ class ImageDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(stream_seed(self.seed, rank, EVAL_LOADER))
         return DataLoader(
             self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-            num_workers=workers, pin_memory=self.cfg.pin_memory, persistent_workers=workers > 0,
+            num_workers=workers, pin_memory=self.pins_memory(), persistent_workers=workers > 0,
             generator=generator,
         )
 
@@ -205,10 +206,19 @@ class ImageDataModule(L.LightningDataModule):
             batch_size=self.cfg.batch_size,
             drop_last=len(sampler) >= self.cfg.batch_size,
             num_workers=workers,
-            pin_memory=self.cfg.pin_memory,
+            pin_memory=self.pins_memory(),
             persistent_workers=workers > 0,
             collate_fn=self.collate_fn,
         )
+
+    def pins_memory(self) -> bool:
+        """``data.pin_memory``; unset, whether the trainer runs on a CUDA device. Lightning copies batches
+        with ``non_blocking=True``, which overlaps with the GPU's work only from page-locked (pinned)
+        memory: from ordinary memory CUDA stages the copy and may wait for the GPU's queue first."""
+        if self.cfg.pin_memory is not None:
+            return bool(self.cfg.pin_memory)
+        trainer = getattr(self, "trainer", None)  # None outside a Trainer (notebooks, evaluation)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     collate_fn = None  # the DataLoader's default_collate, unless a subclass's items need another
 

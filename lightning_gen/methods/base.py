@@ -18,12 +18,13 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_gen import schedules
 from lightning_gen.config import bounded, choice
+from lightning_gen.device_constants import device_constant
+from lightning_gen.losses.classification import labeled_cross_entropy
 
 
 @dataclass
@@ -106,8 +107,8 @@ class Method(L.LightningModule):
         if value_range == "symmetric":
             x = x * 2.0 - 1.0
         elif value_range == "standard":
-            mean = torch.tensor(self.data_info.mean, device=x.device).view(1, -1, 1, 1)
-            std = torch.tensor(self.data_info.std, device=x.device).view(1, -1, 1, 1)
+            mean = device_constant(self.data_info.mean, x.device).view(1, -1, 1, 1)
+            std = device_constant(self.data_info.std, x.device).view(1, -1, 1, 1)
             x = (x - mean) / std
         if self._use_channels_last():
             x = x.contiguous(memory_format=torch.channels_last)
@@ -123,6 +124,13 @@ class Method(L.LightningModule):
         raise NotImplementedError(
             f"method {self.registry_name!r} does not expose embed(x): it learns no encoder"
         )
+
+    def log_value(self, name: str, value: float, **kwargs) -> None:
+        """``self.log`` for a Python number (a scheduled LR, τ, temperature) without a host-to-device copy.
+
+        Lightning turns a number into ``torch.tensor(value, device=self.device)``, a blocking copy on
+        a GPU at every step; ``torch.full`` writes it on the device from a kernel argument instead."""
+        self.log(name, torch.full((), float(value), device=self.device), **kwargs)
 
     def log_loss(self, stage: str, loss: torch.Tensor) -> None:
         """``<stage>/loss``: per step and epoch while training (rank-local, no sync in the hot loop),
@@ -155,15 +163,13 @@ class Method(L.LightningModule):
 
         The probe is a parameter group of the method's own optimizer, so it needs no second
         optimizer and no second DDP wrapper; detaching keeps its gradient out of the backbone.
+        Loss and accuracy are over the labeled samples of the batch (``labeled_cross_entropy``;
+        a batch without labels logs accuracy 0, and trains nothing).
         """
         if self.online_probe is None:
             return features.new_zeros(())
         logits = self.online_probe(features.detach().float())
-        labeled = labels >= 0
-        if not labeled.any():
-            return logits.sum() * 0.0
-        loss = F.cross_entropy(logits[labeled], labels[labeled])
-        acc = (logits[labeled].argmax(1) == labels[labeled]).float().mean()
+        loss, acc = labeled_cross_entropy(logits, labels)
         on_step = stage == "train"
         self.log(
             f"{stage}/probe_acc",
@@ -275,7 +281,7 @@ class Method(L.LightningModule):
             for group in optimizer.param_groups:
                 base = group.setdefault("base_lr", group["lr"])
                 group["lr"] = base if group.get("fixed_lr") else base * factor
-        self.log("lr", self._optimizers()[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self.log_value("lr", self._optimizers()[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
 
     # ---------------------------------------------------------------- resuming on another allocation
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -339,16 +345,27 @@ def load_method(checkpoint_path: str, map_location: str = "cpu") -> Method:
 
 
 @torch.no_grad()
-def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
+def ema_update(target: nn.Module, source: nn.Module, momentum: float | torch.Tensor) -> None:
     """target <- momentum * target + (1 - momentum) * source, parameters and float buffers alike.
 
     Used by momentum encoders (MoCo's key encoder and head, DINO's teacher) and EMA weights of
-    generators. Integer buffers (BatchNorm's num_batches_tracked) are copied.
+    generators. Integer buffers (BatchNorm's num_batches_tracked) are copied. ``momentum`` may be a
+    0-d device tensor (a generator's warm-up decay), so that no step reads it back into Python.
     """
+    weight = 1.0 - momentum
+    weights: dict[torch.dtype, float | torch.Tensor] = {}
+
+    def weight_for(t: torch.Tensor) -> float | torch.Tensor:
+        if not isinstance(weight, torch.Tensor):
+            return weight
+        if t.dtype not in weights:  # lerp_ takes a tensor weight of the target's own dtype
+            weights[t.dtype] = weight.to(t.dtype)
+        return weights[t.dtype]
+
     for t, s in zip(target.parameters(), source.parameters()):
-        t.lerp_(s.detach(), 1.0 - momentum)
+        t.lerp_(s.detach(), weight_for(t))
     for t, s in zip(target.buffers(), source.buffers()):
         if t.dtype.is_floating_point:
-            t.lerp_(s.detach(), 1.0 - momentum)
+            t.lerp_(s.detach(), weight_for(t))
         else:
             t.copy_(s)

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from lightning_gen import diffusion
 from lightning_gen.config import bounded, choice
+from lightning_gen.losses.regression import squared_error
 from lightning_gen.methods.generative.generator import GenerativeConfig, GenerativeMethod, evaluating
 from lightning_gen.nets.unet import UNet
 from lightning_gen.registry import register_method
@@ -78,7 +78,7 @@ class DDPM(GenerativeMethod):
         x0 = self.to_float(batch["image"], "symmetric")
         i, eps = self.draw_noise(x0)
         y = self.drop_labels(batch["label"], self.cfg.label_dropout) if self.conditional else None
-        loss = F.mse_loss(self.net(self.schedule.q_sample(x0, i, eps), i, y).float(), eps.float())
+        loss = squared_error(self.net(self.schedule.q_sample(x0, i, eps), i, y), eps)
         self.log_loss(stage, loss)
         return loss
 

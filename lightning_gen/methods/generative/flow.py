@@ -15,6 +15,7 @@ import torch
 
 from lightning_gen import diffusion
 from lightning_gen.config import bounded, choice
+from lightning_gen.losses.regression import squared_error
 from lightning_gen.methods.generative.generator import GenerativeConfig, GenerativeMethod, evaluating
 from lightning_gen.nets.unet import UNet
 from lightning_gen.registry import register_method
@@ -78,8 +79,7 @@ class RectifiedFlow(GenerativeMethod):
         t = self.sample_time(len(x), x.device)
         xt = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * z
         y = self.drop_labels(batch["label"], self.cfg.label_dropout) if self.conditional else None
-        err = (self.velocity(self.net, xt, t, y).float() - (z - x).float()).pow(2)
-        loss = err.mean() if self.cfg.loss_reduction == "mean" else err.flatten(1).sum(1).mean()
+        loss = squared_error(self.velocity(self.net, xt, t, y), z - x, self.cfg.loss_reduction)
         self.log_loss(stage, loss)
         return loss
 

@@ -142,4 +142,4 @@ class SSLMethod(Method):
             tau = self.momentum_at(self.progress())
             for online, target in pairs:
                 ema_update(target, online, tau)
-            self.log("train/momentum", tau, on_step=True, on_epoch=False)
+            self.log_value("train/momentum", tau, on_step=True, on_epoch=False)

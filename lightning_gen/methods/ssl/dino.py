@@ -101,7 +101,7 @@ class DINO(SSLMethod):
                 # Only the groups built with decay (not biases, norms or the online probe) follow it.
                 if group.setdefault("scheduled_decay", group["weight_decay"] > 0):
                     group["weight_decay"] = decay
-        self.log("train/weight_decay", decay, on_step=True, on_epoch=False)
+        self.log_value("train/weight_decay", decay, on_step=True, on_epoch=False)
 
     def ssl_loss(self, views, batch):
         n_global = self.views.num_global
@@ -118,7 +118,7 @@ class DINO(SSLMethod):
         tau_t = self.teacher_temp_at(self.progress())
         loss = self.loss_fn(student, teacher, tau_t)
         self.loss_fn.update_center(teacher)
-        self.log("train/teacher_temp", tau_t, on_step=True, on_epoch=False)
+        self.log_value("train/teacher_temp", tau_t, on_step=True, on_epoch=False)
         return loss, teacher_feats.chunk(n_global)[0]  # the online probe reads what embed() gives
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

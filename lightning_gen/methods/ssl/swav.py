@@ -113,7 +113,7 @@ class SwAV(SSLMethod):
         if self.queue_in_use():
             # filled after use, so the current batch is never in its own queue rows
             self.queue.push(embeddings[:n_code])
-        self.log("train/queue_used", float(use_queue), on_step=True, on_epoch=False)
+        self.log_value("train/queue_used", float(use_queue), on_step=True, on_epoch=False)
         return loss, features
 
     def prototypes_frozen(self) -> bool:
