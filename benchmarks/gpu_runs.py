@@ -7,9 +7,10 @@
 
 - ``methods``: one digits experiment of every method family trains 4 steps and validates, in this one
   process, under ``trainer.precision=auto``, the generators with the FID callback on, and every
-  training step (``on_train_batch_start`` to ``on_train_batch_end``: forward, backward, optimizer
-  step) inside ``torch.cuda.set_sync_debug_mode("error")``: an operation that waits for the GPU
-  fails the run and names itself. One table row per run.
+  training step after the first (``on_train_batch_start`` to ``on_train_batch_end``: forward,
+  backward, optimizer step) inside ``torch.cuda.set_sync_debug_mode("error")``: an operation that
+  waits for the GPU fails the run and names itself. ``host_sync.CountStepSyncs`` also counts the
+  second step's host synchronisations (on CPU runs too, where they are simulated). One row per run.
 - ``fsdp``: ``lgen train experiment=mae_digits trainer.strategy=fsdp`` on min(2, GPUs) GPUs, stopped
   mid-epoch, resumed to its end and exported; on one GPU also ``distributed_equality.py`` on one rank
   (FSDP on CUDA vs the plain model).
@@ -37,6 +38,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from lightning_gen.host_sync import CountStepSyncs  # noqa: E402
 
 # (experiment, family): one run per method family, on digits (no download, seconds per run on a GPU)
 FAMILIES = [
@@ -88,7 +91,9 @@ CPU_FID = ["callbacks.fid.num_samples=20", "callbacks.fid.batch_size=20"]
 
 
 class SyncDebug(L.Callback):
-    """Every training step (batch start to batch end) inside ``torch.cuda.set_sync_debug_mode(mode)``."""
+    """Every training step but the first (batch start to batch end) inside
+    ``torch.cuda.set_sync_debug_mode(mode)``: the first one builds the optimizer state and the lazily
+    made buffers (``host_sync.CountStepSyncs`` counts from the second one too)."""
 
     def __init__(self, mode: str = "error"):
         self.mode = mode
@@ -98,7 +103,8 @@ class SyncDebug(L.Callback):
             torch.cuda.set_sync_debug_mode(mode)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self._set(self.mode)
+        if trainer.global_step > 0 or batch_idx > 0:
+            self._set(self.mode)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self._set("default")
@@ -184,28 +190,37 @@ def run_methods(out: Path, cpu: bool) -> bool:
     from lightning_gen.config import compose
     from lightning_gen.run import train
 
-    print("| experiment | family | steps | precision | FID | seconds | result |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| experiment | family | steps | precision | FID | host syncs in step 1 (but the control agreement) | seconds | result |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     passed = True
     for experiment, family, overrides in method_runs(out, cpu):
         started = time.time()
+        counting = CountStepSyncs(step=1, stop=False)  # what would wait for the GPU, named (on CPU runs too)
         try:
-            run = train(compose(overrides), extra_callbacks=(SyncDebug("error"),))
-            fids = [
-                v for k, v in run.summary.items() if k.startswith("val/fid_") and not k.endswith("_floor")
-            ]
+            run = train(compose(overrides), extra_callbacks=(counting, SyncDebug("error")))
+            summary = run.summary.items()
+            fids = [v for k, v in summary if k.startswith("val/fid_") and not k.endswith("_floor")]
+            # the one allowed: all ranks agreeing on stop signals every trainer.log_every_n_steps batches
+            syncs = (
+                [e for e in counting.counter.events if not e.where.startswith("control.py")]
+                if counting.counted
+                else None
+            )
             problems = ["no optimizer step"] if run.trainer.global_step == 0 else []
             problems += ["no FID logged"] if experiment in GENERATORS and not fids else []
-            cells = (
-                f"{run.trainer.global_step} | {run.trainer.precision} | {f'{fids[0]:.2f}' if fids else '-'}"
-            )
-            result = "FAILED: " + ", ".join(problems) if problems else "passed"
+            problems += [f"host syncs: {'; '.join(map(str, syncs))}"] if syncs else []
+            fid = f"{fids[0]:.2f}" if fids else "-"
+            cells = f"{run.trainer.global_step} | {run.trainer.precision} | {fid} | {len(syncs or [])}"
+            result = ("FAILED: " + "; ".join(problems))[:300] if problems else "passed"
         except Exception as error:  # noqa: BLE001 - the row says what failed; the next family still runs
             traceback.print_exc(file=sys.stderr)
-            problems, cells = [error], "- | - | -"
-            result = "FAILED: " + " ".join(f"{type(error).__name__}: {error}".split())[:200].replace("|", "/")
+            problems, cells = [error], "- | - | - | -"
+            result = "FAILED: " + " ".join(f"{type(error).__name__}: {error}".split())[:300]
         passed &= not problems
-        print(f"| {experiment} | {family} | {cells} | {time.time() - started:.1f} | {result} |", flush=True)
+        row = f"{cells} | {time.time() - started:.1f} | {result.replace('|', '/')}"
+        print(f"| {experiment} | {family} | {row} |", flush=True)
     return passed
 
 

@@ -365,7 +365,8 @@ def preflight(cfg: DictConfig, datamodule, method: Method, callbacks: list) -> N
 def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> Run:
     """Train the experiment ``cfg`` (from ``config.compose``) and return what was built.
 
-    ``extra_callbacks`` (benchmarks, notebooks) run before the run's own, in the order given."""
+    ``extra_callbacks`` (benchmarks, notebooks) run before the run's own, in the order given; one with an
+    ``install(trainer)`` method places itself once the Trainer is built."""
     silence_library_notices()
     settled = settle_run(cfg)
     run_id, ckpt_path = settled["run_id"], settled["resume"]
@@ -397,6 +398,11 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> Run:
                 "ddp_find_unused_parameters_true" if _multi_process(cfg) else cfg.trainer.strategy
             )
         trainer = build_trainer(cfg, callbacks, loggers, run_dir)
+        for (
+            callback
+        ) in extra_callbacks:  # those that place themselves among the others (host_sync.CountStepSyncs)
+            if hasattr(callback, "install"):
+                callback.install(trainer)
         preflight(cfg, datamodule, method, callbacks)
 
         save_run_files(cfg, run_dir, loggers)

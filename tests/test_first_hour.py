@@ -104,7 +104,7 @@ def test_non_finite_loss_is_one_line_exit_3_and_the_checkpoints_saved_before_are
     assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert errors == [proc.stderr.strip().splitlines()[-1]], errors  # one line, the last one
     assert "training loss became non-finite (nan) at global step 1" in errors[0]
-    assert "checkpoints already saved are untouched: last.ckpt, step000001.ckpt" in errors[0]
+    assert "checkpoints already saved hold states from before it: last.ckpt, step000001.ckpt" in errors[0]
     for name in ("last.ckpt", "step000001.ckpt"):  # the last good state, intact
         saved = torch.load(tmp_path / "runs" / "vae_digits" / "r" / "checkpoints" / name, weights_only=False)
         assert saved["global_step"] == 1
