@@ -1,9 +1,10 @@
 """One process vs W DDP ranks vs W FSDP ranks: the same losses, gradients and weights, or the report says where not.
 
 MAE (ViT), DINO (ViT student and teacher: momentum update, centre, per-parameter gradient clipping) and
-DDPM (U-Net and its EMA copy) train for three optimizer steps on one global batch of 8 images, once
+the diffusion method (ddpm preset: U-Net and its EMA copy; flow preset with a DiT) train for three
+optimizer steps on one global batch of 8 images, once
 on one process and once with each strategy on W ranks, each rank on its 8 / W rows. Everything random
-in a step (MAE's masks, DINO's views, DDPM's t and noise) is drawn for the whole global batch and
+in a step (MAE's masks, DINO's views, the diffusion times and noise) is drawn for the whole global batch and
 sliced, so every setup sees the same numbers. A tensor agrees when it is within ``--rtol`` of its
 largest entry: FSDP sums gradients with a reduce-scatter, DDP with an all-reduce and one process over
 the whole batch, so float32 agrees to its last bits, not bitwise.
@@ -29,17 +30,18 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-GLOBAL_BATCH, STEPS, KINDS = 8, 3, ("mae", "dino", "ddpm")
+GLOBAL_BATCH, STEPS, KINDS = 8, 3, ("mae", "dino", "ddpm", "dit")
 
 
 def build(kind: str):
     """A tiny method, identical in every process (seeded); plain SGD, so weights are linear in gradients."""
     from lightning_gen.data.views import CropConfig, ViewsConfig
     from lightning_gen.methods.base import DataInfo
-    from lightning_gen.methods.generative.ddpm import DDPM, DDPMConfig
+    from lightning_gen.methods.generative.diffusion import Diffusion, DiffusionConfig
     from lightning_gen.methods.ssl.dino import DINO, DINOConfig
     from lightning_gen.methods.ssl.mae import MAE, MAEConfig
     from lightning_gen.nets.backbones import BackboneConfig
+    from lightning_gen.nets.dit import DiTConfig
 
     torch.manual_seed(0)
     data = DataInfo(image_size=8, num_classes=3, batch_size=GLOBAL_BATCH)
@@ -51,8 +53,15 @@ def build(kind: str):
         views = ViewsConfig(recipe="dino", local_crops=CropConfig(n=2, size=4))
         cfg = DINOConfig(backbone=vit, views=views, out_dim=32, hidden_dim=16, bottleneck_dim=8, **sgd)
         return DINO(cfg, data)
-    cfg = DDPMConfig(width=8, mults=(1, 2), attention_resolutions=(4,), dropout=0.0, timesteps=20, **sgd)
-    return DDPM(cfg, data)
+    if kind == "dit":  # the flow preset with a Diffusion Transformer
+        dit = DiTConfig(patch_size=4, depth=2, width=16, heads=2)
+        cfg = DiffusionConfig(process="flow", prediction="v", net="dit", dit=dit, dropout=0.0, **sgd)
+        return Diffusion(cfg, data)
+    unet = {"width": 8, "mults": (1, 2), "attention_resolutions": (4,), "dropout": 0.0}
+    cfg = DiffusionConfig(
+        process="vp", prediction="eps", timesteps=20, noise_schedule="linear", **unet, **sgd
+    )
+    return Diffusion(cfg, data)  # the ddpm preset, tiny
 
 
 def draws(kind: str, step: int) -> dict:
@@ -71,7 +80,11 @@ def draws(kind: str, step: int) -> dict:
             "batch": batch,
             "views": [torch.randn(GLOBAL_BATCH, 1, s, s, generator=g) for s in (8, 8, 4, 4)],
         }
-    t = torch.randint(0, 20, (GLOBAL_BATCH,), generator=g)
+    t = (
+        torch.randint(0, 20, (GLOBAL_BATCH,), generator=g)
+        if kind == "ddpm"
+        else torch.rand(GLOBAL_BATCH, generator=g)
+    )
     return {"batch": batch, "noise": (t, torch.randn(GLOBAL_BATCH, 1, 8, 8, generator=g))}
 
 
@@ -88,8 +101,12 @@ def use_draws(method, kind: str, drawn: dict, rows: slice, device) -> dict:
         method.make_views = lambda batch: [mine(v) for v in drawn["views"]]
         method.progress = lambda: None  # its schedules read the Trainer's progress, which this loop has not
         method.teacher_temp_at = lambda progress: 0.04
+    elif kind == "ddpm":
+        step, z = (mine(d) for d in drawn["noise"])
+        method.draw_noise = lambda x: (method.process.at_step(step), step, z)
     else:
-        method.draw_noise = lambda x0: tuple(mine(d) for d in drawn["noise"])
+        t, z = (mine(d) for d in drawn["noise"])
+        method.draw_noise = lambda x: (method.process.coefficients(t), method.process.network_time(t), z)
     return {k: mine(v) for k, v in drawn["batch"].items()}
 
 
@@ -146,7 +163,7 @@ def train(kind: str, setup: str, device: str = "cpu") -> dict:
         if kind == "dino":
             for online, target in method.momentum_pairs():
                 ema_update(target, online, 0.9)
-        elif kind == "ddpm":
+        elif kind in ("ddpm", "dit"):
             method.update_ema()
     weights = {n: full(t) for n, t in [*method.named_parameters(), *method.named_buffers()]}
     return {"losses": torch.stack(losses), "grads": grads, "weights": weights}

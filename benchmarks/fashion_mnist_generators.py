@@ -14,8 +14,10 @@ floor, sample grids (a guidance sweep of class rows for a class-conditional mode
   fraction of samples the extractor's classifier assigns to the requested class.
 - Floor: the same statistics for ``--n`` real training images (a seeded draw) and for all 55,000 of
   them against the test split: a generator matching the data distribution exactly scores about that.
-- Bits/dim on the 10,000 test images: PixelCNN's exact discrete NLL; the VAE's negative ELBO (one
-  posterior sample per image, seed 0) with the dequantisation bound of ``losses.elbo.bits_per_dim``.
+- Bits/dim on the 10,000 test images, as ``lgen eval bpd`` gives them (``lightning_gen/eval/likelihood.py``):
+  PixelCNN's exact discrete NLL; the VAE's negative ELBO (one posterior sample per image, seed 0) with
+  the dequantisation bound of ``losses.elbo.bits_per_dim``; diffusion models' variational bound with
+  the discretised decoder (4 draws of t per image).
 - Grids (``--grids DIR``): ``fashion_mnist_<experiment>.png``, 8 x 8 samples of chunk 0; for a
   class-conditional model ``fashion_mnist_<experiment>_w<w>.png`` per guidance weight of ``--guidance``,
   one row per class (T-shirt/top, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot).
@@ -37,7 +39,7 @@ from lightning_gen import registry  # noqa: E402
 from lightning_gen.callbacks.fid import fid_kid_from_shards  # noqa: E402
 from lightning_gen.config import compose, section_object  # noqa: E402
 from lightning_gen.eval.fid_extractor import default_path, load_extractor  # noqa: E402
-from lightning_gen.losses import elbo  # noqa: E402
+from lightning_gen.eval.likelihood import LikelihoodConfig, evaluate  # noqa: E402
 from lightning_gen.methods.base import load_method  # noqa: E402
 
 CLASSES = (
@@ -83,27 +85,13 @@ def draw(method, n: int, batch: int, **options) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(out), labels, (time.perf_counter() - started) / n
 
 
-@torch.no_grad()
 def test_bits_per_dim(method, datamodule) -> float | None:
-    """PixelCNN: exact bits/dim; VAE: the negative-ELBO bound; None for generators without a likelihood."""
-    name, total, count = method.registry_name, 0.0, 0
-    if name not in ("pixelcnn", "vae"):
+    """Mean bits/dim on the test split (``lgen eval bpd``'s numbers); None for generators without one."""
+    if not (hasattr(method, "bits_per_dim") or method.registry_name in ("pixelcnn", "vae")):
         return None
-    net = method.sampling_net()
-    with torch.random.fork_rng(), torch.autocast("cpu", enabled=False):
-        torch.manual_seed(0)  # the VAE's posterior samples
-        for batch in datamodule.eval_dataloader("test"):
-            images = batch["image"]
-            dims = images[0].numel()
-            if name == "pixelcnn":
-                bpd = elbo.discrete_bits_per_dim(method.nll(net, images), dims)
-            else:
-                x = method.to_float(images, "unit")
-                mu, logvar = net.encode(x)
-                nll, _ = method.likelihood(x, net.decode(elbo.reparameterize(mu, logvar)).float())
-                bpd = elbo.bits_per_dim(nll + elbo.kl_standard_normal(mu, logvar), dims)
-            total, count = total + float(bpd.sum()), count + len(images)
-    return total / count
+    # the loader's own batches, so the VAE's posterior samples are drawn as they always were
+    cfg = LikelihoodConfig(split="test", batch_size=datamodule.cfg.eval_batch_size)
+    return evaluate(method, datamodule, cfg, seed=0, device=torch.device("cpu"))["bits_per_dim"]
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:

@@ -107,7 +107,7 @@ def main() -> None:
     rough_limit = roughness(reals).max().item()
     rows = []
     if not args.skip_ddpm:
-        rows.append(("ddpm", f"DDPM ancestral, {ddpm.schedule.T} steps", dict(sampler="ddpm")))
+        rows.append(("ddpm", f"DDPM ancestral, {ddpm.process.T} steps", dict(sampler="ddpm")))
     eta = {} if args.eta is None else {"eta": args.eta}  # else the checkpoint's sample_eta
     eta_name = "" if args.eta is None else f", eta={args.eta:g}"
     for w in [None] if args.guidance is None else args.guidance:  # None: the checkpoint's own guidance

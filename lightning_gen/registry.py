@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ class Entry:
 
 
 _REGISTRIES: dict[str, dict[str, Entry]] = {"method": {}, "data": {}, "callback": {}}
+_LEGACY_METHODS: dict[str, tuple[str, Callable[[dict], dict]]] = {}
 
 
 def _register(kind: str, name: str, config: type):
@@ -46,6 +48,21 @@ def _register(kind: str, name: str, config: type):
 def register_method(name: str, config: type):
     """Class decorator: make a LightningModule selectable as ``method=<name>``."""
     return _register("method", name, config)
+
+
+def register_legacy_method(old_name: str, name: str, translate: Callable[[dict], dict]):
+    """Checkpoints that name a method ``old_name`` (since merged into ``name``) load as ``name``, their
+    stored config passed through ``translate`` (a dict of the old method's config -> one of the new)."""
+    _LEGACY_METHODS[old_name] = (name, translate)
+
+
+def checkpoint_method(name: str, cfg: dict) -> tuple[Entry, dict]:
+    """The registry entry and config dict for a checkpoint's method name and stored config."""
+    load_all()
+    if name not in _REGISTRIES["method"] and name in _LEGACY_METHODS:
+        new_name, translate = _LEGACY_METHODS[name]
+        return get("method", new_name), translate(dict(cfg))
+    return get("method", name), cfg
 
 
 def register_datamodule(name: str, config: type):

@@ -1,12 +1,15 @@
 """Draw samples from any generator checkpoint into an image grid.
 
     lgen sample ckpt=runs/ddpm_digits/<run>/checkpoints/last.ckpt n=64 sampler=ddim steps=50 out=grid.png
-    lgen sample ckpt=... n=64 guidance=3 class=7        (class-conditional DDPM / flow with CFG)
+    lgen sample ckpt=... sampler=heun steps=18          (35 network evaluations)
+    lgen sample ckpt=... n=64 guidance=3 class=7        (class-conditional diffusion with CFG)
 
 Arguments are key=value: ckpt (required), n (64), out (samples.png), nrow (8), seed (0),
 device (auto), class (a class index for conditional models), and the method's own sampling options:
-ddpm: sampler (ddpm|ddim), steps, guidance, eta; flow: steps, guidance; pixelcnn: temperature.
-The EMA weights sample where the method keeps them.
+diffusion (the ddpm and flow presets included): sampler (ddpm|ddim|euler|heun|dpm++2m), steps (solver
+steps), guidance, eta (ddim); pixelcnn: temperature. The EMA weights sample where the method keeps them.
+A diffusion sampler reports its number of network evaluations (NFE); with guidance the conditional and
+unconditional passes run as one batch and count as one evaluation.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ RANGES = {
     "steps": (1, False, None),
     "class": (0, False, None),
     "guidance": (0, False, None),
-    "eta": (0, False, 1),
+    "eta": (0, False, None),
     "temperature": (0, True, None),
 }
 
@@ -75,13 +78,15 @@ def main(args) -> int:
     from lightning_gen.methods.base import load_method
 
     opts = parse(args.options)
-    name = load_checkpoint(opts["ckpt"]).get("hyper_parameters", {}).get("method")
+    hparams = load_checkpoint(opts["ckpt"]).get("hyper_parameters", {})
+    name = hparams.get("method")
     if name is None:
         raise ConfigError(f"{opts['ckpt']} was not written by lgen train: it names no method")
-    if not getattr(registry.get("method", name).cls, "is_generative", False):  # refuse before building it
+    entry, _ = registry.checkpoint_method(name, hparams.get("cfg", {}))
+    if not getattr(entry.cls, "is_generative", False):  # refuse before building it
         raise ConfigError(
             f"{opts['ckpt']} is a {name} checkpoint, which is not a generator: "
-            "lgen sample needs a vae, gan, ddpm, flow or pixelcnn checkpoint"
+            "lgen sample needs a vae, gan, diffusion (ddpm, flow) or pixelcnn checkpoint"
         )
     method = load_method(opts["ckpt"])
     extra = {k: v for k, v in opts.items() if k in METHOD_OPTIONS}
@@ -108,8 +113,13 @@ def main(args) -> int:
     seconds = time.time() - started
     out = opts.get("out", "samples.png")
     save_image(images.float().cpu(), out, nrow=opts.get("nrow", 8), padding=1, pad_value=1.0)
+    evaluations = getattr(method, "last_sample", None)
+    how = ""
+    if evaluations:
+        guided = ", guided: both halves in one batch per evaluation" if evaluations["guided"] else ""
+        how = f" (sampler={evaluations['sampler']}, {evaluations['steps']} steps, NFE {evaluations['nfe']}{guided})"
     print(
-        f"[sample] {len(images)} {method.registry_name} samples in {seconds:.1f}s "
+        f"[sample] {len(images)} {method.registry_name} samples{how} in {seconds:.1f}s "
         f"({seconds / len(images) * 1000:.1f} ms/image) -> {out}"
     )
     return 0

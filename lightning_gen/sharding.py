@@ -5,7 +5,7 @@ the model and gathers one block's weights at a time for its forward and backward
 parallelism, as DDP is: each rank trains on its own batch and the gradients are averaged, so the
 losses and gradients equal DDP's and one process's on the same global batch.
 
-- **Units.** Every transformer block and U-Net block (``SHARDED_BLOCKS``) is gathered and freed on its
+- **Units.** Every transformer block (ViT, DiT) and U-Net block (``sharded_block_types``) is gathered and freed on its
   own; everything else (patch and time embeddings, heads, the online probe) is one unit, the method
   itself. Momentum, teacher and EMA copies are sharded exactly like the networks they follow, so
   ``ema_update`` works shard by shard, without communication.
@@ -55,11 +55,12 @@ _NO_BACKWARD = frozenset(ENTRY_POINTS) - {"training_step"}
 
 
 def sharded_block_types() -> tuple[type[nn.Module], ...]:
-    """The blocks that are gathered and freed one at a time: transformer blocks, U-Net blocks."""
+    """The blocks that are gathered and freed one at a time: transformer blocks (ViT, DiT), U-Net blocks."""
+    from lightning_gen.nets.dit import DiTBlock
     from lightning_gen.nets.unet import Attention, ResBlock
     from lightning_gen.nets.vit import Block
 
-    return (Block, ResBlock, Attention)
+    return (Block, DiTBlock, ResBlock, Attention)
 
 
 def shardable_blocks(module: nn.Module) -> list[nn.Module]:
@@ -79,8 +80,8 @@ def unsupported_reason(method: nn.Module, batchnorm_agrees: bool = False) -> str
     if not shardable_blocks(method):
         return (
             f"method {name!r} has no transformer or U-Net blocks to shard (trainer.strategy=fsdp shards ViT "
-            "methods - MAE, DINO, MoCo v3 with method.backbone.name=vit - and the diffusion U-Nets); "
-            "use trainer.strategy=ddp"
+            "methods - MAE, DINO, MoCo v3 with method.backbone.name=vit - and the diffusion networks, "
+            "U-Net and DiT); use trainer.strategy=ddp"
         )
     if getattr(method, "automatic_optimization", True) is False:
         return f"method {name!r} steps its optimizers itself, which trainer.strategy=fsdp does not support"

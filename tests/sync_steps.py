@@ -34,14 +34,19 @@ TINY: dict[str, list[str]] = {
         "method.backbone.conv_dim=32",
     ],
     "cpc": ["experiment=cpc_digits", "method.backbone.conv_dim=32", "method.context_dim=32"],
-    "ddpm": ["experiment=ddpm_cfg_digits", "method.width=8", "method.mults=[1,2]", "method.timesteps=20"],
+    # the ddpm preset of the diffusion method: DDPM's discrete chain, eps-prediction, guidance
+    "diffusion": [
+        "experiment=ddpm_cfg_digits",
+        "method.width=8",
+        "method.mults=[1,2]",
+        "method.timesteps=20",
+    ],
     "dino": [
         "experiment=dino_digits",
         "method.out_dim=64",
         "method.hidden_dim=32",
         "method.bottleneck_dim=16",
     ],
-    "flow": ["experiment=flow_digits", "method.width=8", "method.mults=[1,2]", "method.conditional=true"],
     "gan": ["experiment=gan_digits", "method.g_width=8", "method.d_width=8", "method.z_dim=8"],
     "inpainting": [
         "experiment=inpainting_digits",
@@ -49,6 +54,13 @@ TINY: dict[str, list[str]] = {
         "method.backbone.conv_dim=32",
     ],
     "jigsaw": ["experiment=jigsaw_digits", "method.num_permutations=10"],
+    "latent_autoencoder": [
+        "experiment=latent_autoencoder_digits",
+        "method.channels=[8,8]",
+        "method.norm_groups=4",
+        "method.disc_width=8",
+        "method.disc_start_epochs=0",  # the step counted trains the discriminator and the adaptive weight
+    ],
     "mae": ["experiment=mae_digits"],
     "moco": [
         "experiment=moco_v2_digits",
@@ -86,6 +98,16 @@ VARIANTS: dict[str, list[str]] = {
         "method.pred_hidden_dim=32",
     ],
     "gated_pixelcnn": ["experiment=gated_pixelcnn_digits", "method.width=8", "method.blocks=1"],
+    # the flow preset (continuous time, velocity target) and the DiT network on a continuous VE process
+    "flow": ["experiment=flow_digits", "method.width=8", "method.mults=[1,2]", "method.conditional=true"],
+    "diffusion_dit": [
+        "experiment=flow_digits",
+        "method.net=dit",
+        "method.dit.preset=T/4",
+        "method.process=ve",
+        "method.prediction=x",
+        "method.conditional=true",
+    ],
 }
 # after COMMON: image sizes at which the tiles still move (their random jitter is part of the step)
 SIZES: dict[str, list[str]] = {

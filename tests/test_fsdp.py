@@ -1,10 +1,12 @@
 """Sharded training (``trainer.strategy=fsdp``: FSDP2 under Lightning's ModelParallelStrategy) on gloo CPU processes.
 
 - Direct: MAE (ViT), DINO (ViT student and teacher: momentum update, centre, per-parameter clipping)
-  and DDPM (U-Net and its EMA copy), three optimizer steps on a global batch of 8, trained by one
-  process, by 2 FSDP ranks and by 2 DDP ranks. Losses, every gradient and the final weights (the
-  teacher and EMA copies included) of FSDP equal DDP's within 1e-6 and one process's within 1e-5 of
-  each tensor's scale (float32 sums in another order).
+  and diffusion (ddpm preset: U-Net and its EMA copy; flow preset with a DiT), three optimizer steps
+  on a global batch of 8, trained by one process, by 2 FSDP ranks and by 2 DDP ranks. Losses, every
+  gradient and the final weights (the teacher and EMA copies included) of FSDP equal DDP's within 1e-6
+  and one process's within 1e-5 of each tensor's scale (float32 sums in another order). The FID
+  callback's samples of the sharded DDPM, on ranks that make 2 and 1 sample() calls, equal one
+  process's.
 - Through the CLI: ``lgen train experiment=mae_digits trainer.strategy=fsdp trainer.devices=2`` trains
   whole epochs with validation and image grids, is stopped mid-epoch and resumed, and then equals an
   uninterrupted DDP run bitwise (every logged loss, every weight, the optimizer state); its
@@ -16,21 +18,55 @@ from __future__ import annotations
 import csv
 import os
 import warnings
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from benchmarks.distributed_equality import KINDS, STEPS, build, differences, train
+
+
+class Pixels(nn.Flatten):
+    """A stand-in FID feature extractor: the pixels themselves (this test is about who samples what)."""
+
+    num_features = 64
+
+
+def fid_features(world: int, rank: int, run_dir: str) -> torch.Tensor:
+    """The FID callback's features of 3 samples generated one per call by the tiny DDPM: 2 calls on
+    rank 0, 1 on rank 1 (``seeded_sampling.call_ranges``). Sharded, every call is a collective."""
+    from lightning_gen.callbacks.fid import FID, FIDConfig
+    from lightning_gen.sharding import shard_method
+
+    method = build("ddpm")
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shard_method(method, init_device_mesh("cpu", (world,)))
+    fid = FID(FIDConfig(num_samples=3, batch_size=1, metrics=["fid"]), run_dir)
+    fid.use_extractor(Pixels(), "pixels", "pixels")
+    features, _ = fid.generate_features(method, world, rank)
+    if world == 1:
+        return features
+    shares = [None] * world
+    dist.all_gather_object(shares, features)
+    return torch.cat(shares)
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # self.log outside a Trainer
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a rank waiting for a collective that never comes fails after a minute instead of hanging the suite
+    init = f"file://{init_file}"
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
     try:
         results = {(kind, setup): train(kind, setup) for kind in KINDS for setup in ("fsdp", "ddp")}
+        results["fid"] = fid_features(world, rank, out_dir)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
     finally:
@@ -60,6 +96,8 @@ def test_fsdp_losses_gradients_and_momentum_copies_equal_ddp_and_one_process(tmp
         assert_close(fsdp, single[kind], rtol=1e-5, what=f"{kind} FSDP vs one process")
         # the steps trained: the losses moved, and the teacher / EMA copy moved away from its start
         assert not torch.equal(fsdp["losses"][0], fsdp["losses"][-1])
+    # the FID callback's samples, sharded over 2 ranks that make 2 and 1 sample() calls, equal one process's
+    torch.testing.assert_close(sharded["fid"], fid_features(1, 0, str(tmp_path)), rtol=1e-4, atol=1e-5)
     dino, ddpm = sharded["dino", "fsdp"]["weights"], sharded["ddpm", "fsdp"]["weights"]
     start = build("dino").state_dict()
     teacher = [n for n in dino if n.startswith("teacher_backbone.blocks.0.")]

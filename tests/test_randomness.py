@@ -125,7 +125,7 @@ def test_ranks_draw_their_own_randomness_and_a_ddp_run_resumes_bitwise(lgen):
     """2 gloo processes: each rank's stream differs (views, diffusion noise, GAN z, MAE masks drawn from
     the states saved at the same step), reruns are reproducible, and a mid-epoch resume is exact."""
     from lightning_gen.data.views import Views, ViewsConfig
-    from lightning_gen.methods.generative.ddpm import DDPM, DDPMConfig
+    from lightning_gen.methods.generative.diffusion import Diffusion, DiffusionConfig
     from lightning_gen.methods.generative.gan import GAN, GANConfig
     from lightning_gen.methods.ssl.pretext import random_patch_mask
     from lightning_gen.randomness import restore_state
@@ -139,12 +139,14 @@ def test_ranks_draw_their_own_randomness_and_a_ddp_run_resumes_bitwise(lgen):
 
     images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
     views = Views(ViewsConfig(), (0.5,), (0.5,), 16)
-    ddpm = DDPM(DDPMConfig(width=16, mults=(1,), attention_resolutions=(), ema_decay=0))
+    ddpm = Diffusion(
+        DiffusionConfig(timesteps=1000, width=16, mults=(1,), attention_resolutions=(), ema_decay=0)
+    )
     gan = GAN(GANConfig(g_width=8, d_width=8, z_dim=4, ema_decay=0))
     draws = []
     for state in saved["states"]:  # what each rank draws next, from its own saved stream
         restore_state(state)
-        t, eps = ddpm.draw_noise(torch.zeros(8, 1, 16, 16))
+        t, eps = ddpm.draw_time(8, "cpu")[1], torch.randn(8, 1, 16, 16)  # Algorithm 1's draws
         draws.append([*views(images), t, eps, gan.noise(8), *random_patch_mask(8, 16, 0.75)])
     for what, first, second in zip(["view1", "view2", "t", "eps", "z", "keep", "mask"], *draws):
         assert not torch.equal(first, second), f"both ranks draw the same {what}"

@@ -93,13 +93,15 @@ def test_rectified_flow_euler_with_the_optimal_velocity_reproduces_the_data_gaus
     assert_moments(x)
 
 
-def test_a_wrong_mean_coefficient_is_caught():
-    """The check above has teeth: 1/sqrt(alpha-bar) in place of 1/sqrt(alpha) in the mean (a common slip) breaks the moments."""
+def test_a_wrong_posterior_coefficient_is_caught(monkeypatch):
+    """The check above has teeth: a posterior mean that takes sigma_s/sigma_t as b_s/b_t (forgetting that
+    sigma = b/a, a slip that is right only for VE) breaks the moments."""
+    from lightning_gen.diffusion import samplers
+
+    monkeypatch.setattr(samplers, "_ratio", lambda t, s: s.b / t.b)
     schedule = diffusion.NoiseSchedule.linear(1000)
-    broken = diffusion.NoiseSchedule.linear(1000)
-    broken.alphas = broken.alpha_bar  # model_mean divides by sqrt(alphas): now alpha-bar
     g = torch.Generator().manual_seed(0)
-    x = diffusion.ddpm_sample(optimal_eps(schedule), broken, (2000, 2), generator=g).double()
+    x = diffusion.ddpm_sample(optimal_eps(schedule), schedule, (2000, 2), generator=g).double()
     mean, cov = moments(x)
     assert not (torch.allclose(mean, M, atol=0.1) and torch.allclose(cov, S, atol=0.1))
 
@@ -113,17 +115,19 @@ def test_ddim_timesteps_cover_the_range():
 def test_ddpm_sample_takes_ddim_eta_from_the_config_unless_given():
     """``method.sample_eta`` is what sample() (and so the FID and image-grid callbacks) use by default."""
     from lightning_gen.methods.base import DataInfo
-    from lightning_gen.methods.generative.ddpm import DDPM, DDPMConfig
+    from lightning_gen.methods.generative.diffusion import Diffusion, DiffusionConfig
 
     info = DataInfo(name="digits", channels=1, image_size=8, num_classes=0)
+    ddpm = dict(process="vp", prediction="eps", timesteps=1000, noise_schedule="linear", sampler="ddim")
+    small = dict(width=8, mults=(1, 2), attention_resolutions=())
     torch.manual_seed(0)
-    stochastic = DDPM(DDPMConfig(width=8, mults=(1, 2), attention_resolutions=(), sample_eta=1.0), info)
+    stochastic = Diffusion(DiffusionConfig(**ddpm, **small, sample_eta=1.0), info)
 
     def draw(method, **options):
         return method.sample(4, generator=torch.Generator().manual_seed(1), steps=5, **options)
 
     assert torch.equal(draw(stochastic), draw(stochastic, eta=1.0))
     assert not torch.equal(draw(stochastic), draw(stochastic, eta=0.0))
-    deterministic = DDPM(DDPMConfig(width=8, mults=(1, 2), attention_resolutions=()), info)
+    deterministic = Diffusion(DiffusionConfig(**ddpm, **small), info)
     deterministic.load_state_dict(stochastic.state_dict())
     assert torch.equal(draw(deterministic), draw(stochastic, eta=0.0))  # the paper's eta = 0 by default

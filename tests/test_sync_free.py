@@ -52,9 +52,12 @@ def test_the_progress_bar_reads_values_back_only_on_logging_steps(tmp_path):
 
 def sampling_cases():
     return {
-        "ddpm/ddpm": ("ddpm", {"sampler": "ddpm"}),
-        "ddpm/ddim": ("ddpm", {"sampler": "ddim", "steps": 3, "eta": 1.0, "guidance": 1.0}),
+        "ddpm/ddpm": ("diffusion", {"sampler": "ddpm"}),
+        "ddpm/ddim": ("diffusion", {"sampler": "ddim", "steps": 3, "eta": 1.0, "guidance": 1.0}),
+        "ddpm/heun": ("diffusion", {"sampler": "heun", "steps": 3, "guidance": 1.0}),
+        "ddpm/dpm++2m": ("diffusion", {"sampler": "dpm++2m", "steps": 3}),
         "flow": ("flow", {"steps": 3, "guidance": 1.0}),
+        "dit-ve/heun": ("diffusion_dit", {"sampler": "heun", "steps": 3, "guidance": 1.0}),
         "gan": ("gan", {}),
         "vae": ("vae", {}),
         "pixelcnn": ("pixelcnn", {}),
@@ -65,7 +68,7 @@ def sampling_cases():
 def test_sampling_makes_no_host_sync(case):
     """A whole (short) sampling run after a first one: no per-step copies, no reads of device values."""
     name, options = sampling_cases()[case]
-    cfg = config(name, "method.timesteps=6", "data.image_size=8") if name == "ddpm" else config(name)
+    cfg = config(name, "method.timesteps=6", "data.image_size=8") if name == "diffusion" else config(name)
     if name == "pixelcnn":
         cfg.data.image_size = 4
     method = run.build_method(cfg, run.build_datamodule(cfg)).eval()

@@ -5,6 +5,8 @@
     lgen eval finetune ckpt=... finetune.fractions=[0.01,0.1] seed=0
     lgen eval cluster  ckpt=... data=cifar10 data.root=/datasets
     lgen eval all      ckpt=...                       all four, features extracted once
+    lgen eval bpd      ckpt=... split=test n=1000     bits/dim of a likelihood model (eval/likelihood.py)
+    lgen eval recon    ckpt=...                       an autoencoder's reconstruction MSE, PSNR and FID
 
 Arguments are key=value. The data is the run's own (its config.yaml next to checkpoints/) unless
 ``data=NAME`` picks another dataset; ``data.KEY=VALUE`` overrides its settings. Protocol settings
@@ -32,9 +34,12 @@ from lightning_gen.eval.clustering import KMeansConfig, cluster_features
 from lightning_gen.eval.features import Features, require_embed, split_features
 from lightning_gen.eval.finetune import FinetuneConfig, balanced_subset, finetune
 from lightning_gen.eval.knn import KNNConfig, check_k, knn_accuracy
+from lightning_gen.eval.likelihood import LikelihoodConfig
 from lightning_gen.eval.probe import ProbeConfig, linear_probe
+from lightning_gen.eval.recon import ReconConfig
 
-COMMANDS = ("probe", "knn", "finetune", "cluster")
+COMMANDS = ("probe", "knn", "finetune", "cluster")  # the representation evaluations `all` runs
+SECTIONS = (*COMMANDS, "recon", "bpd")  # every command with its own settings section
 
 
 @dataclass
@@ -51,10 +56,14 @@ class EvalConfig:
     knn: KNNConfig = field(default_factory=KNNConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cluster: KMeansConfig = field(default_factory=KMeansConfig)
+    recon: ReconConfig = field(default_factory=ReconConfig)
+    bpd: LikelihoodConfig = field(default_factory=LikelihoodConfig)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("protocol", choices=[*COMMANDS, "all"], help="which evaluation to run")
+    parser.add_argument(
+        "protocol", choices=[*COMMANDS, "all", "recon", "bpd"], help="which evaluation to run"
+    )
     parser.add_argument("overrides", nargs="*", help="ckpt=PATH (required), data=NAME, data.KEY=V, KEY=VALUE")
 
 
@@ -74,7 +83,7 @@ def parse(protocol: str, args: list[str]) -> tuple[Any, list[str]]:
         elif (
             "." not in key
             and key not in {f for f in EvalConfig.__dataclass_fields__}
-            and protocol in COMMANDS
+            and protocol in SECTIONS
         ):
             dotted.append(f"{'cluster' if protocol == 'cluster' else protocol}.{arg}")  # lgen eval knn k=[20]
         else:
@@ -215,7 +224,7 @@ class Evaluation:
     def run(self, protocol: str) -> dict[str, float]:
         started = time.time()
         results = getattr(self, protocol)()
-        config = {k: v for k, v in asdict(self.cfg).items() if k not in set(COMMANDS) - {protocol}}
+        config = {k: v for k, v in asdict(self.cfg).items() if k not in set(SECTIONS) - {protocol}}
         self.write(
             f"{protocol}.json",
             {
@@ -249,6 +258,13 @@ def main(args) -> int:
 
     try:
         cfg, data_overrides = parse(args.protocol, list(args.overrides))
+        if args.protocol == "recon":
+            return reconstruction(cfg, data_overrides)
+        if args.protocol == "bpd":
+            from lightning_gen.eval import likelihood
+
+            likelihood.run(cfg, data_overrides)
+            return 0
         evaluation = Evaluation(cfg, data_overrides)
         protocols = COMMANDS if args.protocol == "all" else (args.protocol,)
         everything = {}
@@ -269,4 +285,35 @@ def main(args) -> int:
     except (EvalError, ConfigError) as error:
         print(f"lgen eval: error: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def reconstruction(cfg: EvalConfig, data_overrides: list[str]) -> int:
+    """``lgen eval recon``: reconstruction metrics of an autoencoder, printed, written and added to W&B."""
+    from lightning_gen.eval import recon
+    from lightning_gen.eval.wandb_run import append_to_run, run_dir_of_checkpoint
+
+    started = time.time()
+    results, out, data_name = recon.evaluate(cfg, data_overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "protocol": "recon",
+        "checkpoint": str(cfg.ckpt),
+        "data": data_name,
+        "split": cfg.recon.split,
+        "seconds": round(time.time() - started, 2),
+        "config": {k: v for k, v in asdict(cfg).items() if k not in COMMANDS},
+        "results": results,
+    }
+    (out / "recon.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(format_table(f"recon - {Path(cfg.ckpt).name} on {data_name} ({cfg.recon.split})", results))
+    print(f"written: {out / 'recon.json'}\n")
+    run_dir = run_dir_of_checkpoint(cfg.ckpt) if Path(cfg.ckpt).is_file() else None
+    where = (
+        append_to_run(run_dir, {f"recon/{k}": v for k, v in results.items()}, "offline_eval")
+        if cfg.wandb
+        else None
+    )
+    if where:
+        print(f"results added to the run's W&B run: {where}")
     return 0

@@ -335,9 +335,9 @@ def load_method(checkpoint_path: str, map_location: str = "cpu") -> Method:
         raise ValueError(
             f"{checkpoint_path} was not written by lightning_gen: it has no method name in its hyperparameters"
         )
-    entry = registry.get("method", hparams["method"])
+    entry, cfg = registry.checkpoint_method(hparams["method"], hparams["cfg"])
     model = entry.cls(
-        _dataclass_from_dict(entry.config, hparams["cfg"]), _dataclass_from_dict(DataInfo, hparams["data"])
+        _dataclass_from_dict(entry.config, cfg), _dataclass_from_dict(DataInfo, hparams["data"])
     )
     model.on_load_checkpoint(checkpoint)  # as Lightning does: before the state dict, which it may adapt
     model.load_state_dict(checkpoint["state_dict"])
