@@ -41,28 +41,34 @@ sys.path.insert(0, str(REPO))
 
 from lightning_gen.host_sync import CountStepSyncs  # noqa: E402
 
-# (experiment, family): one run per method family, on digits (no download, seconds per run on a GPU)
+# (run, family, overrides): one run per method family, on digits (no download, seconds per run on a GPU)
 FAMILIES = [
-    ("ae_digits", "autoencoder"),
-    ("vae_digits", "variational autoencoder"),
-    ("gan_digits", "GAN (two optimizers, manual optimization)"),
-    ("ddpm_digits", "diffusion"),
-    ("flow_digits", "rectified flow"),
-    ("pixelcnn_digits", "autoregressive"),
-    ("simclr_digits", "contrastive"),
-    ("moco_v2_digits", "contrastive, momentum encoder and queue"),
-    ("cpc_digits", "contrastive predictive coding"),
-    ("byol_digits", "non-contrastive, momentum target"),
-    ("barlow_twins_digits", "redundancy reduction"),
-    ("swav_digits", "clustering (Sinkhorn)"),
-    ("dino_digits", "self-distillation, multi-crop"),
-    ("rotation_digits", "pretext classification"),
-    ("jigsaw_digits", "pretext permutations"),
-    ("colorization_digits", "pretext dense prediction"),
-    ("inpainting_digits", "pretext inpainting (adversarial)"),
-    ("mae_digits", "masked image modelling (ViT)"),
+    ("ae_digits", "autoencoder", []),
+    ("vae_digits", "variational autoencoder", []),
+    ("latent_autoencoder_digits", "latent-diffusion autoencoder (KL, PatchGAN)", []),
+    ("gan_digits", "GAN (two optimizers, manual optimization)", []),
+    ("ddpm_digits", "diffusion, DDPM preset (U-Net)", []),
+    ("flow_digits", "diffusion, rectified-flow preset (U-Net)", []),
+    (
+        "dit_flow_digits",
+        "diffusion transformer (DiT, flow preset)",
+        ["experiment=flow_digits", "method.net=dit"],
+    ),
+    ("pixelcnn_digits", "autoregressive", []),
+    ("simclr_digits", "contrastive", []),
+    ("moco_v2_digits", "contrastive, momentum encoder and queue", []),
+    ("cpc_digits", "contrastive predictive coding", []),
+    ("byol_digits", "non-contrastive, momentum target", []),
+    ("barlow_twins_digits", "redundancy reduction", []),
+    ("swav_digits", "clustering (Sinkhorn)", []),
+    ("dino_digits", "self-distillation, multi-crop", []),
+    ("rotation_digits", "pretext classification", []),
+    ("jigsaw_digits", "pretext permutations", []),
+    ("colorization_digits", "pretext dense prediction", []),
+    ("inpainting_digits", "pretext inpainting (adversarial)", []),
+    ("mae_digits", "masked image modelling (ViT)", []),
 ]
-GENERATORS = {"vae_digits", "gan_digits", "ddpm_digits", "flow_digits", "pixelcnn_digits"}
+GENERATORS = {"vae_digits", "gan_digits", "ddpm_digits", "flow_digits", "dit_flow_digits", "pixelcnn_digits"}
 STEPS = [
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=4",
@@ -125,14 +131,21 @@ def equality(ranks: int, device: str) -> list[str]:
 
 
 def method_runs(out: Path, cpu: bool) -> list[tuple[str, str, list[str]]]:
-    """(experiment, family, overrides) of the ``methods`` stage."""
+    """(run name, family, overrides) of the ``methods`` stage."""
     runs = []
-    for experiment, family in FAMILIES:
-        generator = experiment in GENERATORS
-        overrides = [f"experiment={experiment}", *STEPS, f"runs_dir={out / 'runs'}", "run_id=gpu"]
+    for name, family, chosen in FAMILIES:
+        generator = name in GENERATORS
+        # run_id=gpu: the sampling stage reads runs/ddpm_digits/gpu and runs/flow_digits/gpu
+        run_id = "gpu" if not chosen else f"gpu_{name}"
+        overrides = [
+            *(chosen or [f"experiment={name}"]),
+            *STEPS,
+            f"runs_dir={out / 'runs'}",
+            f"run_id={run_id}",
+        ]
         overrides += FID if generator else []
         overrides += (CPU + (CPU_FID if generator else [])) if cpu else []
-        runs.append((experiment, family, overrides))
+        runs.append((name, family, overrides))
     return runs
 
 
@@ -191,11 +204,11 @@ def run_methods(out: Path, cpu: bool) -> bool:
     from lightning_gen.run import train
 
     print(
-        "| experiment | family | steps | precision | FID | host syncs in step 1 (but the control agreement) | seconds | result |"
+        "| run | family | steps | precision | FID | host syncs in step 1 (but the control agreement) | seconds | result |"
     )
     print("|---|---|---|---|---|---|---|---|")
     passed = True
-    for experiment, family, overrides in method_runs(out, cpu):
+    for name, family, overrides in method_runs(out, cpu):
         started = time.time()
         counting = CountStepSyncs(step=1, stop=False)  # what would wait for the GPU, named (on CPU runs too)
         try:
@@ -209,7 +222,7 @@ def run_methods(out: Path, cpu: bool) -> bool:
                 else None
             )
             problems = ["no optimizer step"] if run.trainer.global_step == 0 else []
-            problems += ["no FID logged"] if experiment in GENERATORS and not fids else []
+            problems += ["no FID logged"] if name in GENERATORS and not fids else []
             problems += [f"host syncs: {'; '.join(map(str, syncs))}"] if syncs else []
             fid = f"{fids[0]:.2f}" if fids else "-"
             cells = f"{run.trainer.global_step} | {run.trainer.precision} | {fid} | {len(syncs or [])}"
@@ -220,7 +233,7 @@ def run_methods(out: Path, cpu: bool) -> bool:
             result = "FAILED: " + " ".join(f"{type(error).__name__}: {error}".split())[:300]
         passed &= not problems
         row = f"{cells} | {time.time() - started:.1f} | {result.replace('|', '/')}"
-        print(f"| {experiment} | {family} | {row} |", flush=True)
+        print(f"| {name} | {family} | {row} |", flush=True)
     return passed
 
 
@@ -251,6 +264,21 @@ def resumed_to_the_end(out: Path) -> bool:
     ok = step == 8  # 2 epochs x trainer.limit_train_batches=4
     print(
         f"| last.ckpt after the resume | global step {step} (8 expected) | | {'passed' if ok else 'FAILED'} |"
+    )
+    return ok
+
+
+def fid_logged(out: Path) -> bool:
+    """The 2-rank DDPM run logged a finite FID (its one chunk of samples shared by both ranks)."""
+    import csv
+    import math
+
+    path = out / "runs" / "ddpm_digits" / "fid2" / "metrics.csv"
+    rows = list(csv.DictReader(path.open())) if path.is_file() else []
+    fids = [float(r[k]) for r in rows for k in r if k.startswith("val/fid_") and "floor" not in k and r[k]]
+    ok = bool(fids) and all(math.isfinite(f) for f in fids)
+    print(
+        f"| FID logged by the 2-rank run | {fids[-1] if fids else 'none'} | | {'passed' if ok else 'FAILED'} |"
     )
     return ok
 
@@ -305,7 +333,8 @@ def main() -> int:
     if gpus < 2 and not args.cpu:
         print(f"nccl: skipped, it needs 2 GPUs ({gpus} here)")
         return 0
-    return 0 if run_commands(nccl_commands(out, args.cpu), out, "nccl") else 1
+    passed = run_commands(nccl_commands(out, args.cpu), out, "nccl")
+    return 0 if passed and fid_logged(out) else 1
 
 
 if __name__ == "__main__":
