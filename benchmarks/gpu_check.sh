@@ -67,7 +67,7 @@ CKPTS=$OUT_DIR/runs
 declare -A COMMAND
 if [ -z "$CPU" ]; then
   COMMAND[overhead]="$PY benchmarks/ssl_throughput.py --steps 20 --warmup 5 --channels-last true"
-  COMMAND[input_pipeline]="$PY benchmarks/input_pipeline.py --gpu --root $OUT_DIR/input_pipeline_data --images 5000 --classes 50 --small 1000 --workers 8 --batch 128 --batches 10"
+  COMMAND[input_pipeline]="$PY benchmarks/input_pipeline.py --gpu --root $OUT_DIR/input_pipeline_data --images 5000 --classes 50 --small 1000 --workers 8 --batch 128 --batches 10 --paths pil_crops folder shards"
   COMMAND[methods]="$PY benchmarks/gpu_runs.py methods --out $OUT_DIR"
   COMMAND[sampling]="$PY benchmarks/sampling.py --ddpm $CKPTS/ddpm_digits/gpu/checkpoints/last.ckpt --flow $CKPTS/flow_digits/gpu/checkpoints/last.ckpt --extractor $EXTRACTOR --ddim-steps 10 50 --flow-steps 10 50 --n 500 --batch 500"
   COMMAND[fsdp]="$PY benchmarks/gpu_runs.py fsdp --out $OUT_DIR"

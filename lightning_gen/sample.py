@@ -40,7 +40,7 @@ def check_range(key: str, value: float) -> None:
     if value < low or (low_open and value == low) or (high is not None and value > high):
         allowed = f"greater than {low}" if low_open else f"at least {low}"
         allowed += f" and at most {high}" if high is not None else ""
-        raise ConfigError(f"lgen sample: {key}={value} is out of range: it must be {allowed}")
+        raise ConfigError(f"lgen sample: {key}={value}: {key} must be {allowed}")
 
 
 def parse(items: list[str]) -> dict:

@@ -62,7 +62,7 @@ BAD_INPUT = [
         "method=autoencoder cannot be built for data=digits (1x24x24 images): the conv encoder needs a "
         "power-of-two image size >= 4, got 24: set data.image_size=16 or 32",
     ),
-    (["sample", "ckpt=last.ckpt", "n=-4"], "lgen sample: n=-4 is out of range: it must be at least 1"),
+    (["sample", "ckpt=last.ckpt", "n=-4"], "lgen sample: n=-4: n must be at least 1"),
     (
         [
             "prepare",
