@@ -69,7 +69,8 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1  # int, list of ids, or "auto"
     num_nodes: int = bounded(1, 1, hint="machines to train on")
-    strategy: str = "auto"  # "auto" becomes ddp when more than one process trains
+    # "auto" becomes ddp when more than one process trains; "fsdp" shards the model (lightning_gen.sharding)
+    strategy: str = "auto"
     # "auto": bf16-mixed on GPUs of compute capability >= 8.0 and bf16-native CPUs, 16-mixed on older GPUs,
     # else 32-true (lightning_gen/precision.py)
     precision: str = "auto"
