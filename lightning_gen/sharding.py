@@ -5,21 +5,22 @@ the model and gathers one block's weights at a time for its forward and backward
 parallelism, as DDP is: each rank trains on its own batch and the gradients are averaged, so the
 losses and gradients equal DDP's and one process's on the same global batch.
 
-- **Units.** Every transformer block (ViT, DiT) and U-Net block (``sharded_block_types``) is gathered and freed on its
-  own; everything else (patch and time embeddings, heads, the online probe) is one unit, the method
-  itself. Momentum, teacher and EMA copies are sharded exactly like the networks they follow, so
-  ``ema_update`` works shard by shard, without communication.
+- **Units.** Every transformer block (ViT, DiT) and U-Net block (``sharded_block_types``) is gathered
+  and freed on its own; everything else (patch and time embeddings, heads, the online probe) is one
+  unit, the method itself. Momentum, teacher and EMA copies are sharded exactly like the networks
+  they follow, so ``ema_update`` works shard by shard, without communication.
 - **Entry points.** FSDP gathers a unit's weights when its ``forward`` runs. A method is not called
   through ``forward``: ``training_step``, ``validation_step``, ``embed``, ``sample``,
   ``images_for_logging`` ... are its entry points (``ENTRY_POINTS``), and each gathers the method's own
   unit. Every rank must run them together, the same number of times (a sharded forward is a
-  collective): the image-grid callback therefore runs on every rank and rank 0 saves.
+  collective): the image-grid callback runs on every rank and rank 0 saves, and the FID callback
+  makes the same number of ``sample()`` calls on every rank.
 - **Checkpoints.** One file, as with any other strategy: the full state is gathered onto rank 0's CPU
-  (parameter by parameter) and written by ``AtomicCheckpointIO``, so resume, ``lgen eval``,
-  ``lgen sample`` and ``lgen export`` read it like any checkpoint, and a checkpoint of a sharded run
-  resumes on the same or another number of processes.
+  (parameter by parameter) and written by ``AtomicCheckpointIO``, the optimizer state numbered as a
+  plain optimizer numbers it; so resume, ``lgen eval``, ``lgen sample`` and ``lgen export`` read it
+  like any checkpoint, and it resumes sharded or under DDP, on the same or another number of processes.
 - **Buffers** are not sharded and, unlike DDP, not re-broadcast from rank 0 before each forward:
-  BatchNorm must be global (``method.global_bn=true``) to stay identical on every rank.
+  BatchNorm must be global (``method.global_bn=true`` or ``trainer.sync_batchnorm=true``).
 
 Lightning's own ``strategy="fsdp"`` (FSDP1) refuses CPUs; this one trains with gloo on CPU processes as
 it does with NCCL on GPUs, which is how it is tested here.
