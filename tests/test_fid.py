@@ -72,11 +72,22 @@ def test_kid_equals_torchmetrics_with_the_same_subsets_and_never_touches_the_glo
 
 
 def tiny_conditional_ddpm():
-    from lightning_gen.methods.generative.ddpm import DDPM, DDPMConfig
+    from lightning_gen.methods.generative.diffusion import Diffusion, DiffusionConfig
 
     torch.manual_seed(0)
-    cfg = DDPMConfig(width=8, mults=[1, 2], timesteps=20, sample_steps=3, sample_eta=1.0, conditional=True)
-    return DDPM(cfg, DataInfo(name="digits", image_size=8, num_classes=3))
+    cfg = DiffusionConfig(  # the ddpm preset's process on a short chain, stochastic DDIM
+        process="vp",
+        prediction="eps",
+        timesteps=20,
+        noise_schedule="linear",
+        width=8,
+        mults=[1, 2],
+        sampler="ddim",
+        sample_steps=3,
+        sample_eta=1.0,
+        conditional=True,
+    )
+    return Diffusion(cfg, DataInfo(name="digits", image_size=8, num_classes=3))
 
 
 def fid_callback(tmp_path, **settings) -> FID:
