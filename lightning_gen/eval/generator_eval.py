@@ -29,7 +29,8 @@ from lightning_gen.eval.gen_metrics import (
     check_metric_names,
     select_metrics,
 )
-from lightning_gen.eval.seeded_sampling import call_ranges, seeded_samples
+from lightning_gen.eval.seeded_sampling import call_ranges, calls_per_rank, seeded_samples
+from lightning_gen.sharding import is_sharded
 
 
 def requested_metrics(
@@ -259,10 +260,17 @@ class GeneratorEvaluation:
         was_training = module.training
         module.eval()
         with torch.autocast(module.device.type, enabled=False):
-            for indices in call_ranges(self.cfg.num_samples, self.cfg.batch_size, world_size, rank):
+            calls = call_ranges(self.cfg.num_samples, self.cfg.batch_size, world_size, rank)
+            for indices in calls:
                 images, labels = seeded_samples(module, indices, self.cfg.seed, **options)
                 parts.append(self.outputs(images, module.device, logits, classifier))
                 asked.append(labels)
+            if is_sharded(module):  # each sample() call is a collective (trainer.strategy=fsdp): a rank
+                # with fewer calls joins the others' last ones with calls whose samples it drops
+                for _ in range(
+                    calls_per_rank(self.cfg.num_samples, self.cfg.batch_size, world_size) - len(calls)
+                ):
+                    module.sample(1, generator=torch.Generator(module.device).manual_seed(self.cfg.seed))
         module.train(was_training)
         conditional = getattr(module, "conditional", False)
         if not parts:  # fewer samples than ranks: an empty share still joins the metrics' sync
