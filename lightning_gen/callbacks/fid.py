@@ -75,6 +75,7 @@ from lightning_gen.eval.gen_metrics import (
     select_metrics,
 )
 from lightning_gen.eval.generator_eval import GeneratorEvaluation, choose_cas_classifier, requested_metrics
+from lightning_gen.methods.base import DataInfo
 from lightning_gen.randomness import isolated
 from lightning_gen.registry import register_callback
 
@@ -127,6 +128,15 @@ def fid_kid_from_shards(
     reference, the same on every rank), synced over ranks when distributed."""
     settings = MetricSettings(kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
     return generative_metrics(real, fake, ["fid", "kid"] if kid else ["fid"], settings, device, seed)
+
+
+def InceptionFeatures(weights_path: str, antialias: bool | None = True) -> FeatureExtractor:  # noqa: N802
+    """The older constructor of the FID InceptionV3 extractor (float images in [0, 1] -> pool3):
+    ``antialias`` true is resize antialias, false legacy, None the default (clean). New code:
+    ``eval.extractors.load_extractor("inception", data_info, settings)``."""
+    resize = "clean" if antialias is None else ("antialias" if antialias else "legacy")
+    settings = ExtractorSettings(inception_path=str(weights_path), resize=resize)
+    return load_extractor("inception", DataInfo(name="", image_size=299, channels=3), settings)[0]
 
 
 @register_callback("fid", FIDConfig)

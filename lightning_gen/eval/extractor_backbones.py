@@ -17,6 +17,20 @@ from lightning_gen.config import ConfigError, did_you_mean
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+class BareBackbone(nn.Module):
+    """Any module mapping float images in [0, 1] to features (``num_features``), at any size: no resizing."""
+
+    input_size = channels = None
+    num_classes = 0
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.num_features = net, net.num_features
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x / 255)
+
+
 class DomainBackbone(nn.Module):
     """The domain extractor: a conv net's pooled features and its linear classifier."""
 

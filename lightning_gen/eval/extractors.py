@@ -145,6 +145,8 @@ class FeatureExtractor(nn.Module):
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = quantize(images)
         channels = self.backbone.channels
+        if channels is None:  # a bare module: any size, any channels
+            return x
         if x.shape[1] != channels:
             if x.shape[1] != 1 or channels != 3:
                 raise ConfigError(

@@ -18,9 +18,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_gen.config import ConfigError
-from lightning_gen.eval.extractor_backbones import DomainBackbone
+from lightning_gen.eval.extractor_backbones import BareBackbone, DomainBackbone
 from lightning_gen.eval.extractors import DOMAIN_DATASETS, ExtractorSettings, FeatureExtractor
 from lightning_gen.eval.features import Features, sharded_features
+from lightning_gen.eval.fid_extractor import DomainFeatureNet
 from lightning_gen.eval.gen_metrics import (
     Inputs,
     MetricSettings,
@@ -143,9 +144,11 @@ class GeneratorEvaluation:
         """Measure with ``extractor`` (a FeatureExtractor, or a bare domain network, as tests pass),
         named ``name`` in the metric keys; choose the metrics it, the model and the reference allow
         (``real`` False: a reference of mean and covariance only)."""
-        if not isinstance(extractor, FeatureExtractor):
-            provenance = {"extractor": "domain", "name": name, "weights": None, "weights_sha256": None}
-            extractor = FeatureExtractor(DomainBackbone(extractor), self.settings.resize, provenance)
+        if not isinstance(extractor, FeatureExtractor):  # a network in memory (tests): no weights file
+            kind = "domain" if isinstance(extractor, DomainFeatureNet) else "module"
+            backbone = DomainBackbone(extractor) if kind == "domain" else BareBackbone(extractor)
+            provenance = {"extractor": kind, "name": name, "weights": None, "weights_sha256": None}
+            extractor = FeatureExtractor(backbone, self.settings.resize, provenance)
         self.extractor, self.classifier = extractor, classifier
         self.name = name or extractor.name
         sha = extractor.provenance.get("weights_sha256") or "memory"
