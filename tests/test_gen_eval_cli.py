@@ -32,13 +32,13 @@ ENV = lgen_env(OMP_NUM_THREADS="1")
 N = 40  # generated images per evaluation
 
 
-def random_extractor(path: Path) -> Path:
+def random_extractor(path: Path, seed: int = 3) -> Path:
     """A fixed random conv net at 16 px in the domain extractor's file format (He-initialised, so its
     features keep their scale and the nearest-neighbour metrics are not all 0 or 1)."""
     from lightning_gen.eval.fid_extractor import DomainFeatureNet, save_extractor
     from lightning_gen.methods.base import DataInfo
 
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     net = DomainFeatureNet(1, 16, 10, width=8)
     for module in net.modules():
         if isinstance(module, nn.Conv2d):
@@ -237,6 +237,17 @@ def test_image_files_statistics_files_and_the_pytorch_fid_layout(run, capsys, tm
     )
     assert read_back["results"]["fid_digits"] == pytest.approx(folder["results"]["fid_digits"], rel=1e-9)
     assert set(read_back["metrics"]) == {"fid", "is"} and "real features" in read_back["skipped"]["prdc"]
+
+    other = random_extractor(tmp_path / "other_extractor.pt", seed=4)  # same architecture, other weights
+    for args, message in (
+        (["extractor=inception"], "holds statistics of the domain extractor, not inception"),
+        ([f"domain_extractor_path={other}"], "was measured with other digits weights"),
+        (["resize=legacy", f"domain_extractor_path={run['extractor']}"], "was measured with resize=clean"),
+    ):
+        code, err = lgen_main(
+            capsys, tmp_path, "eval", "gen", f"fake={fake_dir}", f"real={tmp_path / 'stats.npz'}", *args
+        )
+        assert code == 2 and message in err, err
 
     np.savez(tmp_path / "pytorch_fid.npz", mu=real.mean(0), sigma=np.cov(real, rowvar=False))  # nothing else
     foreign = gen(f"fake={fake_dir}", f"real={tmp_path / 'pytorch_fid.npz'}", *common[:2], "metrics=[fid]")
