@@ -47,6 +47,8 @@ def test_precision_recall_density_coverage_k1_by_hand():
     assert got["density"] == 1.0  # (2 balls + 0) / (k M = 2)
     assert got["recall"] == 1.0  # every real is within 9.5 of the sample 0.5
     assert got["coverage"] == 0.4  # only the balls of 0 and 1 hold a sample
+    # balls are closed: a sample exactly 1 from the real 4 (its ball's radius) is inside it
+    assert prdc(line(0, 1, 2, 3, 4), line(5, 10), k=1)["precision"] == 0.5
 
 
 def test_precision_recall_density_coverage_k3_by_hand():

@@ -171,9 +171,8 @@ class Memorization(GenerativeMetric):
             )
         train = features.to(self.device, torch.float64)
         nearest = k_smallest(held_out.to(self.device, torch.float64), train, 1)[:, 0]
-        threshold = torch.quantile(
-            nearest, self.percentile / 100
-        )  # linear interpolation between order statistics
+        # linear interpolation between order statistics
+        threshold = torch.quantile(nearest, self.percentile / 100)
         self.reference = (train, threshold)
 
     def update(self, fake, labels=None, logits=None, classifier_logits=None) -> None:
