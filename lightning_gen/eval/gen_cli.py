@@ -177,38 +177,15 @@ def check_statistics(reference: Statistics, extractor, image_size: int) -> None:
         )
 
 
-def run_gen(cfg, data_overrides: list[str]) -> dict:
-    """``lgen eval gen``: returns the JSON payload it wrote."""
-    from lightning_gen.eval.wandb_run import run_dir_of_checkpoint
-    from lightning_gen.methods.base import DataInfo
-
-    g: GenEvalConfig = cfg.gen
-    started, device = time.time(), device_of(cfg.device)
-    if bool(cfg.ckpt) == bool(g.fake):
-        raise ConfigError(
-            "lgen eval gen needs ckpt=PATH (samples of a generator) or fake=DIR|NPZ (images), not both"
-        )
-    options = {k: getattr(g, k) for k in SAMPLING_OPTIONS if getattr(g, k) is not None}
-    if options and not cfg.ckpt:
-        raise ConfigError(f"sampling options ({', '.join(options)}) apply to ckpt=, not to fake= images")
-    method, fake, run_dir, datamodule = None, None, None, None
-    if cfg.ckpt:
+def open_reference(cfg, method, run_dir, image_size: int, data_overrides: list[str]):
+    """(reference images or statistics, held-out images or None, the reference's DataModule or None):
+    ``real=``, else the checkpoint's own data, train split. A dataset's train split as reference brings
+    its ``held_out`` split (memorisation's threshold, the real-vs-real floor)."""
+    g = cfg.gen
+    datamodule, real_split = None, None
+    if g.real is None:
         from lightning_gen.eval.cli import build_data
 
-        method = load_generator(cfg.ckpt, options)
-        run_dir = run_dir_of_checkpoint(cfg.ckpt)
-        image_size, num_fake, fake_name = method.data_info.image_size, g.n, f"{g.n} samples of {cfg.ckpt}"
-        conditional = getattr(method, "conditional", False)
-    else:
-        fake = open_images(g.fake, "fake")
-        if isinstance(fake, Statistics):
-            raise ConfigError(f"fake={g.fake} holds statistics (mu, sigma): fake= takes images")
-        image_size, num_fake, fake_name = fake.image_size, len(fake), fake.description
-        conditional = fake.labels is not None
-
-    # the reference, and the held-out split of a dataset reference
-    real_split = None
-    if g.real is None:
         if method is None:
             raise ConfigError(
                 "fake= images need a reference: real=DIR|NPZ|<dataset>:<split>, e.g. real=fashion_mnist:test"
@@ -223,6 +200,37 @@ def run_gen(cfg, data_overrides: list[str]) -> dict:
     held_out = None
     if datamodule is not None and real_split == "train" and g.held_out:
         held_out = DatasetImages(datamodule, g.held_out)
+    return reference, held_out, datamodule
+
+
+def run_gen(cfg, data_overrides: list[str]) -> dict:
+    """``lgen eval gen``: returns the JSON payload it wrote."""
+    from lightning_gen.eval.wandb_run import run_dir_of_checkpoint
+    from lightning_gen.methods.base import DataInfo
+
+    g: GenEvalConfig = cfg.gen
+    started, device = time.time(), device_of(cfg.device)
+    if bool(cfg.ckpt) == bool(g.fake):
+        raise ConfigError(
+            "lgen eval gen needs ckpt=PATH (samples of a generator) or fake=DIR|NPZ (images), not both"
+        )
+    options = {k: getattr(g, k) for k in SAMPLING_OPTIONS if getattr(g, k) is not None}
+    if options and not cfg.ckpt:
+        raise ConfigError(f"sampling options ({', '.join(options)}) apply to ckpt=, not to fake= images")
+    method, fake, run_dir = None, None, None
+    if cfg.ckpt:
+        method = load_generator(cfg.ckpt, options)
+        run_dir = run_dir_of_checkpoint(cfg.ckpt)
+        image_size, num_fake, fake_name = method.data_info.image_size, g.n, f"{g.n} samples of {cfg.ckpt}"
+        conditional = getattr(method, "conditional", False)
+    else:
+        fake = open_images(g.fake, "fake")
+        if isinstance(fake, Statistics):
+            raise ConfigError(f"fake={g.fake} holds statistics (mu, sigma): fake= takes images")
+        image_size, num_fake, fake_name = fake.image_size, len(fake), fake.description
+        conditional = fake.labels is not None
+
+    reference, held_out, datamodule = open_reference(cfg, method, run_dir, image_size, data_overrides)
     if method is not None:
         info = method.data_info
     else:  # what the images are of: data=, the reference dataset, or the statistics file's data
