@@ -53,9 +53,10 @@ from lightning_gen.callbacks import CallbackConfig
 from lightning_gen.config import ConfigError, bounded, choice
 from lightning_gen.eval.features import Features, sharded_features
 from lightning_gen.eval.gen_metrics import build_metrics, check_metric_names, fid_of, generative_metrics
-from lightning_gen.eval.seeded_sampling import call_ranges, seeded_samples
+from lightning_gen.eval.seeded_sampling import call_ranges, calls_per_rank, seeded_samples
 from lightning_gen.randomness import isolated
 from lightning_gen.registry import register_callback
+from lightning_gen.sharding import is_sharded
 
 DOMAIN_DATASETS = ("digits", "mnist", "fashion_mnist")
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -324,10 +325,17 @@ class FID(L.Callback):
         was_training = module.training
         module.eval()
         with torch.autocast(module.device.type, enabled=False):
-            for indices in call_ranges(self.cfg.num_samples, self.cfg.batch_size, world_size, rank):
+            calls = call_ranges(self.cfg.num_samples, self.cfg.batch_size, world_size, rank)
+            for indices in calls:
                 images, asked = seeded_samples(module, indices, self.cfg.seed)
                 feats.append(self.features(images, module.device))
                 labels.append(asked)
+            if is_sharded(module):  # each sample() call is a collective (trainer.strategy=fsdp): a rank
+                # with fewer calls joins the others' last ones with calls whose samples it drops
+                for _ in range(
+                    calls_per_rank(self.cfg.num_samples, self.cfg.batch_size, world_size) - len(calls)
+                ):
+                    module.sample(1, generator=torch.Generator(module.device).manual_seed(self.cfg.seed))
         module.train(was_training)
         if not feats:  # fewer samples than ranks: an empty share still joins the metrics' sync
             empty = torch.zeros(0, self.extractor.num_features, dtype=torch.float64, device=module.device)

@@ -177,12 +177,18 @@ class ChunkSeededDraws(TorchFunctionMode):
         return draw
 
 
+def calls_per_rank(n: int, batch_size: int, world: int) -> int:
+    """The ``sample()`` calls the largest share of ``n`` samples over ``world`` ranks needs at ``batch_size``."""
+    return max(1, math.ceil(math.ceil(n / world) / batch_size))
+
+
 def call_ranges(n: int, batch_size: int, world: int | None = None, rank: int | None = None) -> list[range]:
     """This rank's samples in calls: its balanced share split into as many calls as the largest
-    share needs at ``batch_size`` (the same number on every rank), as evenly as possible."""
+    share needs at ``batch_size`` (``calls_per_rank``), as evenly as possible; a share smaller than
+    that (fewer samples than ranks, or one sample per call) leaves out its empty calls."""
     world = distributed.world_size() if world is None else world
     share = distributed.balanced_range(n, world, rank)
-    calls = max(1, math.ceil(math.ceil(n / world) / batch_size))
+    calls = calls_per_rank(n, batch_size, world)
     pieces = distributed.balanced_range
     ranges = [
         range(share.start + p.start, share.start + p.stop)
