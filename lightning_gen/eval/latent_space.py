@@ -238,7 +238,7 @@ def traverse(method, space: LatentSpace, opts: dict) -> dict:
         "images": decode_grid(space, latents, labels),
         "title": f"{method.registry_name}: one latent index per row set to each value, the others at {where}",
         "row_labels": [f"z[{d}]" for d in dims],
-        "column_labels": [f"{v:+.2g}" for v in values.tolist()],
+        "column_labels": [f"{v:+.3g}" for v in values.tolist()],
         "record": {"dims": dims, "values": values.tolist(), "base": base_kind, "base_is": where},
     }
 
