@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from lightning_gen.eval.latent_space import slerp
 from lightning_gen.eval.nearest import NearestNeighbours
 from lightning_gen.losses import elbo
 from lightning_gen.methods.base import load_method
+from lightning_gen.randomness import isolated
 
 DDPM = Path(__file__).parent / "data" / "legacy_ddpm_cfg.pt"
 SMALL = [
@@ -67,13 +69,16 @@ TRAIN = {
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     runs = tmp_path_factory.mktemp("runs")
-    threads = torch.get_num_threads()
+    threads, environment = torch.get_num_threads(), dict(os.environ)
     torch.set_num_threads(1)  # tiny tensors: a second thread only contends on a shared machine
-    try:
-        for overrides in TRAIN.values():
-            assert lgen_main(["train", *overrides, *SMALL, f"runs_dir={runs}", "run_id=t"]) == 0
+    try:  # in this process (a subprocess each costs more than the training); nothing of it leaks out:
+        with isolated():  # the random streams seed_everything sets, and the variables it exports
+            for overrides in TRAIN.values():
+                assert lgen_main(["train", *overrides, *SMALL, f"runs_dir={runs}", "run_id=t"]) == 0
     finally:
         torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(environment)
     found = {
         name: runs / f"{TRAIN[name][0].split('=')[1]}" / "t" / "checkpoints" / "last.ckpt" for name in TRAIN
     }
@@ -92,7 +97,15 @@ def extractor_cache(tmp_path_factory, monkeypatch):
     if not path.is_file():
         torch.manual_seed(0)
         save_extractor(DomainFeatureNet(1, 8, 10, 4), DataInfo(name="digits", image_size=8), 4, 0.0, path)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: a second thread only contends on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def lgen(args: list[str]) -> int:
+    """The CLI in this process, on the CPU whatever the machine has: the checks compute on the CPU too."""
+    return lgen_main([*args, "device=cpu"])
 
 
 def digits(split: str) -> torch.Tensor:
@@ -149,15 +162,17 @@ def test_chunked_search_is_exact_and_a_training_image_is_its_own_nearest_at_dist
 
 
 def test_lgen_sample_nearest_grid_holds_the_true_nearest_training_images(ckpts, tmp_path):
-    from lightning_gen.eval.fid_extractor import default_path, load_extractor
+    from lightning_gen.eval.nearest import feature_extractor
 
     out = tmp_path / "s.png"
-    assert lgen_main(["sample", f"ckpt={ckpts['vae']}", "n=4", "nearest=3", f"out={out}"]) == 0
+    assert lgen(["sample", f"ckpt={ckpts['vae']}", "n=4", "nearest=3", f"out={out}"]) == 0
     record = json.loads((tmp_path / "s_nearest.json").read_text())
     assert record["train_images"] == len(train := digits("train")) and record["k"] == 3
     method = load_method(str(ckpts["vae"]))
     samples = method.sample(4, generator=torch.Generator().manual_seed(0))  # what lgen sample drew
-    extractor, _ = load_extractor(default_path("digits", 8))
+    extractor, _ = feature_extractor(
+        "auto", method.data_info, []
+    )  # the network; the search is what is checked
     real = train.float() / 255
     with torch.no_grad():
         spaces = {
@@ -207,7 +222,7 @@ def test_lgen_sample_interpolates_vae_latents_and_diffusion_noise(ckpts, tmp_pat
     for name, extra in (("vae", []), ("diffusion", ["steps=3"])):
         out = tmp_path / f"{name}.png"
         args = ["sample", f"ckpt={ckpts[name]}", "interpolate=5", "n=3", f"out={out}", *extra]
-        assert lgen_main(args) == 0
+        assert lgen(args) == 0
         record = json.loads(out.with_suffix(".json").read_text())
         saved = torch.load(out.with_suffix(".pt"))
         method = load_method(str(ckpts[name]))
@@ -229,7 +244,7 @@ def test_lgen_sample_interpolates_vae_latents_and_diffusion_noise(ckpts, tmp_pat
 def test_lgen_sample_traversal_rows_vary_only_their_dimension(ckpts, tmp_path):
     out = tmp_path / "tr.png"
     args = ["sample", f"ckpt={ckpts['vae']}", "traverse=0,2", "base=posterior", "image=3", f"out={out}"]
-    assert lgen_main(args) == 0
+    assert lgen(args) == 0
     saved, record = torch.load(out.with_suffix(".pt")), json.loads(out.with_suffix(".json").read_text())
     method = load_method(str(ckpts["vae"]))
     with torch.no_grad():
@@ -248,8 +263,7 @@ def test_lgen_sample_traversal_rows_vary_only_their_dimension(ckpts, tmp_path):
     # the latent autoencoder: a flat index of its C x H/f x W/f latent, around a test image's latent
     out = tmp_path / "ae.png"
     assert (
-        lgen_main(["sample", f"ckpt={ckpts['latent_autoencoder']}", "traverse=5", "points=3", f"out={out}"])
-        == 0
+        lgen(["sample", f"ckpt={ckpts['latent_autoencoder']}", "traverse=5", "points=3", f"out={out}"]) == 0
     )
     latents = torch.load(out.with_suffix(".pt"))["latents"].flatten(2)  # (1, 3, 32)
     autoencoder = load_method(str(ckpts["latent_autoencoder"]))
@@ -258,10 +272,7 @@ def test_lgen_sample_traversal_rows_vary_only_their_dimension(ckpts, tmp_path):
     assert torch.allclose(latents[0][:, keep], base[keep].expand(3, -1), atol=1e-6)
     assert latents[0][:, 5].tolist() == [-3.0, 0.0, 3.0]
     out = tmp_path / "ae_path.png"
-    assert (
-        lgen_main(["sample", f"ckpt={ckpts['latent_autoencoder']}", "interpolate=3", "n=2", f"out={out}"])
-        == 0
-    )
+    assert lgen(["sample", f"ckpt={ckpts['latent_autoencoder']}", "interpolate=3", "n=2", f"out={out}"]) == 0
     record, latents = (
         json.loads(out.with_suffix(".json").read_text()),
         torch.load(out.with_suffix(".pt"))["latents"],
@@ -303,8 +314,7 @@ def test_lgen_eval_nll_iwae_elbo_ranking_and_grid(ckpts, tmp_path):
     for k in (1, 16):
         out = tmp_path / f"k{k}"
         assert (
-            lgen_main(["eval", "nll", f"ckpt={vae}", f"k={k}", "n=40", "show=4", f"out={out}", "wandb=false"])
-            == 0
+            lgen(["eval", "nll", f"ckpt={vae}", f"k={k}", "n=40", "show=4", f"out={out}", "wandb=false"]) == 0
         )
         results[k] = json.loads((out / "nll.json").read_text())
     one, many = results[1], results[16]
@@ -347,7 +357,7 @@ def test_lgen_eval_nll_iwae_elbo_ranking_and_grid(ckpts, tmp_path):
 
     out = tmp_path / "pixelcnn"  # exact likelihood; the same numbers as lgen eval bpd (one implementation)
     args = [f"ckpt={ckpts['pixelcnn']}", "n=10", f"out={out}", "wandb=false"]
-    assert lgen_main(["eval", "nll", *args]) == 0 and lgen_main(["eval", "bpd", *args]) == 0
+    assert lgen(["eval", "nll", *args]) == 0 and lgen(["eval", "bpd", *args]) == 0
     nll_record, bpd_record = (
         json.loads((out / "nll.json").read_text()),
         json.loads((out / "bpd.json").read_text()),
@@ -378,6 +388,6 @@ def test_bad_input_is_one_error_line_and_creates_nothing(ckpts, tmp_path, capsys
     out = tmp_path / "out"
     args = [a.format(**{k: f"ckpt={v}" for k, v in ckpts.items()}) for a in args]
     place = [f"out={out}"] if args[0] == "eval" else [f"out={out}.png"]
-    assert lgen_main([*args, *place]) == 2
+    assert lgen([*args, *place]) == 2
     assert message in one_error_line(capsys)
     assert list(tmp_path.iterdir()) == []
