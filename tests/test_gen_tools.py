@@ -218,6 +218,20 @@ def test_slerp_keeps_its_endpoints_and_the_norm_of_the_arc():
     assert torch.allclose(slerp(z0, 2 * z0, t)[:, 3], 1.5 * z0)  # parallel ends: the straight line
 
 
+def test_generators_decode_the_noise_they_are_given_as_they_decode_their_own_draws(ckpts):
+    from lightning_gen.methods.base import DataInfo
+    from lightning_gen.methods.generative.gan import GAN
+
+    tiny = ["method=gan", "data=digits", "method.g_width=8", "method.d_width=8", "method.z_dim=8"]
+    gan = GAN(section_object(compose(tiny).method), DataInfo(name="digits", image_size=8)).eval()
+    models = {"gan": (gan, {}), "vae": (load_method(str(ckpts["vae"])), {})}
+    models["diffusion"] = (load_method(str(DDPM)), {"sampler": "ddim", "steps": 3, "eta": 0.0, "cond": 4})
+    for name, (model, options) in models.items():
+        drawn = torch.randn(3, *model.noise_shape, generator=torch.Generator().manual_seed(1))
+        own = model.sample(3, generator=torch.Generator().manual_seed(1), **options)
+        assert torch.equal(model.sample(3, noise=drawn, **options), own), name
+
+
 def test_lgen_sample_interpolates_vae_latents_and_diffusion_noise(ckpts, tmp_path):
     for name, extra in (("vae", []), ("diffusion", ["steps=3"])):
         out = tmp_path / f"{name}.png"
