@@ -6,6 +6,7 @@
     lgen eval cluster  ckpt=... data=cifar10 data.root=/datasets
     lgen eval all      ckpt=...                       all four, features extracted once
     lgen eval bpd      ckpt=... split=test n=1000     bits/dim of a likelihood model (eval/likelihood.py)
+    lgen eval nll      ckpt=... k=64                  the same per image, ranked: most/least likely grid (eval/nll.py)
     lgen eval recon    ckpt=...                       an autoencoder's reconstruction MSE, PSNR and FID
 
 Arguments are key=value. The data is the run's own (its config.yaml next to checkpoints/) unless
@@ -35,11 +36,12 @@ from lightning_gen.eval.features import Features, require_embed, split_features
 from lightning_gen.eval.finetune import FinetuneConfig, balanced_subset, finetune
 from lightning_gen.eval.knn import KNNConfig, check_k, knn_accuracy
 from lightning_gen.eval.likelihood import LikelihoodConfig
+from lightning_gen.eval.nll import NLLConfig
 from lightning_gen.eval.probe import ProbeConfig, linear_probe
 from lightning_gen.eval.recon import ReconConfig
 
 COMMANDS = ("probe", "knn", "finetune", "cluster")  # the representation evaluations `all` runs
-SECTIONS = (*COMMANDS, "recon", "bpd")  # every command with its own settings section
+SECTIONS = (*COMMANDS, "recon", "bpd", "nll")  # every command with its own settings section
 
 
 @dataclass
@@ -58,11 +60,12 @@ class EvalConfig:
     cluster: KMeansConfig = field(default_factory=KMeansConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
     bpd: LikelihoodConfig = field(default_factory=LikelihoodConfig)
+    nll: NLLConfig = field(default_factory=NLLConfig)
 
 
 def add_arguments(parser) -> None:
     parser.add_argument(
-        "protocol", choices=[*COMMANDS, "all", "recon", "bpd"], help="which evaluation to run"
+        "protocol", choices=[*COMMANDS, "all", "recon", "bpd", "nll"], help="which evaluation to run"
     )
     parser.add_argument("overrides", nargs="*", help="ckpt=PATH (required), data=NAME, data.KEY=V, KEY=VALUE")
 
@@ -264,6 +267,11 @@ def main(args) -> int:
             from lightning_gen.eval import likelihood
 
             likelihood.run(cfg, data_overrides)
+            return 0
+        if args.protocol == "nll":
+            from lightning_gen.eval import nll
+
+            nll.run(cfg, data_overrides)
             return 0
         evaluation = Evaluation(cfg, data_overrides)
         protocols = COMMANDS if args.protocol == "all" else (args.protocol,)
