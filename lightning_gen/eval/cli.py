@@ -6,6 +6,7 @@
     lgen eval cluster  ckpt=... data=cifar10 data.root=/datasets
     lgen eval all      ckpt=...                       all four, features extracted once
     lgen eval bpd      ckpt=... split=test n=1000     bits/dim of a likelihood model (eval/likelihood.py)
+    lgen eval nll      ckpt=... k=64                  the same per image, ranked: most/least likely grid (eval/nll.py)
     lgen eval recon    ckpt=...                       an autoencoder's reconstruction MSE, PSNR and FID
     lgen eval gen      ckpt=... | fake=DIR|NPZ real=DIR|NPZ|<data>:<split>   a generator's metrics (eval/gen_cli.py)
     lgen eval stats    data=fashion_mnist split=test out=stats.npz          reference statistics (.npz)
@@ -38,11 +39,12 @@ from lightning_gen.eval.finetune import FinetuneConfig, balanced_subset, finetun
 from lightning_gen.eval.gen_cli import GenEvalConfig, StatsConfig
 from lightning_gen.eval.knn import KNNConfig, check_k, knn_accuracy
 from lightning_gen.eval.likelihood import LikelihoodConfig
+from lightning_gen.eval.nll import NLLConfig
 from lightning_gen.eval.probe import ProbeConfig, linear_probe
 from lightning_gen.eval.recon import ReconConfig
 
 COMMANDS = ("probe", "knn", "finetune", "cluster")  # the representation evaluations `all` runs
-SECTIONS = (*COMMANDS, "recon", "bpd", "gen", "stats")  # every command with its own settings section
+SECTIONS = (*COMMANDS, "recon", "bpd", "nll", "gen", "stats")  # every command with its own settings section
 WITHOUT_CKPT = ("gen", "stats")  # commands that may run without ckpt= (gen: fake=; stats: data=)
 
 
@@ -62,13 +64,16 @@ class EvalConfig:
     cluster: KMeansConfig = field(default_factory=KMeansConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
     bpd: LikelihoodConfig = field(default_factory=LikelihoodConfig)
+    nll: NLLConfig = field(default_factory=NLLConfig)
     gen: GenEvalConfig = field(default_factory=GenEvalConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
 
 
 def add_arguments(parser) -> None:
     parser.add_argument(
-        "protocol", choices=[*COMMANDS, "all", "recon", "bpd", "gen", "stats"], help="which evaluation to run"
+        "protocol",
+        choices=[*COMMANDS, "all", "recon", "bpd", "nll", "gen", "stats"],
+        help="which evaluation to run",
     )
     parser.add_argument("overrides", nargs="*", help="ckpt=PATH (required), data=NAME, data.KEY=V, KEY=VALUE")
 
@@ -270,6 +275,11 @@ def main(args) -> int:
             from lightning_gen.eval import likelihood
 
             likelihood.run(cfg, data_overrides)
+            return 0
+        if args.protocol == "nll":
+            from lightning_gen.eval import nll
+
+            nll.run(cfg, data_overrides)
             return 0
         if args.protocol in WITHOUT_CKPT:
             from lightning_gen.eval import gen_cli
