@@ -19,7 +19,9 @@ Every number comes from a command this script runs (in this process) and prints:
   choice of its threshold) or n training images (a model that copies its training set: memorisation
   1), with their labels, so that per-class FID and CAS read as the classifier sees real images;
 - grids (``--grids DIR``): ``lgen sample ckpt=<best or worst> n=8 nearest=8`` writes the samples beside
-  their nearest training images in pixel and feature space, as ``DIR/fashion_mnist_nearest_<experiment>.png``.
+  their nearest training images in pixel and feature space, as ``DIR/<experiment>_samples_nearest.png``
+  (with the samples alone in ``DIR/<experiment>_samples.png``); the grids' features are ``lgen sample``'s
+  extractor (``auto``, ``domain`` or ``inception``, from its usual places).
 
 ``--extractor`` / ``--domain-extractor-path`` choose the features (default: the Fashion-MNIST domain
 extractor at the checkpoints' resolution, built on first use). The checkpoints must share one dataset
@@ -175,10 +177,19 @@ def main() -> int:
                 "\n[grids] lgen sample nearest= is not in this version of lightning_gen: no nearest-neighbour grids"
             )
         else:
+            Path(args.grids).mkdir(parents=True, exist_ok=True)
             for experiment in dict.fromkeys([ranked[0], ranked[-1]]):
                 ckpt = next(p for p in args.checkpoints if Path(p).resolve().parents[2].name == experiment)
-                grid = Path(args.grids) / f"fashion_mnist_nearest_{experiment}.png"
-                run("sample", f"ckpt={ckpt}", "n=8", "nearest=8", f"seed={args.seed}", f"out={grid}")
+                grid = Path(args.grids) / f"{experiment}_samples.png"  # and <...>_samples_nearest.png
+                run(
+                    "sample",
+                    f"ckpt={ckpt}",
+                    "n=8",
+                    "nearest=8",
+                    f"extractor={args.extractor}",
+                    f"seed={args.seed}",
+                    f"out={grid}",
+                )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
