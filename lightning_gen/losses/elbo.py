@@ -34,6 +34,7 @@ def log_normal(
     return (-0.5 * (LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar))).expand_as(z).flatten(1).sum(1)
 
 
+@full_precision
 def importance_weighted_bound(log_weights: torch.Tensor) -> torch.Tensor:
     """log 1/k sum_j w_j from log w (k, N), per sample (N,): the IWAE estimate of log p(x), computed
     stably in float64 (log w of images are thousands of nats)."""
