@@ -78,11 +78,20 @@ def main() -> None:
     print(f"Work per rank, num_samples {args.num_samples}, batch_size {args.batch_size}:\n")
     print(balance_table(args.num_samples, args.batch_size))
 
-    from lightning_gen.methods.generative.ddpm import DDPM, DDPMConfig
+    from lightning_gen.methods.generative.diffusion import Diffusion, DiffusionConfig
 
     torch.manual_seed(0)
-    cfg = DDPMConfig(width=args.width, sample_steps=args.steps, sample_eta=1.0)
-    model = DDPM(cfg, DataInfo(name="digits", image_size=16, num_classes=10)).to(device).eval()
+    cfg = DiffusionConfig(  # the ddpm preset: VP on the discrete chain, eps, stochastic DDIM
+        process="vp",
+        prediction="eps",
+        timesteps=1000,
+        noise_schedule="linear",
+        width=args.width,
+        sampler="ddim",
+        sample_steps=args.steps,
+        sample_eta=1.0,
+    )
+    model = Diffusion(cfg, DataInfo(name="digits", image_size=16, num_classes=10)).to(device).eval()
     times = best_times(
         {
             "plain": lambda: model.sample(args.n, generator=torch.Generator(device).manual_seed(0)),

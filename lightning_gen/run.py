@@ -132,7 +132,14 @@ def build_datamodule(cfg: DictConfig):
 
 
 def build_method(cfg: DictConfig, datamodule) -> Method:
-    method = registry.build("method", section_object(cfg.method), data=datamodule.info)
+    info = datamodule.info
+    try:
+        method = registry.build("method", section_object(cfg.method), data=info)
+    except ValueError as error:  # built from the config alone: a network that cannot take this data's images
+        raise ConfigError(
+            f"method={cfg.method.name} cannot be built for data={cfg.data.name} "
+            f"({info.channels}x{info.image_size}x{info.image_size} images): {error}"
+        ) from error
     if cfg.trainer.channels_last:
         method = method.to(memory_format=torch.channels_last)
     if cfg.trainer.compile:
@@ -259,6 +266,13 @@ def build_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None) -
     return loggers
 
 
+def build_strategy(name: str):
+    """``fsdp`` is FSDP2 sharding (``lightning_gen.sharding``, CPU and GPU); other names go to Lightning."""
+    from lightning_gen.sharding import STRATEGY_NAME, FullyShardedStrategy
+
+    return FullyShardedStrategy() if name == STRATEGY_NAME else name
+
+
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path) -> L.Trainer:
     t = cfg.trainer
     kwargs = {
@@ -295,7 +309,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path
     try:
         trainer = L.Trainer(
             **kwargs,
-            strategy=t.strategy,
+            strategy=build_strategy(t.strategy),
             precision=precision,
             callbacks=callbacks,
             logger=loggers or False,
@@ -303,7 +317,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path
             plugins=plugins,
         )
     except (ValueError, MisconfigurationException) as error:
-        # e.g. strategy=fsdp on CPU, accelerator=gpu without a GPU: Lightning's reason, in our config's words
+        # e.g. accelerator=gpu without a GPU, 16-mixed with fsdp: Lightning's reason, in our config's words
         chosen = {
             "accelerator": t.accelerator,
             "devices": kwargs["devices"],
@@ -337,20 +351,22 @@ def save_run_files(cfg: DictConfig, run_dir: Path, loggers: list) -> None:
 
 
 def preflight(cfg: DictConfig, datamodule, method: Method, callbacks: list) -> None:
-    """What would otherwise fail once the run has started: the dataset's files (downloaded now when
-    ``data.download=true``), and each callback's own checks against the method (``preflight(method)``)."""
+    """What would otherwise fail once the run has started: the dataset's download (``data.download=true``;
+    without it ``train`` checked the files first of all), and each callback's own checks against the
+    method (``preflight(method)``)."""
     if cfg.data.download and rank_zero_only.rank == 0:
         datamodule.prepare_data()  # global rank 0 only, as Lightning does; then its prepare_data finds the files
-    elif not cfg.data.download:
-        datamodule.check_files()
     for callback in callbacks:
         check = getattr(callback, "preflight", None)
         if check is not None:
             check(method)
 
 
-def train(cfg: DictConfig) -> Run:
-    """Train the experiment ``cfg`` (from ``config.compose``) and return what was built."""
+def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> Run:
+    """Train the experiment ``cfg`` (from ``config.compose``) and return what was built.
+
+    ``extra_callbacks`` (benchmarks, notebooks) run before the run's own, in the order given; one with an
+    ``install(trainer)`` method places itself once the Trainer is built."""
     silence_library_notices()
     settled = settle_run(cfg)
     run_id, ckpt_path = settled["run_id"], settled["resume"]
@@ -364,9 +380,17 @@ def train(cfg: DictConfig) -> Run:
         # Everything is built and checked before anything is written: a run that fails here leaves no
         # run directory and no W&B run behind (a later run with the same id starts clean).
         datamodule = build_datamodule(cfg)
+        if not cfg.data.download:  # a missing dataset is named before anything is built from its settings
+            datamodule.check_files()
         method = build_method(cfg, datamodule)
+        if cfg.trainer.strategy == "fsdp":
+            from lightning_gen.sharding import unsupported_reason
+
+            reason = unsupported_reason(method, cfg.trainer.sync_batchnorm or not _multi_process(cfg))
+            if reason:
+                raise ConfigError(f"trainer.strategy=fsdp: {reason}")
         validates = cfg.trainer.limit_val_batches != 0
-        callbacks = build_callbacks(cfg, method, run_dir, validates)
+        callbacks = [*extra_callbacks, *build_callbacks(cfg, method, run_dir, validates)]
         loggers = build_loggers(cfg, run_dir, settled["wandb_id"])
         if getattr(method, "ddp_find_unused_parameters", False) and cfg.trainer.strategy in ("auto", "ddp"):
             # e.g. a GAN's D step leaves G without gradients: DDP must be told (only matters with >1 process)
@@ -374,6 +398,11 @@ def train(cfg: DictConfig) -> Run:
                 "ddp_find_unused_parameters_true" if _multi_process(cfg) else cfg.trainer.strategy
             )
         trainer = build_trainer(cfg, callbacks, loggers, run_dir)
+        for (
+            callback
+        ) in extra_callbacks:  # those that place themselves among the others (host_sync.CountStepSyncs)
+            if hasattr(callback, "install"):
+                callback.install(trainer)
         preflight(cfg, datamodule, method, callbacks)
 
         save_run_files(cfg, run_dir, loggers)

@@ -72,11 +72,22 @@ def test_kid_equals_torchmetrics_with_the_same_subsets_and_never_touches_the_glo
 
 
 def tiny_conditional_ddpm():
-    from lightning_gen.methods.generative.ddpm import DDPM, DDPMConfig
+    from lightning_gen.methods.generative.diffusion import Diffusion, DiffusionConfig
 
     torch.manual_seed(0)
-    cfg = DDPMConfig(width=8, mults=[1, 2], timesteps=20, sample_steps=3, sample_eta=1.0, conditional=True)
-    return DDPM(cfg, DataInfo(name="digits", image_size=8, num_classes=3))
+    cfg = DiffusionConfig(  # the ddpm preset's process on a short chain, stochastic DDIM
+        process="vp",
+        prediction="eps",
+        timesteps=20,
+        noise_schedule="linear",
+        width=8,
+        mults=[1, 2],
+        sampler="ddim",
+        sample_steps=3,
+        sample_eta=1.0,
+        conditional=True,
+    )
+    return Diffusion(cfg, DataInfo(name="digits", image_size=8, num_classes=3))
 
 
 def fid_callback(tmp_path, **settings) -> FID:
@@ -134,11 +145,17 @@ def test_pixel_by_pixel_multinomial_sampling_is_split_by_sample_too(one_thread):
     assert torch.equal(torch.cat(parts), whole)
 
 
-def test_metrics_list_and_the_older_kid_key():
-    assert metric_names(FIDConfig()) == ["fid", "kid"]
-    assert metric_names(FIDConfig(kid=False)) == ["fid"]
+def test_metrics_list_and_the_older_kid_key(tmp_path):
+    assert metric_names(FIDConfig()) is None  # all that the extractor, the model and the counts allow
+    assert metric_names(FIDConfig(metrics=["fid", "kid"], kid=False)) == ["fid"]
     assert metric_names(FIDConfig(metrics=["fid"], kid=True)) == ["fid", "kid"]
     with pytest.raises(ConfigError, match="did you mean 'kid'"):
         metric_names(FIDConfig(metrics=["fid", "kdi"]))
     with pytest.raises(ConfigError, match="leaves out fid"):
         metric_names(FIDConfig(metrics=["kid"]))
+    everything = fid_callback(tmp_path)  # unconditional, domain head, train + test splits
+    assert everything.metric_names == ["fid", "kid", "is", "prdc", "memorization"]
+    assert set(everything.skipped) == {"class_fid", "cas"}
+    assert "kid" not in fid_callback(tmp_path, kid=False).metric_names
+    few = fid_callback(tmp_path, num_samples=3)  # IS in 10 parts and 3-NN balls need more samples: left out
+    assert few.metric_names == ["fid", "kid", "memorization"] and "is_splits=10" in few.skipped["is"]

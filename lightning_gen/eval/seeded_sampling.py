@@ -177,12 +177,18 @@ class ChunkSeededDraws(TorchFunctionMode):
         return draw
 
 
+def calls_per_rank(n: int, batch_size: int, world: int) -> int:
+    """The ``sample()`` calls the largest share of ``n`` samples over ``world`` ranks needs at ``batch_size``."""
+    return max(1, math.ceil(math.ceil(n / world) / batch_size))
+
+
 def call_ranges(n: int, batch_size: int, world: int | None = None, rank: int | None = None) -> list[range]:
     """This rank's samples in calls: its balanced share split into as many calls as the largest
-    share needs at ``batch_size`` (the same number on every rank), as evenly as possible."""
+    share needs at ``batch_size`` (``calls_per_rank``), as evenly as possible; a share smaller than
+    that (fewer samples than ranks, or one sample per call) leaves out its empty calls."""
     world = distributed.world_size() if world is None else world
     share = distributed.balanced_range(n, world, rank)
-    calls = max(1, math.ceil(math.ceil(n / world) / batch_size))
+    calls = calls_per_rank(n, batch_size, world)
     pieces = distributed.balanced_range
     ranges = [
         range(share.start + p.start, share.start + p.stop)
@@ -197,13 +203,14 @@ def requested_labels(indices: range, num_classes: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def seeded_samples(module, indices: range, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def seeded_samples(module, indices: range, seed: int, **options) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images (float in [0, 1]) of samples ``indices`` from ``module.sample`` with per-chunk seeded
-    noise, and the classes they were asked for (None for an unconditional model)."""
+    noise, and the classes they were asked for (None for an unconditional model). ``options``: the
+    model's own sampling options (sampler, steps, guidance...)."""
     labels = None
     if getattr(module, "conditional", False):
         labels = requested_labels(indices, module.data_info.num_classes, module.device)
     handle = torch.Generator(module.device)
     with ChunkSeededDraws(handle, indices.start, len(indices), seed):
-        images = module.sample(len(indices), cond=labels, generator=handle)
+        images = module.sample(len(indices), cond=labels, generator=handle, **options)
     return images, labels

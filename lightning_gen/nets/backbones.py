@@ -35,7 +35,7 @@ class BackboneConfig:
     depth: int = 6
     width: int = 192
     heads: int = 3
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = bounded(4.0, 0, low_open=True)  # ViT MLP width / block width
     # learned; sincos: fixed 2-D sine-cosine embeddings, MAE's layout (column first); sincos_rows_first: MoCo v3's
     pos_embed: str = choice("learned", "learned", "sincos", "sincos_rows_first")
     # stochastic depth of the last block, rising linearly from 0 at the first (DINO's student: 0.1)

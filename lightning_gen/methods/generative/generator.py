@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_gen.config import bounded
 from lightning_gen.methods.base import Method, MethodConfig, ema_update
 
 
 @dataclass
 class GenerativeConfig(MethodConfig):
     online_probe: bool = False  # generators learn no representation to probe
-    ema_decay: float = 0.999  # 0 disables EMA: the raw weights sample
+    ema_decay: float = bounded(0.999, 0, 1, high_open=True)  # 0 disables EMA: the raw weights sample
     ema_warmup: bool = True  # decay_t = min(ema_decay, (1 + t) / (10 + t)): early EMA follows the weights
     grid_samples: int = 32  # samples shown by the image-grid callback (fixed noise, so grids are comparable)
 
@@ -32,6 +33,12 @@ class GenerativeMethod(Method):
     # keyword options ``sample`` understands besides n/cond (lgen sample rejects others with a clear error)
     sample_options: tuple[str, ...] = ()
     conditional: bool = False  # whether sample(cond=labels) is meaningful
+
+    @property
+    def noise_shape(self) -> tuple[int, ...] | None:
+        """Shape of one sample's standard normal input, which ``sample(n, noise=...)`` then takes instead of
+        drawing it (interpolation between samples); None: the samples come from no such noise (PixelCNN)."""
+        return None
 
     def setup_ema(self, source: str) -> None:
         self._ema_source = source

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.losses import elbo
 from lightning_gen.methods.generative.generator import GenerativeConfig, GenerativeMethod, evaluating
 from lightning_gen.nets.conv import ConvDecoder, ConvEncoder
@@ -28,8 +28,10 @@ class VAEConfig(GenerativeConfig):
     latent_dim: int = 16
     width: int = 32
     decoder: str = choice("gaussian_fixed", "gaussian_fixed", "gaussian_learned", "bernoulli")
-    decoder_std: float = 0.1  # sigma of the fixed-variance Gaussian decoder, on [0, 1] pixels
-    beta: float = 1.0  # KL weight (beta-VAE; latent-diffusion autoencoders use a very small one)
+    decoder_std: float = bounded(
+        0.1, 0, low_open=True
+    )  # sigma of the fixed-variance Gaussian decoder, on [0, 1] pixels
+    beta: float = bounded(1.0, 0)  # KL weight (beta-VAE; latent-diffusion autoencoders use a very small one)
     lr: float = 1e-3
     ema_decay: float = 0.0  # one decoder pass per sample: EMA is optional here
 
@@ -113,17 +115,30 @@ class VAE(GenerativeMethod):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.nets.encode(x)[0]
 
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        return (self.cfg.latent_dim,)
+
     @torch.no_grad()
-    def sample(self, n, cond=None, generator=None):
+    def sample(self, n, cond=None, generator=None, noise=None):
+        """``noise``: latents z (n, latent_dim) to decode instead of draws from the prior."""
         self.check_sample_options(cond, {})
         with evaluating(self.sampling_net()) as nets:
-            z = torch.randn(
-                n,
-                self.cfg.latent_dim,
-                generator=generator,
-                device=generator.device if generator else self.device,
-            )
+            z = noise
+            if z is None:
+                z = torch.randn(
+                    n,
+                    self.cfg.latent_dim,
+                    generator=generator,
+                    device=generator.device if generator else self.device,
+                )
             return self.decoder_mean(nets.decode(z.to(self.device)).float())
+
+    @torch.no_grad()
+    def posterior_mean(self, images: torch.Tensor) -> torch.Tensor:
+        """mu(x) of q(z|x) for uint8 images, by the sampling weights (latent traversals start there)."""
+        with evaluating(self.sampling_net()) as nets:
+            return nets.encode(self.to_float(images, "unit"))[0].float()
 
     @torch.no_grad()
     def images_for_logging(self, batch):

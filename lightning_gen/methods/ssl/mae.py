@@ -41,7 +41,7 @@ def _mae_vit() -> BackboneConfig:
 @dataclass
 class MAEConfig(PretextConfig):
     backbone: BackboneConfig = field(default_factory=_mae_vit)
-    mask_ratio: float = 0.75
+    mask_ratio: float = bounded(0.75, 0, 1, low_open=True, high_open=True)  # of the patches
     # pre-training augmentation (main_pretrain.py): random resized crop of this area fraction, then a flip
     crop_scale: tuple[float, float] = (0.2, 1.0)
     flip_p: float = bounded(0.5, 0, 1)
@@ -153,8 +153,12 @@ class MAE(PretextMethod):
             target = (target - mean) / (var + 1e-6).sqrt()
         return target
 
+    def draw_mask(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's random draw: which patches of each image stay visible (``keep``) and which are masked."""
+        return random_patch_mask(n, self.encoder.num_patches, self.cfg.mask_ratio, device)
+
     def forward_mae(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        keep, mask = random_patch_mask(len(x), self.encoder.num_patches, self.cfg.mask_ratio, x.device)
+        keep, mask = self.draw_mask(len(x), x.device)
         prediction = self.decoder(self.encode_visible(x, keep), keep, self.encoder.num_patches)
         return prediction, mask, keep
 
