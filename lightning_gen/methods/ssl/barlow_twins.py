@@ -48,7 +48,9 @@ class BarlowTwinsConfig(SSLConfig):
     proj_hidden_dim: int = 8192
     proj_dim: int = 8192
     proj_layers: int = 3
-    lambd: float = bounded(0.0051, 0)  # weight of the off-diagonal (redundancy reduction) term; main.py's default
+    lambd: float = bounded(
+        0.0051, 0
+    )  # weight of the off-diagonal (redundancy reduction) term; main.py's default
     # gradient under DDP: "official" each rank's own share (∇L / world_size, main.py's all-reduce without
     # gradient), "global" the exact ∇L of the global batch
     grad_scale: str = choice("official", "official", "global")
