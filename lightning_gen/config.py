@@ -59,7 +59,9 @@ class TrainerConfig:
     devices: Any = 1  # int, list of ids, or "auto"
     num_nodes: int = bounded(1, 1, hint="machines to train on")
     strategy: str = "auto"  # "auto" becomes ddp when more than one process trains
-    precision: str = "auto"  # "auto": bf16-mixed where the hardware has fast bf16, else 32-true
+    # "auto": bf16-mixed on GPUs of compute capability >= 8.0 and bf16-native CPUs, 16-mixed on older GPUs,
+    # else 32-true (lightning_gen/precision.py)
+    precision: str = "auto"
     channels_last: bool = True  # memory format for conv nets (ignored by methods without convs)
     compile: bool = False  # torch.compile the networks that dominate the step (backbone, U-Net): see docs/data-at-scale.md
     max_epochs: int = bounded(10, -1, hint="-1 trains until max_steps or max_time")
@@ -72,12 +74,15 @@ class TrainerConfig:
     val_check_interval: float | None = bounded(None, 0)
     limit_train_batches: float | None = bounded(None, 0, hint="a fraction (0.25) or a number of batches (10)")
     limit_val_batches: float | None = bounded(None, 0, hint="a fraction (0.25) or a number of batches (10)")
-    # logged at least once per epoch: capped at the epoch's batch count on small datasets
+    # logged at least once per epoch: capped at the epoch's batch count on small datasets; also the interval
+    # at which ranks agree on stop signals and non-finite losses (lightning_gen/control.py) and the
+    # progress bar refreshes: the steps on which the host reads values back from the GPU
     log_every_n_steps: int = bounded(10, 1)
     checkpoint_every_n_steps: int | None = bounded(None, 1)  # besides the checkpoint at every epoch end
     keep_best: int = bounded(1, -1, hint="-1 keeps all")  # best checkpoints kept by the monitored metric
     sync_batchnorm: bool = False
-    deterministic: bool = False
+    # true: deterministic algorithms only (an op without one raises); "warn": it warns instead; false: fastest
+    deterministic: Any = False
     benchmark: bool | None = None
     enable_progress_bar: bool = True
     num_sanity_val_steps: int = bounded(0, -1)
@@ -296,6 +301,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_keys(cfg, RootConfig, "", skip={"method", "data", "callbacks"}, nested=nested)
     typed = _typed(cfg, RootConfig, "", skip={"method", "data", "callbacks"})
     _check_devices(typed.trainer.devices)
+    _check_deterministic(typed.trainer.deterministic)
     for kind in ("method", "data"):
         section = cfg.get(kind) or OmegaConf.create({})
         if "name" not in section:
@@ -463,6 +469,15 @@ def _check_devices(devices: Any) -> None:
         raise ConfigError(
             f"invalid value {devices!r} for trainer.devices: give a number of devices (trainer.devices=2), "
             f"-1 or auto for all of them, or device ids (trainer.devices=[0,1])"
+        )
+
+
+def _check_deterministic(value: Any) -> None:
+    """trainer.deterministic: true, false or warn (Lightning's ``Trainer(deterministic=...)``)."""
+    if not (isinstance(value, bool) or value == "warn"):
+        raise ConfigError(
+            f"invalid value {value!r} for trainer.deterministic: expected true (deterministic algorithms "
+            "only: an operation without one raises), warn (it warns instead) or false"
         )
 
 

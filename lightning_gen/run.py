@@ -10,7 +10,9 @@ A run lives in ``runs/<experiment>/<run_id>/``::
     samples/           image grids, where the method makes images
 
 The run id is ``run_id=...`` if given, else ``$SLURM_JOB_ID`` (array tasks: ``<array job>_<task>``),
-else generated. The DDP processes that Lightning launches inherit it through ``$LGEN_RUN_ID``.
+else torchrun's ``--rdzv-id``, else generated. The DDP processes that Lightning launches inherit it
+through ``$LGEN_RUN_ID``; processes that an external launcher (torchrun, several nodes) starts take
+global rank 0's run id, checkpoint to resume and W&B id (``cluster.launch``).
 """
 
 from __future__ import annotations
@@ -27,15 +29,18 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
 from lightning_gen import registry
 from lightning_gen.checkpoint import AtomicCheckpointIO, LastCheckpoint, resume_path
+from lightning_gen.cluster.launch import agree, external_launch, torchelastic_run_id
 from lightning_gen.config import ConfigError, section_object, to_dict, to_yaml
+from lightning_gen.data.sampler import ElasticEpochResume
 from lightning_gen.interrupt import StopOnSignal
 from lightning_gen.methods.base import Method
+from lightning_gen.precision import resolve_precision
 from lightning_gen.quiet import LogEveryEpoch, silence_library_notices
 from lightning_gen.randomness import RandomStreams
 
@@ -80,8 +85,37 @@ def resolve_run_id(cfg: DictConfig) -> str:
         cfg.run_id
         or os.environ.get(RUN_ID_ENV)
         or slurm_run_id()
+        or torchelastic_run_id()
         or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
     )
+
+
+def settle_run(cfg: DictConfig) -> dict[str, Any]:
+    """The run id, the checkpoint to resume from (None: start) and the W&B id of this run, decided by
+    global rank 0 for every process when an external launcher started several (``cluster.launch``)."""
+
+    def decide() -> dict[str, Any]:
+        run_id = resolve_run_id(cfg)
+        run_dir = run_directory(cfg, run_id)
+        return {
+            "run_id": run_id,
+            "resume": resume_path(run_dir, cfg.resume),
+            "wandb_id": wandb_run_id(run_dir),
+        }
+
+    launched = external_launch(cfg.trainer.num_nodes)
+    if launched is None:
+        return decide()
+    rank, world = launched
+    rank_zero_only.rank = rank  # Lightning sets it in trainer.fit; what is written before needs it now
+    decided = agree(rank, world, decide)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node
+        print(
+            f"[lgen] global rank {rank} of {world}: run {decided['run_id']} as global rank 0 decided, "
+            f"resuming from {decided['resume'] or 'nothing (a new run)'}",
+            flush=True,
+        )
+    return decided
 
 
 def run_directory(cfg: DictConfig, run_id: str) -> Path:
@@ -107,18 +141,6 @@ def build_method(cfg: DictConfig, datamodule) -> Method:
     return method
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """``auto``: bf16-mixed where the hardware runs bf16 natively, else 32-true."""
-    if precision != "auto":
-        return precision
-    use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if use_cuda:
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    cpu_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16-mixed" if (cpu_bf16 or cpu_amx) else "32-true"
-
-
 def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: bool) -> list[L.Callback]:
     from lightning_gen.callbacks.guards import NonFiniteLossGuard
 
@@ -131,6 +153,7 @@ def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: b
     monitor, mode, every = best_checkpoint_rule(method, configured)
     callbacks: list[L.Callback] = [
         RandomStreams(cfg.seed),
+        ElasticEpochResume(),  # an epoch interrupted on another allocation ends where it should
         ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="epoch{epoch:03d}-step{step:06d}",
@@ -145,6 +168,10 @@ def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: b
         StopOnSignal(),  # SIGTERM / SIGINT: stop at a step boundary with a checkpoint, exit 128 + signal
         LogEveryEpoch(),
     ]
+    if cfg.trainer.enable_progress_bar:
+        # The bar reads every prog_bar value back to the host when it refreshes (on a GPU, a wait for the
+        # device): refresh on the logging steps, where Lightning reads the logged values anyway.
+        callbacks.append(TQDMProgressBar(refresh_rate=cfg.trainer.log_every_n_steps))
     if SLURMEnvironment.detect():  # Lightning's SIGUSR1 requeue, run where all ranks agree
         from lightning_gen.cluster.requeue import RequeueAtStepBoundary
 
@@ -205,7 +232,7 @@ def wandb_run_id(run_dir: Path) -> str:
     return path.read_text().strip() if path.exists() else secrets.token_hex(4)
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+def build_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None) -> list:
     """The run's loggers; nothing is written until training starts (``save_run_files``, then the first log)."""
     from lightning_gen.loggers import AppendingCSVLogger, WandbLogger
 
@@ -220,7 +247,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
                 entity=wandb_cfg.entity,
                 group=wandb_cfg.group,
                 tags=list(wandb_cfg.tags),
-                id=wandb_run_id(run_dir),
+                id=wandb_id or wandb_run_id(run_dir),
                 resume="allow",
                 offline=mode == "offline",
                 name=f"{cfg.experiment}/{run_dir.name}",
@@ -325,13 +352,13 @@ def preflight(cfg: DictConfig, datamodule, method: Method, callbacks: list) -> N
 def train(cfg: DictConfig) -> Run:
     """Train the experiment ``cfg`` (from ``config.compose``) and return what was built."""
     silence_library_notices()
-    run_id = resolve_run_id(cfg)
+    settled = settle_run(cfg)
+    run_id, ckpt_path = settled["run_id"], settled["resume"]
     previous_env = os.environ.get(RUN_ID_ENV)
     os.environ[RUN_ID_ENV] = run_id  # DDP processes launched by Lightning inherit the same run directory
     try:
         cfg.run_id = run_id
         run_dir = run_directory(cfg, run_id)
-        ckpt_path = resume_path(run_dir, cfg.resume)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
 
         # Everything is built and checked before anything is written: a run that fails here leaves no
@@ -340,7 +367,7 @@ def train(cfg: DictConfig) -> Run:
         method = build_method(cfg, datamodule)
         validates = cfg.trainer.limit_val_batches != 0
         callbacks = build_callbacks(cfg, method, run_dir, validates)
-        loggers = build_loggers(cfg, run_dir)
+        loggers = build_loggers(cfg, run_dir, settled["wandb_id"])
         if getattr(method, "ddp_find_unused_parameters", False) and cfg.trainer.strategy in ("auto", "ddp"):
             # e.g. a GAN's D step leaves G without gradients: DDP must be told (only matters with >1 process)
             cfg.trainer.strategy = (

@@ -255,11 +255,13 @@ def augment(x: torch.Tensor, crop: CropConfig, view: int = 0, cropped: bool = Fa
         x = _where(torch.rand(n, device=dev) < crop.grayscale_p, grayscale(x), x)
     blur_p = crop.blur_p[view % len(crop.blur_p)]
     if blur_p > 0:
-        chosen = (torch.rand(n, device=dev) < blur_p).nonzero().squeeze(1)
-        if len(chosen):
-            sigma = torch.empty(len(chosen), device=dev).uniform_(*crop.blur_sigma)
-            kernel = max(3, int(0.1 * crop.size) // 2 * 2 + 1)  # ~10% of the side, odd
-            x = x.index_copy(0, chosen, gaussian_blur(x[chosen], sigma, kernel))
+        # The whole batch is blurred and the chosen samples keep it: picking them out first would give
+        # a shape that depends on the draw, and on a GPU the host would wait to learn it (the blur
+        # is a cheap separable convolution next to the network).
+        chosen = torch.rand(n, device=dev) < blur_p
+        sigma = torch.empty(n, device=dev).uniform_(*crop.blur_sigma)
+        kernel = max(3, int(0.1 * crop.size) // 2 * 2 + 1)  # ~10% of the side, odd
+        x = _where(chosen, gaussian_blur(x, sigma, kernel), x)
     solarize_p = crop.solarize_p[view % len(crop.solarize_p)]
     if solarize_p > 0:
         x = _where(torch.rand(n, device=dev) < solarize_p, solarize(x), x)

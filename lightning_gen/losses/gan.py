@@ -13,13 +13,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lightning_gen.losses.precision import full_precision
+
 GENERATOR_LOSSES = ("non_saturating", "minimax")
 
 
+@full_precision
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
+@full_precision
 def generator_loss(fake_logits: torch.Tensor, kind: str = "non_saturating") -> torch.Tensor:
     if kind == "non_saturating":
         return F.softplus(-fake_logits).mean()
@@ -28,11 +32,13 @@ def generator_loss(fake_logits: torch.Tensor, kind: str = "non_saturating") -> t
     raise ValueError(f"unknown generator loss {kind!r}: use one of {GENERATOR_LOSSES}")
 
 
+@full_precision
 def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Hinge loss of D (Lim & Ye 2017), halved as in VQGAN/LDM: 1/2 (E relu(1 - D(x)) + E relu(1 + D(x^)))."""
     return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
 
 
+@full_precision
 def hinge_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """The generator's side of the hinge loss: -E D(x^)."""
     return -fake_logits.mean()

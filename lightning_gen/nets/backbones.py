@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 from lightning_gen.config import choice
 from lightning_gen.nets.conv import ConvEncoder
+from lightning_gen.nets.deterministic import adaptive_avg_pool2d
 from lightning_gen.nets.vit import VisionTransformer
 
 
@@ -109,7 +109,7 @@ class ConvBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encoder.features(x)
         if h.shape[-2:] != (4, 4):
-            h = F.adaptive_avg_pool2d(h, 4)
+            h = adaptive_avg_pool2d(h, 4)  # deterministic under trainer.deterministic
         return self.encoder.head(h.flatten(1))
 
 

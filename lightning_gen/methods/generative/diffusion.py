@@ -34,6 +34,7 @@ from lightning_gen.config import ConfigError, bounded, choice
 from lightning_gen.diffusion import guided, likelihood, samplers
 from lightning_gen.diffusion.predictions import PREDICTIONS, training_target
 from lightning_gen.diffusion.processes import PROCESSES, Coefficients, build_process
+from lightning_gen.losses.regression import squared_error
 from lightning_gen.methods.generative.generator import GenerativeConfig, GenerativeMethod, evaluating
 from lightning_gen.nets.dit import DiT, DiTConfig
 from lightning_gen.nets.unet import UNet
@@ -195,8 +196,7 @@ class Diffusion(GenerativeMethod):
         coef = _view(coef, x)
         xt = coef.a * x + coef.b * z
         target = training_target(self.cfg.prediction, x, z, coef)
-        err = (self.predict(self.net, xt, coef, t_net, y).float() - target.float()).pow(2)  # fp32 loss
-        loss = err.mean() if self.cfg.loss_reduction == "mean" else err.flatten(1).sum(1).mean()
+        loss = squared_error(self.predict(self.net, xt, coef, t_net, y), target, self.cfg.loss_reduction)
         self.log_loss(stage, loss)
         return loss
 

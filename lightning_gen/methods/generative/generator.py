@@ -46,16 +46,24 @@ class GenerativeMethod(Method):
     def buffers_identical_on_all_ranks(self) -> list[str]:
         return ["ema_updates"] if self.cfg.ema_decay > 0 else []
 
-    def ema_decay_at(self, step: int) -> float:
-        """Stateless in the number of updates made, so a resumed run continues with the same decay."""
-        if self.cfg.ema_warmup:
-            return min(self.cfg.ema_decay, (1 + step) / (10 + step))
-        return self.cfg.ema_decay
+    def ema_decay_at(self, step: int | torch.Tensor) -> float | torch.Tensor:
+        """Stateless in the number of updates made, so a resumed run continues with the same decay.
+        ``step`` may be a tensor: the decay is then computed on its device."""
+        if not self.cfg.ema_warmup:
+            return self.cfg.ema_decay
+        warm = (1 + step) / (10 + step)
+        return (
+            warm.clamp(max=self.cfg.ema_decay)
+            if isinstance(warm, torch.Tensor)
+            else min(self.cfg.ema_decay, warm)
+        )
 
     def update_ema(self) -> None:
         """One EMA step towards the trained network; call after each of its optimizer steps."""
         if self.cfg.ema_decay > 0:
-            decay = self.ema_decay_at(int(self.ema_updates))
+            # The decay is computed on the device from the update count (in float64, as Python would):
+            # reading the count into Python would make the host wait for the GPU at every step.
+            decay = self.ema_decay_at(self.ema_updates.double())
             ema_update(self.ema, getattr(self, self._ema_source), decay)
             self.ema_updates += 1
 
@@ -66,6 +74,7 @@ class GenerativeMethod(Method):
         self.update_ema()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         # Checkpoints written before the update count existed: one update was made per training step.
         state = checkpoint.get("state_dict", {})
         if self.cfg.ema_decay > 0 and "ema_updates" not in state:

@@ -33,7 +33,7 @@ import torch
 from lightning_gen.config import ConfigError, bounded, choice
 from lightning_gen.losses import elbo
 from lightning_gen.losses.gan import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss
-from lightning_gen.methods.base import DataInfo, Method
+from lightning_gen.methods.base import DataInfo
 from lightning_gen.methods.generative.generator import GenerativeConfig, GenerativeMethod, evaluating
 from lightning_gen.nets.kl_autoencoder import KLAutoencoder
 from lightning_gen.nets.patch_discriminator import PatchDiscriminator
@@ -193,11 +193,6 @@ class LatentAutoencoder(GenerativeMethod):
             self.parameter_groups({"d": self.discriminator}, d_lr, self.cfg.weight_decay)
         )
         return [ae, d]
-
-    def lr_factor(self, step: int) -> float:
-        # Manual optimisation counts each optimizer.step() in global_step (two per batch once D trains):
-        # the schedule runs on batches, which the checkpointed loop progress restores (as the GAN does).
-        return Method.lr_factor(self, self.trainer.fit_loop.total_batch_idx)
 
     def discriminator_on(self, batch_idx: int) -> bool:
         """Whether the discriminator trains at this batch: after ``disc_start_epochs`` of training.

@@ -35,6 +35,7 @@ from lightning_gen.methods.ssl.color import (
     soft_encode,
 )
 from lightning_gen.methods.ssl.pretext import EncoderDecoder, PretextConfig, PretextMethod
+from lightning_gen.nets.deterministic import cross_entropy_map
 from lightning_gen.registry import register_method
 
 AB_SCALE = 110.0  # |a|, |b| <= ~110 for sRGB colours
@@ -139,7 +140,7 @@ class Colorization(PretextMethod):
         if self.cfg.loss == "regression":
             return F.mse_loss(output.float(), self.l_input(lightness))
         target = (lightness[:, 0] / 100.0 * self.cfg.l_bins).long().clamp(0, self.cfg.l_bins - 1)
-        return F.cross_entropy(output.float(), target)
+        return cross_entropy_map(output.float(), target)  # deterministic under trainer.deterministic
 
     def predict_l(self, ab: torch.Tensor) -> torch.Tensor:
         output = self.ab_to_l(self.ab_input(ab)).float()

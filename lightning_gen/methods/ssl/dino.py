@@ -7,8 +7,8 @@
 
 Notation: ``momentum_start/end`` is the teacher momentum l (cosine 0.996 -> 1),
 ``center_momentum`` is m, ``teacher_temp`` is τ_t, warmed up linearly from ``teacher_temp_start``.
-τ_t and l are pure functions of ``global_step``, so a resumed run uses the same values as an
-uninterrupted one, and so is the weight decay, a cosine from ``weight_decay`` to ``weight_decay_end``
+τ_t and l are pure functions of training progress (``schedules.training_progress``), so a resumed run
+uses the same values as an uninterrupted one, on the same allocation or another, and so is the weight decay, a cosine from ``weight_decay`` to ``weight_decay_end``
 (0.04 -> 0.4 in the paper). The head's last layer is frozen for ``freeze_last_layer_epochs`` (stability),
 and, as in the official code, each parameter's gradient is clipped to norm ``clip_grad`` on its own.
 ``embed`` (linear probe, kNN, export) is the teacher's backbone, as DINO evaluates it.
@@ -78,25 +78,26 @@ class DINO(SSLMethod):
     def momentum_pairs(self):
         return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
 
-    def teacher_temp_at(self, step: int) -> float:
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        per_epoch = total / max(self.trainer.max_epochs or 1, 1)
-        warmup = int(round(self.cfg.teacher_temp_warmup_epochs * per_epoch))
-        return schedules.linear_warmup(step, warmup, self.cfg.teacher_temp_start, self.cfg.teacher_temp)
+    def teacher_temp_at(self, progress: schedules.Progress) -> float:
+        warmup = progress.steps(self.cfg.teacher_temp_warmup_epochs)
+        return schedules.linear_warmup(
+            progress.step, warmup, self.cfg.teacher_temp_start, self.cfg.teacher_temp
+        )
 
-    def weight_decay_at(self, step: int) -> float:
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        return schedules.cosine(step, total, self.cfg.weight_decay, self.cfg.weight_decay_end)
+    def weight_decay_at(self, progress: schedules.Progress) -> float:
+        return schedules.cosine(
+            progress.step, progress.total, self.cfg.weight_decay, self.cfg.weight_decay_end
+        )
 
     def on_train_batch_start(self, batch, batch_idx):
         super().on_train_batch_start(batch, batch_idx)
-        decay = self.weight_decay_at(self.global_step)
+        decay = self.weight_decay_at(self.progress())
         for optimizer in self._optimizers():
             for group in optimizer.param_groups:
                 # Only the groups built with decay (not biases, norms or the online probe) follow it.
                 if group.setdefault("scheduled_decay", group["weight_decay"] > 0):
                     group["weight_decay"] = decay
-        self.log("train/weight_decay", decay, on_step=True, on_epoch=False)
+        self.log_value("train/weight_decay", decay, on_step=True, on_epoch=False)
 
     def ssl_loss(self, views, batch):
         n_global = self.views.num_global
@@ -110,10 +111,10 @@ class DINO(SSLMethod):
         with torch.no_grad():
             teacher_feats = self.teacher_backbone(torch.cat(views[:n_global]))
             teacher = list(self.teacher_head(teacher_feats).chunk(n_global))
-        tau_t = self.teacher_temp_at(self.global_step)
+        tau_t = self.teacher_temp_at(self.progress())
         loss = self.loss_fn(student, teacher, tau_t)
         self.loss_fn.update_center(teacher)
-        self.log("train/teacher_temp", tau_t, on_step=True, on_epoch=False)
+        self.log_value("train/teacher_temp", tau_t, on_step=True, on_epoch=False)
         return loss, teacher_feats.chunk(n_global)[0]  # the online probe reads what embed() gives
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -201,6 +201,6 @@ def split_shuffle(n: int, splits: int, device=None) -> torch.Tensor:
     offsets = n // splits
     shuffled = torch.empty(n, dtype=torch.long, device=device)
     for group in range(splits):  # o -> o': a random permutation of the offsets within each query sub-batch
-        members = torch.nonzero(g == group).squeeze(1)
+        members = torch.arange(group, n, splits, device=device)  # {i : i % splits == group}
         shuffled[members] = torch.randperm(offsets, device=device)
     return shuffled * splits + (g + shuffled) % splits

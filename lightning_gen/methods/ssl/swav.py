@@ -113,13 +113,12 @@ class SwAV(SSLMethod):
         if self.queue_in_use():
             # filled after use, so the current batch is never in its own queue rows
             self.queue.push(embeddings[:n_code])
-        self.log("train/queue_used", float(use_queue), on_step=True, on_epoch=False)
+        self.log_value("train/queue_used", float(use_queue), on_step=True, on_epoch=False)
         return loss, features
 
     def prototypes_frozen(self) -> bool:
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        per_epoch = total / max(self.trainer.max_epochs or 1, 1)
-        return self.global_step < int(round(self.cfg.freeze_prototypes_epochs * per_epoch))
+        progress = self.progress()
+        return progress.step < progress.steps(self.cfg.freeze_prototypes_epochs)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.prototypes_frozen():
