@@ -85,6 +85,16 @@ TINY: dict[str, list[str]] = {
         "method.num_prototypes=10",
         "method.freeze_prototypes_epochs=0",
     ],
+    "vq_autoencoder": [
+        "experiment=vq_digits",
+        "method.channels=[8,8]",
+        "method.norm_groups=4",
+        "method.latent_channels=8",
+        "method.code_dim=4",
+        "method.codebook_size=16",
+        "method.disc_width=8",
+        "method.disc_start_epochs=0",
+    ],
     "vae": ["experiment=vae_digits", "method.width=8", "method.latent_dim=4"],
     "vicreg": ["experiment=vicreg_digits", "method.proj_hidden_dim=32", "method.proj_dim=32"],
 }

@@ -18,7 +18,12 @@ from lightning_gen.losses.classification import labeled_cross_entropy
 from lightning_gen.losses.contrastive import info_nce, moco_loss, nt_xent
 from lightning_gen.losses.dino import DINOLoss
 from lightning_gen.losses.elbo import bernoulli_nll, gaussian_nll, kl_standard_normal
-from lightning_gen.losses.gan import discriminator_loss, generator_loss
+from lightning_gen.losses.gan import (
+    discriminator_loss,
+    generator_loss,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+)
 from lightning_gen.losses.noncontrastive import (
     barlow_twins_loss,
     byol_regression,
@@ -27,6 +32,7 @@ from lightning_gen.losses.noncontrastive import (
     variance_term,
     vicreg_loss,
 )
+from lightning_gen.losses.quantization import commitment_loss
 from lightning_gen.losses.regression import squared_error
 from lightning_gen.losses.swav import assign_codes, sinkhorn_knopp, swapped_prediction_loss
 
@@ -100,6 +106,9 @@ CASES = {
     "discriminator": (discriminator_loss, [g(30, 16, 1, scale=3), g(31, 16, 1, scale=3)]),
     "generator_non_saturating": (lambda f: generator_loss(f, "non_saturating"), [g(32, 16, 1, scale=3)]),
     "generator_minimax": (lambda f: generator_loss(f, "minimax"), [g(33, 16, 1, scale=3)]),
+    "hinge_discriminator": (hinge_discriminator_loss, [g(39, 16, 1, scale=3), g(40, 16, 1, scale=3)]),
+    "hinge_generator": (hinge_generator_loss, [g(41, 16, 1, scale=3)]),
+    "commitment": (commitment_loss, [g(42, 4, 8, 3, 3), g(43, 4, 8, 3, 3)]),
     "squared_error_mean": (squared_error, [g(34, 4, 3, 8, 8), g(35, 4, 3, 8, 8)]),
     "squared_error_sum": (lambda p, t: squared_error(p, t, "sum"), [g(36, 4, 3, 8, 8), g(37, 4, 3, 8, 8)]),
     "labeled_cross_entropy": (
