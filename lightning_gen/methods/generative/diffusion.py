@@ -8,7 +8,9 @@ Training step (Ho et al. 2020, Algorithm 1, generalised; Liu et al. 2023 for the
     minimise  w(t) || f_theta(x_t, t, class) - y ||^2,   w(t) = 1
 
 p(t): ``uniform`` (DDPM's t ~ U{1..T} on its discrete chain), or ``logit_normal``: t = sigmoid(m + s u),
-u ~ N(0, 1), which weights the middle noise levels (Esser et al. 2024). The resolution shift of Esser et
+u ~ N(0, 1), which weights the middle noise levels (Esser et al. 2024), or ``log_normal``: the noise level
+sigma = b/a with ln sigma ~ N(m, s^2), t = sigma^-1 of it (Karras et al. 2022's training distribution, for any
+process). The resolution shift of Esser et
 al. moves t toward noise on larger inputs: t' = alpha t / (1 + (alpha - 1) t), alpha = sqrt(H W) / base
 (``shift_base_size``), in training and on the t-grid of the samplers that start at t = 1. With label
 dropout the network is also unconditional, and sampling guides it with classifier-free guidance
@@ -59,9 +61,12 @@ class DiffusionConfig(GenerativeConfig):
     noise_schedule: str = choice("cosine", "linear", "cosine")  # vp: abar(t) linear-beta or cosine
     sigma_min: float = bounded(0.01, 0)  # ve: sigma(0) (Song et al. 2021)
     sigma_max: float = bounded(50.0, 0)  # ve: sigma(1), the std of the prior
-    t_sampling: str = choice("uniform", "uniform", "logit_normal")  # p(t) in training
+    t_sampling: str = choice("uniform", "uniform", "logit_normal", "log_normal")  # p(t) in training
     logit_mean: float = 0.0  # logit_normal: t = sigmoid(logit_mean + logit_std u)
     logit_std: float = bounded(1.0, 0)
+    # log_normal: the noise level sigma = b/a with ln sigma = log_sigma_mean + log_sigma_std u (Karras et al.)
+    log_sigma_mean: float = -1.2
+    log_sigma_std: float = bounded(1.2, 0)
     shift_base_size: int = bounded(0, 0)  # > 0: shift t toward noise by sqrt(H W) / this (Esser et al.)
     loss_reduction: str = choice("mean", "mean", "sum")  # over pixels: mean keeps the LR resolution-free
     net: str = choice("unet", "unet", "dit")  # the denoising network: U-Net, or Diffusion Transformer
@@ -234,6 +239,9 @@ class Diffusion(GenerativeMethod):
             return process.at_step(step), step
         if cfg.t_sampling == "logit_normal":
             t = (cfg.logit_mean + cfg.logit_std * torch.randn(n, device=device)).sigmoid()
+        elif cfg.t_sampling == "log_normal":
+            sigma = (cfg.log_sigma_mean + cfg.log_sigma_std * torch.randn(n, device=device)).exp()
+            t = process.t_of_sigma(sigma)
         else:
             t = torch.rand(n, device=device)
         if self.time_shift != 1.0:
