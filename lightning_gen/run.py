@@ -33,7 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
-from lightning_gen import registry
+from lightning_gen import registry, stages
 from lightning_gen.checkpoint import AtomicCheckpointIO, LastCheckpoint, resume_path
 from lightning_gen.cluster.launch import agree, external_launch, torchelastic_run_id
 from lightning_gen.config import ConfigError, section_object, to_dict, to_yaml
@@ -131,8 +131,10 @@ def build_datamodule(cfg: DictConfig):
     return datamodule
 
 
-def build_method(cfg: DictConfig, datamodule) -> Method:
-    method = registry.build("method", section_object(cfg.method), data=datamodule.info)
+def build_method(cfg: DictConfig, datamodule, **extra) -> Method:
+    """``extra``: keyword arguments of the method's constructor besides its config and data (latent
+    diffusion's ``autoencoder``)."""
+    method = registry.build("method", section_object(cfg.method), data=datamodule.info, **extra)
     if cfg.trainer.channels_last:
         method = method.to(memory_format=torch.channels_last)
     if cfg.trainer.compile:
@@ -363,18 +365,16 @@ def train(cfg: DictConfig) -> Run:
 
         # Everything is built and checked before anything is written: a run that fails here leaves no
         # run directory and no W&B run behind (a later run with the same id starts clean).
-        datamodule = build_datamodule(cfg)
-        method = build_method(cfg, datamodule)
-        validates = cfg.trainer.limit_val_batches != 0
-        callbacks = build_callbacks(cfg, method, run_dir, validates)
-        loggers = build_loggers(cfg, run_dir, settled["wandb_id"])
-        if getattr(method, "ddp_find_unused_parameters", False) and cfg.trainer.strategy in ("auto", "ddp"):
-            # e.g. a GAN's D step leaves G without gradients: DDP must be told (only matters with >1 process)
-            cfg.trainer.strategy = (
-                "ddp_find_unused_parameters_true" if _multi_process(cfg) else cfg.trainer.strategy
-            )
-        trainer = build_trainer(cfg, callbacks, loggers, run_dir)
-        preflight(cfg, datamodule, method, callbacks)
+        stage1 = stages.plan(cfg)  # the autoencoder that method.latents names, trained first if need be
+        reused = stage1 is not None and stage1.finished
+        if stage1 is not None and not reused:
+            # stage 2 checked with an untrained autoencoder of the stage-1 recipe before stage 1 trains
+            build_checked(cfg, run_dir, settled["wandb_id"], autoencoder=stage1.untrained_autoencoder())
+            stage1.run()
+            L.seed_everything(cfg.seed, workers=True, verbose=False)  # as if stage 1 had been there
+        datamodule, method, callbacks, loggers, trainer = build_checked(cfg, run_dir, settled["wandb_id"])
+        if reused:
+            stage1.announce_reuse()
 
         save_run_files(cfg, run_dir, loggers)
         for logger in loggers:
@@ -391,6 +391,24 @@ def train(cfg: DictConfig) -> Run:
             os.environ.pop(RUN_ID_ENV, None)
         else:
             os.environ[RUN_ID_ENV] = previous_env
+
+
+def build_checked(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None, **extra) -> tuple:
+    """DataModule, method, callbacks, loggers and Trainer of a run, with every check that needs no
+    training; nothing is written. ``extra``: passed to the method's constructor."""
+    datamodule = build_datamodule(cfg)
+    method = build_method(cfg, datamodule, **extra)
+    validates = cfg.trainer.limit_val_batches != 0
+    callbacks = build_callbacks(cfg, method, run_dir, validates)
+    loggers = build_loggers(cfg, run_dir, wandb_id)
+    if getattr(method, "ddp_find_unused_parameters", False) and cfg.trainer.strategy in ("auto", "ddp"):
+        # e.g. a GAN's D step leaves G without gradients: DDP must be told (only matters with >1 process)
+        cfg.trainer.strategy = (
+            "ddp_find_unused_parameters_true" if _multi_process(cfg) else cfg.trainer.strategy
+        )
+    trainer = build_trainer(cfg, callbacks, loggers, run_dir)
+    preflight(cfg, datamodule, method, callbacks)
+    return datamodule, method, callbacks, loggers, trainer
 
 
 def _multi_process(cfg: DictConfig) -> bool:

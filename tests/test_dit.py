@@ -115,15 +115,35 @@ def test_patches_are_laid_back_where_they_were_taken():
 
 
 def test_presets_have_the_papers_sizes_and_bad_sizes_are_one_line_errors():
-    def count(preset: str) -> int:
-        """Parameters as the official code counts them: its fixed position table is a parameter there."""
+    def closed_form(d: int, depth: int, p: int, c_in: int, c_out: int, classes: int, tokens: int) -> int:
+        """Parameters of the DiT architecture counted by hand (the position table included, as the
+        official code keeps it as a frozen parameter)."""
+        patch_embed = p * p * c_in * d + d
+        time_mlp = 256 * d + d + d * d + d
+        block = (3 * d * d + 3 * d) + (d * d + d) + (8 * d * d + 5 * d) + (6 * d * d + 6 * d)
+        final = (2 * d * d + 2 * d) + (d * p * p * c_out + p * p * c_out)
+        return patch_embed + time_mlp + (classes + 1) * d + depth * block + final + tokens * d
+
+    # Peebles & Xie 2023: S, B, L, XL = (12, 384, 6), (12, 768, 12), (24, 1024, 16), (28, 1152, 16);
+    # ImageNet 256: 32x32x4 latents, 1000 classes, learned sigma (8 output channels)
+    for preset, (depth, d, heads) in {
+        "S/2": (12, 384, 6),
+        "B/4": (12, 768, 12),
+        "L/8": (24, 1024, 16),
+        "XL/2": (28, 1152, 16),
+    }.items():
+        p = int(preset.split("/")[1])
+        assert DiTConfig(preset=preset).sizes() == {
+            "patch_size": p,
+            "depth": depth,
+            "width": d,
+            "heads": heads,
+        }
         with torch.device("meta"):
             net = DiT.from_config(DiTConfig(preset=preset, learn_sigma=True), 4, 32, 1000)
-        return sum(p.numel() for p in net.parameters()) + net.pos_embed.numel()
-
-    # ImageNet 256x256: 32x32x4 latents, 1000 classes, learned sigma (Peebles & Xie 2023, Table 1)
-    for preset, paper in (("S/2", 33.0e6), ("B/2", 130.5e6), ("L/2", 458e6), ("XL/2", 675.1e6)):
-        assert count(preset) == pytest.approx(paper, rel=2e-3), preset
+        count = sum(q.numel() for q in net.parameters()) + net.pos_embed.numel()
+        assert count == closed_form(d, depth, p, 4, 8, 1000, (32 // p) ** 2), preset
+    assert count == pytest.approx(675e6, rel=1e-3)  # DiT-XL/2: the paper's 675 M-parameter model
     sizes = DiTConfig(preset="B/4", depth=3).sizes()  # an explicit value wins over the preset
     assert sizes == {"patch_size": 4, "depth": 3, "width": 768, "heads": 12}
     assert DiTConfig().sizes() == {"patch_size": 2, "depth": 6, "width": 128, "heads": 4}
@@ -133,6 +153,30 @@ def test_presets_have_the_papers_sizes_and_bad_sizes_are_one_line_errors():
     assert "patch_size=2 does not divide the latent size 7" in message and "\n" not in message
     with pytest.raises(ConfigError, match="multiple of 4 and of method.dit.heads=5"):
         DiT.from_config(DiTConfig(width=128, heads=5), 4, 8)
+
+
+def test_dit_config_validates_as_a_nested_method_section():
+    from omegaconf import OmegaConf
+
+    from lightning_gen.config import _check_keys, _typed, section_object
+
+    def section(*overrides: str) -> DiTConfig:
+        node = OmegaConf.from_dotlist(list(overrides))
+        _check_keys(node, DiTConfig, "method.dit")
+        return section_object(_typed(node, DiTConfig, "method.dit"))
+
+    assert section("preset=XL/2", "depth=4").sizes() == {
+        "patch_size": 2,
+        "depth": 4,
+        "width": 1152,
+        "heads": 16,
+    }
+    with pytest.raises(ConfigError, match=r"'XL/3' for method.dit.preset \(did you mean 'XL/8'\?\)"):
+        section("preset=XL/3")
+    with pytest.raises(ConfigError, match="method.dit.patch_size: it must be at least 1"):
+        section("patch_size=0")
+    with pytest.raises(ConfigError, match="expected one of: none, cross, joint"):
+        section("context=text")
 
 
 def test_bf16_autocast_and_a_full_graph_compile_run_forward_and_backward():

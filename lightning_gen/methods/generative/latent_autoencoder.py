@@ -24,6 +24,7 @@ the diffusers layout (Stable Diffusion's f8c4 VAE), with its own scale and shift
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +157,19 @@ class LatentAutoencoder(GANAutoencoder):
         """The posterior mean, flattened: the latent as a representation (for lgen eval probe / knn)."""
         return self.sampling_net().encode(x)[0].flatten(1)
 
+    def architecture(self) -> dict:
+        """Config and data that rebuild this module without its file (the weights come from a state dict)."""
+        return {"cfg": dataclasses.asdict(self.cfg), "data": dataclasses.asdict(self.data_info)}
+
+    @classmethod
+    def from_architecture(cls, architecture: dict) -> LatentAutoencoder:
+        return cls(architecture["cfg"], architecture["data"]).frozen()
+
+    def frozen(self) -> LatentAutoencoder:
+        """As latent diffusion keeps it: eval mode, no gradients, no discriminator (only training uses it)."""
+        self.discriminator = None
+        return self.eval().requires_grad_(False)
+
     # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
         self.adversarial_step(self.to_float(batch["image"], "symmetric"), self.autoencoder_loss, batch_idx)
@@ -251,3 +265,31 @@ def load_latent_autoencoder(source: str | Path, map_location: str = "cpu") -> La
             f"method=latent_autoencoder, or give a diffusers AutoencoderKL folder"
         )
     return load_method(str(path), map_location).requires_grad_(False)
+
+
+def frozen_autoencoder(
+    latents: str, data: DataInfo, given: LatentAutoencoder | None = None
+) -> LatentAutoencoder:
+    """The frozen autoencoder of ``method.latents=<latents>`` for a model trained on ``data``: read from
+    ``ckpt:<path>`` unless ``given``; checked against ``data``; every problem a one-line ConfigError."""
+    where = f"method.latents={latents}"
+    if given is None:
+        if latents == "stage1":
+            raise ConfigError(
+                f"{where} names the experiment's stage-1 autoencoder, which `lgen train` resolves; "
+                "elsewhere give ckpt:<checkpoint>"
+            )
+        if not latents.startswith("ckpt:"):
+            raise ConfigError(
+                f"{where}: give ckpt:<latent_autoencoder checkpoint or diffusers AutoencoderKL folder>, "
+                "or stage1 (the experiment's stage-1 autoencoder)"
+            )
+        path = Path(latents.removeprefix("ckpt:")).expanduser()
+        if not path.exists():
+            raise ConfigError(
+                f"{where}: no such file or folder. Train one (lgen train experiment=latent_autoencoder_digits) "
+                "and name its checkpoint, or run an experiment whose stage1 section trains it first"
+            )
+        given = load_latent_autoencoder(path)
+    given.check_data(data, f"the autoencoder of {where}")
+    return given.frozen()
