@@ -13,8 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
 
-from lightning_gen import run
+from lightning_gen import registry, run
 from lightning_gen.config import compose
 from lightning_gen.host_sync import CountStepSyncs, HostSyncCounter
 
@@ -78,6 +79,7 @@ TINY: dict[str, list[str]] = {
         "method.pred_hidden_dim=16",
     ],
     "supervised": ["method=supervised", "data=digits", "method.backbone.name=conv"],
+    "token_ar": ["experiment=token_ar_digits", "method.width=16", "method.depth=1", "method.heads=2"],
     "swav": [
         "experiment=swav_digits",
         "method.queue_size=16",
@@ -109,6 +111,19 @@ VARIANTS: dict[str, list[str]] = {
     "flow": ["experiment=flow_digits", "method.width=8", "method.mults=[1,2]", "method.conditional=true"],
     "gated_pixelcnn": ["experiment=gated_pixelcnn_digits", "method.width=8", "method.blocks=1"],
 }
+# methods built on another model (a tokenizer, a teacher): an untrained one of this recipe, saved as a
+# checkpoint that the method's config field names (the model a stage 1 would train)
+STAGE1: dict[str, list[str]] = {
+    "token_ar": [
+        "experiment=vq_digits",
+        "method.channels=[8,8]",
+        "method.norm_groups=4",
+        "method.latent_channels=8",
+        "method.code_dim=4",
+        "method.codebook_size=16",
+        "method.disc_width=8",
+    ],
+}
 # after COMMON: image sizes at which the tiles still move (their random jitter is part of the step)
 SIZES: dict[str, list[str]] = {
     "jigsaw": ["method.grid=2"],
@@ -129,9 +144,24 @@ COMMON = [
 ]
 
 
-def config(name: str, *extra: str):
+def untrained_stage1(name: str, run_dir: Path) -> list[str]:
+    """The override naming an untrained stage-1 model of ``name``'s recipe, saved in ``run_dir``."""
+    if name not in STAGE1:
+        return []
+    stage_cfg = compose([*STAGE1[name], *COMMON])
+    model = run.build_method(stage_cfg, run.build_datamodule(stage_cfg))
+    path = Path(run_dir) / f"{name}_stage1.ckpt"
+    torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, path)
+    field = registry.get(
+        "method", compose(TINY.get(name) or VARIANTS[name]).method.name
+    ).cls.stage1_input.field
+    return [f"method.{field}=ckpt:{path}"]
+
+
+def config(name: str, *extra: str, run_dir: Path | None = None):
     overrides = TINY.get(name) or VARIANTS[name]
-    cfg = compose([*overrides, *COMMON, *SIZES.get(name, []), *extra])
+    stage1 = untrained_stage1(name, run_dir) if run_dir is not None else []
+    cfg = compose([*overrides, *COMMON, *SIZES.get(name, []), *stage1, *extra])
     for section in (cfg.callbacks or {}).values():  # evaluation callbacks run at epoch ends, not in a step
         section.enabled = False
     return cfg
@@ -141,7 +171,7 @@ def count_training_step(
     name: str, run_dir: Path, raw: bool = False, step: int = 1, extra: tuple[str, ...] = ()
 ) -> HostSyncCounter:
     """Train ``name`` as `lgen train` would and count the host syncs of batch ``step`` (0-based)."""
-    cfg = config(name, *extra)
+    cfg = config(name, *extra, run_dir=run_dir)
     datamodule = run.build_datamodule(cfg)
     method = run.build_method(cfg, datamodule)
     counting = CountStepSyncs(step=step, raw=raw)

@@ -51,6 +51,7 @@ from lightning_gen.nets.dit import DiT, DiTConfig
 from lightning_gen.nets.unet import UNet
 from lightning_gen.quiet import allow_frozen_modules_in_eval
 from lightning_gen.registry import register_legacy_method, register_method
+from lightning_gen.stages import Stage1Input
 
 
 @dataclass
@@ -138,6 +139,9 @@ class Diffusion(GenerativeMethod):
 
     config_class = DiffusionConfig
     sample_options = ("sampler", "steps", "guidance", "eta")
+    stage1_input = Stage1Input(
+        "latents", "autoencoder", "autoencoder", ("latent_autoencoder",), "latent_autoencoder_digits"
+    )
 
     def __init__(self, cfg: DiffusionConfig, data=None, autoencoder: LatentAutoencoder | None = None):
         """``autoencoder``: the frozen autoencoder of ``latents``, when it is not to be read from there

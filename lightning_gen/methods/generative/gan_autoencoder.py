@@ -19,6 +19,7 @@ its ``training_step`` is then ``self.adversarial_step(x, self.autoencoder_loss)`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -62,6 +63,19 @@ class GANAutoencoder(GenerativeMethod):
         self.discriminator = PatchDiscriminator(
             self.data_info.channels, self.cfg.disc_width, self.cfg.disc_layers
         )
+
+    def architecture(self) -> dict:
+        """Config and data that rebuild this module without its file (the weights come from a state dict)."""
+        return {"cfg": dataclasses.asdict(self.cfg), "data": dataclasses.asdict(self.data_info)}
+
+    @classmethod
+    def from_architecture(cls, architecture: dict):
+        return cls(architecture["cfg"], architecture["data"]).frozen()
+
+    def frozen(self):
+        """As a model on its latents keeps it: eval mode, no gradients, no discriminator (only training uses it)."""
+        self.discriminator = None
+        return self.eval().requires_grad_(False)
 
     def compile_networks(self) -> list[str]:
         for net in (self.autoencoder.encoder, self.autoencoder.decoder, self.discriminator):

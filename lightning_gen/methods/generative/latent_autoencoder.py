@@ -24,7 +24,6 @@ the diffusers layout (Stable Diffusion's f8c4 VAE), with its own scale and shift
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,19 +155,6 @@ class LatentAutoencoder(GANAutoencoder):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The posterior mean, flattened: the latent as a representation (for lgen eval probe / knn)."""
         return self.sampling_net().encode(x)[0].flatten(1)
-
-    def architecture(self) -> dict:
-        """Config and data that rebuild this module without its file (the weights come from a state dict)."""
-        return {"cfg": dataclasses.asdict(self.cfg), "data": dataclasses.asdict(self.data_info)}
-
-    @classmethod
-    def from_architecture(cls, architecture: dict) -> LatentAutoencoder:
-        return cls(architecture["cfg"], architecture["data"]).frozen()
-
-    def frozen(self) -> LatentAutoencoder:
-        """As latent diffusion keeps it: eval mode, no gradients, no discriminator (only training uses it)."""
-        self.discriminator = None
-        return self.eval().requires_grad_(False)
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
