@@ -80,6 +80,7 @@ TINY: dict[str, list[str]] = {
     ],
     "supervised": ["method=supervised", "data=digits", "method.backbone.name=conv"],
     "token_ar": ["experiment=token_ar_digits", "method.width=16", "method.depth=1", "method.heads=2"],
+    "distill": ["experiment=distill_digits", "method.start_steps=2"],
     "swav": [
         "experiment=swav_digits",
         "method.queue_size=16",
@@ -109,6 +110,12 @@ VARIANTS: dict[str, list[str]] = {
         "method.pred_hidden_dim=32",
     ],
     "flow": ["experiment=flow_digits", "method.width=8", "method.mults=[1,2]", "method.conditional=true"],
+    "distill_consistency": [
+        "experiment=distill_digits",
+        "method.algorithm=consistency",
+        "method.grid_points=4",
+        "method.target_decay=0.9",
+    ],
     "gated_pixelcnn": ["experiment=gated_pixelcnn_digits", "method.width=8", "method.blocks=1"],
 }
 # methods built on another model (a tokenizer, a teacher): an untrained one of this recipe, saved as a
@@ -123,7 +130,15 @@ STAGE1: dict[str, list[str]] = {
         "method.codebook_size=16",
         "method.disc_width=8",
     ],
+    "distill": [
+        "experiment=flow_digits",
+        "method.width=8",
+        "method.mults=[1,2]",
+        "method.conditional=true",
+    ],
 }
+# variants of a method's step: another algorithm
+VARIANTS_STAGE1 = {"distill_consistency": "distill"}
 # after COMMON: image sizes at which the tiles still move (their random jitter is part of the step)
 SIZES: dict[str, list[str]] = {
     "jigsaw": ["method.grid=2"],
@@ -146,9 +161,10 @@ COMMON = [
 
 def untrained_stage1(name: str, run_dir: Path) -> list[str]:
     """The override naming an untrained stage-1 model of ``name``'s recipe, saved in ``run_dir``."""
-    if name not in STAGE1:
+    recipe = STAGE1.get(VARIANTS_STAGE1.get(name, name))
+    if recipe is None:
         return []
-    stage_cfg = compose([*STAGE1[name], *COMMON])
+    stage_cfg = compose([*recipe, *COMMON])
     model = run.build_method(stage_cfg, run.build_datamodule(stage_cfg))
     path = Path(run_dir) / f"{name}_stage1.ckpt"
     torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, path)

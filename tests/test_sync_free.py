@@ -61,6 +61,8 @@ def sampling_cases():
         "vae": ("vae", {}),
         "pixelcnn": ("pixelcnn", {}),
         "token_ar": ("token_ar", {"top_k": 4, "top_p": 0.9, "guidance": 1.0}),
+        "distill/progressive": ("distill", {"steps": 2, "guidance": 1.0}),
+        "distill/consistency": ("distill_consistency", {"steps": 2, "guidance": 1.0}),
     }
 
 
