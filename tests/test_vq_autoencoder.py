@@ -91,10 +91,12 @@ def test_restarts_replace_exactly_the_dead_codes_with_encodings_of_the_batch():
     vq = VectorQuantizer(6, 3, decay=0.5, restart_threshold=1.0).train()
     vq.codebook.copy_(g(5, 6, 3) * 0.1)  # all codes near the origin
     vq.ema_sum.copy_(vq.codebook * 4)
-    vq.ema_count.copy_(torch.tensor([4.0, 4.0, 4.0, 1.5, 1.5, 4.0]))
+    # code 1 decays to exactly the threshold (alive), codes 3 and 4 below it (dead)
+    vq.ema_count.copy_(torch.tensor([4.0, 2.0, 4.0, 1.5, 1.5, 4.0]))
     z = g(6, 2, 3, 2, 2) + 5  # far from every code: all go to the nearest one, the others get none
     flat = z.permute(0, 2, 3, 1).reshape(-1, 3)
     nearest = brute_force_nearest(flat, vq.codebook)
+    assert set(nearest.tolist()).isdisjoint({1, 3, 4})  # so that none of them is assigned anything
     before = {k: (vq.ema_count[k].item(), vq.ema_sum[k].clone()) for k in range(6)}
     vq(z, seed=3)
     for k in range(6):
@@ -109,13 +111,14 @@ def test_restarts_replace_exactly_the_dead_codes_with_encodings_of_the_batch():
             s_k = flat[nearest == k].sum(0) if n_k else torch.zeros(3)
             assert vq.ema_count[k].item() == pytest.approx(decayed)
             assert torch.allclose(vq.ema_sum[k], 0.5 * total + 0.5 * s_k, atol=1e-6)
-    restarted = [k for k in range(6) if vq.ema_count[k].item() == 1.0]
+    restarted = [k for k in range(6) if any(torch.equal(vq.codebook[k], row) for row in flat)]
     assert restarted == [3, 4]  # the two codes that fell below the threshold, and no other
+    assert vq.ema_count[1].item() == 1.0 and torch.equal(vq.ema_sum[1], 0.5 * before[1][1])  # at it: kept
     # the draw depends on the seed only: another quantiser in the same state restarts identically
     twin = VectorQuantizer(6, 3, decay=0.5, restart_threshold=1.0).train()
     twin.codebook.copy_(g(5, 6, 3) * 0.1)
     twin.ema_sum.copy_(twin.codebook * 4)
-    twin.ema_count.copy_(torch.tensor([4.0, 4.0, 4.0, 1.5, 1.5, 4.0]))
+    twin.ema_count.copy_(torch.tensor([4.0, 2.0, 4.0, 1.5, 1.5, 4.0]))
     twin(z, seed=3)
     assert torch.equal(twin.codebook, vq.codebook)
 
