@@ -313,11 +313,15 @@ def save_run_files(cfg: DictConfig, run_dir: Path, loggers: list) -> None:
 
 def preflight(cfg: DictConfig, datamodule, method: Method, callbacks: list) -> None:
     """What would otherwise fail once the run has started: the dataset's files (downloaded now when
-    ``data.download=true``), and each callback's own checks against the method (``preflight(method)``)."""
+    ``data.download=true``), the DataModule's checks against the method (``check_method``, where it has
+    them), and each callback's own checks against the method (``preflight(method)``)."""
     if cfg.data.download and rank_zero_only.rank == 0:
         datamodule.prepare_data()  # global rank 0 only, as Lightning does; then its prepare_data finds the files
     elif not cfg.data.download:
         datamodule.check_files()
+    check_method = getattr(datamodule, "check_method", None)  # data made for one kind of method (latents)
+    if check_method is not None:
+        check_method(method)
     for callback in callbacks:
         check = getattr(callback, "preflight", None)
         if check is not None:

@@ -258,3 +258,70 @@ def test_the_unet_runs_on_odd_latent_sizes_and_is_unchanged_on_even_ones():
         else:
             h = block(h)  # nn.Upsample(scale_factor=2), then the conv
     assert torch.equal(net(x, t), net.head(h))
+
+
+def tiny_autoencoder(path, seed: int = 0) -> str:
+    """A latent-autoencoder checkpoint of digits at 16 px (8x8x2 latents), as load_method reads it."""
+    from lightning_gen.methods.base import DataInfo
+    from lightning_gen.methods.generative.latent_autoencoder import LatentAutoencoder, LatentAutoencoderConfig
+
+    torch.manual_seed(seed)
+    cfg = LatentAutoencoderConfig(
+        name="latent_autoencoder", channels=(8, 16), norm_groups=4, latent_channels=2
+    )
+    module = LatentAutoencoder(cfg, DataInfo(name="digits", channels=1, image_size=16))
+    module.latent_scale.fill_(1.7)  # as a trained one: latents scaled to unit variance
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    return str(path)
+
+
+def test_latents_cached_by_lgen_latents_train_as_encoding_on_the_fly(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    ae = tiny_autoencoder(tmp_path / "ae.ckpt")
+    assert lgen_main(["latents", f"ckpt={ae}", "data=digits", "data.image_size=16", "out=cache"]) == 0
+    meta = json.loads((tmp_path / "cache" / "latents.json").read_text())
+    assert meta["splits"] == {"train": 1222, "val": 216, "test": 359} and meta["latent_shape"] == [2, 8, 8]
+    # the cached posterior is the autoencoder's, unscaled, of the DataModule's own split
+    from lightning_gen import registry
+    from lightning_gen.config import compose, section_object
+
+    data = registry.build("data", section_object(compose(["data=digits", "data.image_size=16"]).data))
+    data.setup()
+    cached = torch.load(tmp_path / "cache" / "val.pt")
+    mean, std = load_latent_autoencoder(ae).posterior(data.datasets["val"].images[:5].float() / 127.5 - 1)
+    assert torch.allclose(cached["mean"][:5], mean, atol=1e-6) and torch.allclose(
+        cached["std"][:5], std, atol=1e-6
+    )
+    assert torch.equal(cached["label"], data.datasets["val"].labels)
+
+    common = [
+        *TINY[:1],
+        f"method.latents=ckpt:{ae}",
+        *[a for a in TINY if a.startswith(("data.", "method.dit", "trainer.", "logger.", "callbacks."))],
+        "trainer.max_epochs=1",
+    ]
+    assert lgen_main(["train", *common, "run_id=fly"]) == 0
+    assert lgen_main(["train", *common, "data=latents", "data.path=cache", "run_id=cached"]) == 0
+    runs = tmp_path / "runs" / "ldm_dit_digits"
+    fly, from_cache = step_losses(runs / "fly"), step_losses(runs / "cached")
+    assert len(fly) == 2 and fly.keys() == from_cache.keys()
+    # the same draws and operations; the encoder ran on other batch compositions, hence not bitwise
+    assert all(float(fly[k]) == pytest.approx(float(from_cache[k]), rel=1e-5) for k in fly)
+
+    # latents of another autoencoder than the method's: one line, nothing created
+    other = tiny_autoencoder(tmp_path / "other.ckpt", seed=1)
+    capsys.readouterr()
+    argv = [
+        "train",
+        *common,
+        "data=latents",
+        "data.path=cache",
+        f"method.latents=ckpt:{other}",
+        "run_id=other",
+    ]
+    assert lgen_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds the latents of another autoencoder" in err[0], err
+    assert not (runs / "other").exists()

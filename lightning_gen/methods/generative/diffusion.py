@@ -224,6 +224,16 @@ class Diffusion(GenerativeMethod):
         # under the trainer's autocast (the encoder is frozen: no gradients), the latents in float32
         return self.autoencoder.encode_latents(x, sample=self.cfg.latent_sample).float()
 
+    def encode_batch(self, batch: dict) -> torch.Tensor:
+        """The data x of a batch: its images encoded, or latents cached by `lgen latents` (data=latents),
+        drawn from the cached posterior and scaled exactly as ``encode`` does."""
+        if "latent_mean" not in batch:
+            return self.encode(batch["image"])
+        # in the memory layout the encoder's output has (channels_last when the trainer uses it), so that
+        # the noise drawn like it (randn_like follows the layout) is the noise of encoding on the fly
+        mean, std = (self.to_float(batch[k]) for k in ("latent_mean", "latent_std"))
+        return self.autoencoder.scale_latents(mean, std if self.cfg.latent_sample else None).float()
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (what FID and the grids expect) from pixels in [-1, 1] or latents."""
         if self.latent:
@@ -261,7 +271,7 @@ class Diffusion(GenerativeMethod):
         return out[:, : self.model_shape[0]] if out.shape[1] != self.model_shape[0] else out
 
     def step(self, batch, stage: str) -> torch.Tensor:
-        x = self.encode(batch["image"])
+        x = self.encode_batch(batch)
         # The order of the draws is each preset's original one, so that they train bitwise as before:
         if self.process.discrete:  # DDPM's Algorithm 1 draws t, then eps
             coef, t_net = self.draw_time(len(x), x.device)
