@@ -61,7 +61,7 @@ class LatentAutoencoderConfig(GenerativeConfig):
     disc_width: int = bounded(64, 1)
     disc_layers: int = bounded(2, 1, hint="stride-2 convs of the PatchGAN; 3 is the paper's 70-px patch")
     disc_lr: float | None = bounded(None, 0)  # defaults to lr
-    adaptive_weight_max: float = bounded(1e4, 0)
+    adaptive_weight_max: float = bounded(1e4, 0)  # the adaptive weight is clamped to [0, this] (LDM: 1e4)
     scale_images: int = bounded(512, 1, hint="training images whose latents set latent_scale")
     # Adam with LDM's betas; LDM scales 4.5e-6 per image of the global batch, i.e. 4.5e-4 at batch 96
     optimizer: str = choice("adam", "adam", "adamw", "sgd", "lars")
@@ -293,6 +293,10 @@ class LatentAutoencoder(GenerativeMethod):
         self.log("val/psnr", psnr, sync_dist=True, prog_bar=True)
 
     # ---------------------------------------------------------------- the latent scale
+    def buffers_identical_on_all_ranks(self) -> list[str]:
+        # every rank computes them from the same images: DDP need not re-broadcast them every step
+        return [*super().buffers_identical_on_all_ranks(), "latent_scale", "latent_shift"]
+
     def on_train_epoch_end(self) -> None:
         # Before the epoch's checkpoints are written (Lightning runs them after this hook).
         self.update_latent_scale()
