@@ -108,6 +108,14 @@ LATENT_BAD_INPUT = [
         "stage1.experiment=ddpm_digits trains diffusion, not an autoencoder of latents",
     ),
     (["train", "experiment=ldm_dit_digits", "method.latents=vae.ckpt"], "give ckpt:<latent_autoencoder"),
+    (["latents", "ckpt={ae}", "data=digits", "data.image_size=28"], "this run's data is digits at 28 px"),
+    (["latents", "ckpt={ae}", "data=digits", "data.image_size=16", "splits=train,bogus"], "no split 'bogus'"),
+    (["latents", "data=digits"], "say which autoencoder: ckpt="),
+    (["latents", "ckpt={ae}", "data=digits", "dtype=int8"], "dtype=int8: use one of float32"),
+    (
+        ["train", "experiment=ldm_dit_digits", "data=latents", "data.path=nowhere"],
+        "no complete latents under data.path=nowhere",
+    ),
 ]
 
 
