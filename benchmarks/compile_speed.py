@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gen.config import compose  # noqa: E402
-from lightning_gen.run import build_datamodule, build_method, resolve_precision  # noqa: E402
+from lightning_gen.precision import resolve_precision  # noqa: E402
+from lightning_gen.run import build_datamodule, build_method  # noqa: E402
 
 
 class Clock(L.Callback):

@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_gen.methods.base import DataInfo
 from lightning_gen.methods.generative.autoencoder import Autoencoder, AutoencoderConfig
-from lightning_gen.run import resolve_precision
+from lightning_gen.precision import resolve_precision
 
 
 def measured_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:

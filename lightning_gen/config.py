@@ -46,11 +46,22 @@ def choice(default: str, *options: str, help: str = "") -> Any:
     return field(default=default, metadata={"choices": options, "help": help})
 
 
-def bounded(default: Any, low: float | None = None, high: float | None = None, hint: str = "") -> Any:
+def bounded(
+    default: Any,
+    low: float | None = None,
+    high: float | None = None,
+    hint: str = "",
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Any:
     """A number field that must lie in [low, high] (None: no bound, and a None value is always allowed).
 
+    ``low_open`` / ``high_open`` exclude the bound itself: a temperature > 0, a dropout rate < 1. A list
+    or tuple of numbers (crop scales, per-view probabilities) is checked entry by entry.
     ``hint`` completes the error message with what the number means, e.g. "images per device and step"."""
-    return field(default=default, metadata={"low": low, "high": high, "hint": hint})
+    metadata = {"low": low, "high": high, "hint": hint, "low_open": low_open, "high_open": high_open}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -58,8 +69,11 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1  # int, list of ids, or "auto"
     num_nodes: int = bounded(1, 1, hint="machines to train on")
-    strategy: str = "auto"  # "auto" becomes ddp when more than one process trains
-    precision: str = "auto"  # "auto": bf16-mixed where the hardware has fast bf16, else 32-true
+    # "auto" becomes ddp when more than one process trains; "fsdp" shards the model (lightning_gen.sharding)
+    strategy: str = "auto"
+    # "auto": bf16-mixed on GPUs of compute capability >= 8.0 and bf16-native CPUs, 16-mixed on older GPUs,
+    # else 32-true (lightning_gen/precision.py)
+    precision: str = "auto"
     channels_last: bool = True  # memory format for conv nets (ignored by methods without convs)
     compile: bool = False  # torch.compile the networks that dominate the step (backbone, U-Net): see docs/data-at-scale.md
     max_epochs: int = bounded(10, -1, hint="-1 trains until max_steps or max_time")
@@ -72,12 +86,15 @@ class TrainerConfig:
     val_check_interval: float | None = bounded(None, 0)
     limit_train_batches: float | None = bounded(None, 0, hint="a fraction (0.25) or a number of batches (10)")
     limit_val_batches: float | None = bounded(None, 0, hint="a fraction (0.25) or a number of batches (10)")
-    # logged at least once per epoch: capped at the epoch's batch count on small datasets
+    # logged at least once per epoch: capped at the epoch's batch count on small datasets; also the interval
+    # at which ranks agree on stop signals and non-finite losses (lightning_gen/control.py) and the
+    # progress bar refreshes: the steps on which the host reads values back from the GPU
     log_every_n_steps: int = bounded(10, 1)
     checkpoint_every_n_steps: int | None = bounded(None, 1)  # besides the checkpoint at every epoch end
     keep_best: int = bounded(1, -1, hint="-1 keeps all")  # best checkpoints kept by the monitored metric
     sync_batchnorm: bool = False
-    deterministic: bool = False
+    # true: deterministic algorithms only (an op without one raises); "warn": it warns instead; false: fastest
+    deterministic: Any = False
     benchmark: bool | None = None
     enable_progress_bar: bool = True
     num_sanity_val_steps: int = bounded(0, -1)
@@ -300,6 +317,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_keys(cfg, RootConfig, "", skip={"method", "data", "callbacks"}, nested=nested)
     typed = _typed(cfg, RootConfig, "", skip={"method", "data", "callbacks"})
     _check_devices(typed.trainer.devices)
+    _check_deterministic(typed.trainer.deterministic)
+    for key in ("experiment", "run_id"):  # the run directory is <runs_dir>/<experiment>/<run_id>
+        _check_folder_name(typed[key], key)
     for kind in ("method", "data"):
         section = cfg.get(kind) or OmegaConf.create({})
         if "name" not in section:
@@ -423,25 +443,64 @@ def _check_bounds(node: DictConfig, schema: type, path: str) -> None:
             _check_bounds(value, kind, _join(path, f.name))
             continue
         meta = _bounds_metadata(schema, f.name)
-        low, high = meta.get("low"), meta.get("high")
-        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        if not meta:
             continue
-        if (low is not None and value < low) or (high is not None and value > high):
-            full = _join(path, f.name)
-            allowed = (
-                f"between {low} and {high}"
-                if low is not None and high is not None
-                else (f"at least {low}" if low is not None else f"at most {high}")
-            )
-            hint = f" ({meta['hint']})" if meta.get("hint") else ""
-            default = f.default if f.default is not dataclasses.MISSING else None
-            fits = default is not None and not (
-                low is not None and default < low or high is not None and default > high
-            )
-            example = default if fits else (low if low is not None and value < low else high)
-            raise ConfigError(
-                f"invalid value {value} for {full}: it must be {allowed}{hint}; e.g. {full}={example}"
-            )
+        full = _join(path, f.name)
+        allowed = _allowed_range(meta)
+        hint = f" ({meta['hint']})" if meta.get("hint") else ""
+        if isinstance(value, ListConfig | list | tuple) or type(value).__name__ == "TupleConfig":
+            for entry in value:
+                if _is_number(entry) and not _in_range(entry, meta):
+                    raise ConfigError(
+                        f"invalid value {entry} in {full}={list(value)}: every entry must be {allowed}{hint}"
+                    )
+            continue
+        if not _is_number(value) or _in_range(value, meta):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        raise ConfigError(
+            f"invalid value {value} for {full}: it must be {allowed}{hint}; "
+            f"e.g. {full}={_example(value, default, meta)}"
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return value is not None and not isinstance(value, bool) and isinstance(value, int | float)
+
+
+def _in_range(value: float, meta: dict) -> bool:
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value <= low if meta.get("low_open") else value < low):
+        return False
+    return not (high is not None and (value >= high if meta.get("high_open") else value > high))
+
+
+def _allowed_range(meta: dict) -> str:
+    """'between 0 and 1', 'at least 1', 'greater than 0 and at most 1', ..."""
+    low, high, low_open, high_open = (
+        meta.get("low"),
+        meta.get("high"),
+        meta.get("low_open"),
+        meta.get("high_open"),
+    )
+    if low is not None and high is not None and not (low_open or high_open):
+        return f"between {low} and {high}"
+    parts = []
+    if low is not None:
+        parts.append(f"greater than {low}" if low_open else f"at least {low}")
+    if high is not None:
+        parts.append(f"less than {high}" if high_open else f"at most {high}")
+    return " and ".join(parts)
+
+
+def _example(value: float, default: Any, meta: dict) -> Any:
+    """A value to suggest: the field's default where it is allowed, else the nearest allowed bound."""
+    if _is_number(default) and _in_range(default, meta):
+        return default
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and value <= low:
+        return low if not meta.get("low_open") else (low + high) / 2 if high is not None else low + 1
+    return high if not meta.get("high_open") else (low + high) / 2 if low is not None else high - 1
 
 
 def _bounds_metadata(schema: type, name: str) -> dict:
@@ -452,6 +511,20 @@ def _bounds_metadata(schema: type, name: str) -> dict:
                 if f.name == name and ("low" in f.metadata or "high" in f.metadata):
                     return dict(f.metadata)
     return {}
+
+
+def _check_folder_name(value: Any, key: str) -> None:
+    """``experiment`` and ``run_id`` each name one folder of the run's path: no separator, not '.' or '..'."""
+    if value is None:
+        return
+    text = str(value)
+    separators = [sep for sep in ("/", "\\", os.sep, os.altsep) if sep]
+    if text.strip() in ("", ".", "..") or any(sep in text for sep in separators) or "\0" in text:
+        raise ConfigError(
+            f"invalid value {text!r} for {key}: it is one folder name of the run directory "
+            f"(<runs_dir>/<experiment>/<run_id>), so it cannot be empty, '.' or '..' or contain a path "
+            f"separator; e.g. {key}=my-run, and runs_dir=... to put runs elsewhere"
+        )
 
 
 def _check_devices(devices: Any) -> None:
@@ -471,6 +544,15 @@ def _check_devices(devices: Any) -> None:
         raise ConfigError(
             f"invalid value {devices!r} for trainer.devices: give a number of devices (trainer.devices=2), "
             f"-1 or auto for all of them, or device ids (trainer.devices=[0,1])"
+        )
+
+
+def _check_deterministic(value: Any) -> None:
+    """trainer.deterministic: true, false or warn (Lightning's ``Trainer(deterministic=...)``)."""
+    if not (isinstance(value, bool) or value == "warn"):
+        raise ConfigError(
+            f"invalid value {value!r} for trainer.deterministic: expected true (deterministic algorithms "
+            "only: an operation without one raises), warn (it warns instead) or false"
         )
 
 

@@ -1,8 +1,9 @@
 """Stop on SIGTERM / SIGINT the way a finished run stops: checkpoint, summary, then a non-zero exit.
 
 A scheduler, ``timeout``, ``docker stop`` or ``kill`` sends SIGTERM; Ctrl+C sends SIGINT. Either one
-is noted by the handler and nothing else happens inside it. After the next training step all ranks
-agree on it (a max-reduce of the signal number: a signal that reached one rank stops them all at the
+is noted by the handler and nothing else happens inside it. All ranks agree on it at the next
+agreement point of ``lightning_gen.control`` (every ``trainer.log_every_n_steps`` batches and at each
+epoch end; a max-reduce of the signal number, so a signal that reached one rank stops them all at the
 same step), ``trainer.should_stop`` is set, last.ckpt is written at that step, and ``lgen train``
 prints its summary with the command that resumes the run and exits with 128 + the signal number
 (143 for SIGTERM, 130 for SIGINT), so whatever started it sees that the run did not finish. A
@@ -22,18 +23,11 @@ import signal
 import threading
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from lightning_gen import control
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def any_rank(trainer: L.Trainer, pl_module: L.LightningModule, value: int) -> int:
-    """The largest ``value`` over all ranks (one collective; every rank must call it at the same point)."""
-    flag = torch.tensor(float(value), device=pl_module.device)
-    if trainer.world_size > 1:
-        flag = trainer.strategy.reduce(flag, reduce_op="max")
-    return int(flag.item())
 
 
 class StopOnSignal(L.Callback):
@@ -68,9 +62,7 @@ class StopOnSignal(L.Callback):
         self.pending = self.pending or received
         if rank_zero_only.rank == 0:  # os.write: print() is not safe inside a signal handler
             again = " (Ctrl+C again quits at once)" if received == signal.SIGINT else ""
-            os.write(
-                2, f"\n[lgen] {received.name}: stopping after this step, with a checkpoint{again}\n".encode()
-            )
+            os.write(2, f"\n[lgen] {received.name}: stopping soon, with a checkpoint{again}\n".encode())
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -79,18 +71,18 @@ class StopOnSignal(L.Callback):
 
     # ------------------------------------------------------------------ agreeing and stopping
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._check(trainer, pl_module)
+        control.at_batch_end(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._check(trainer, pl_module)  # a signal during the epoch-end validation
+        control.at_epoch_end(trainer, pl_module)  # also catches a signal during the epoch-end validation
 
-    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.stopped_by is not None or not self._previous:
+    def control_votes(self) -> list[int]:
+        return [int(self.pending or 0) if self._previous and self.stopped_by is None else 0]
+
+    def control_act(self, trainer: L.Trainer, pl_module: L.LightningModule, agreed: list[int]) -> None:
+        if not agreed[0] or self.stopped_by is not None or not self._previous:
             return
-        agreed = any_rank(trainer, pl_module, int(self.pending or 0))
-        if not agreed:
-            return
-        self.stopped_by, self.stopped_at_step = signal.Signals(agreed), trainer.global_step
+        self.stopped_by, self.stopped_at_step = signal.Signals(agreed[0]), trainer.global_step
         trainer.should_stop = True
         # Lightning validates once more when a run stops early; an interrupted run leaves at once
         # (a scheduler gives it seconds), so that validation is skipped.

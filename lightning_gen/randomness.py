@@ -10,10 +10,14 @@ masks, label dropout) is drawn from the global torch RNG inside the LightningMod
 - **Evaluation never touches it.** Validation runs on a stream of its own, re-seeded the same way
   at every validation (so ``val/loss`` of a noisy objective is measured with the same noise every
   epoch) and the training state is put back afterwards; evaluation callbacks (probe, kNN, FID,
-  image grids, plots) run inside ``isolated()``.
-- **Exact resume.** Every rank's RNG state is gathered into each checkpoint and restored just
-  before the first training batch after a resume, so an interrupted run (SLURM requeue included)
-  continues the uninterrupted run's stream. The data order is a function of (seed, epoch): see
+  image grids, plots) run inside ``isolated()``. Evaluation loaders carry their own generator:
+  a DataLoader without one draws its workers' base seed from the global RNG at ``iter()``, which
+  Lightning calls before ``on_validation_start`` (sanity check included), so validation would
+  otherwise shift the training stream.
+- **Exact resume.** Every rank's RNG state (CPU and its own CUDA device) is gathered into each
+  checkpoint and restored just before the first training batch after a resume, so an interrupted
+  run (SLURM requeue included) continues the uninterrupted run's stream. On another world size the
+  streams are re-derived from (seed, new rank, step). The data order is a function of (seed, epoch): see
   ``lightning_gen.data.sampler``.
 """
 
@@ -29,7 +33,8 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-TRAINING, VALIDATION = 0, 1  # stream purposes
+# stream purposes: training draws, validation draws, training-loader workers, evaluation-loader workers
+TRAINING, VALIDATION, TRAIN_LOADER, EVAL_LOADER = 0, 1, 2, 3
 
 
 def stream_seed(seed: int, rank: int, purpose: int = TRAINING, *more: int) -> int:
@@ -50,14 +55,16 @@ def seed_all(seed: int) -> None:
 
 
 def collect_state() -> dict[str, Any]:
-    """The RNG states of this process (CUDA only where CUDA has been initialised)."""
+    """The RNG states of this process: CPU, NumPy, Python, and its own CUDA device's (where CUDA has
+    been initialised). One device, not every visible one: a process trains on its current device, and a
+    resume that sees fewer devices per process (another allocation) must still be able to restore it."""
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -65,8 +72,13 @@ def restore_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        if isinstance(cuda, list | tuple):  # every visible device's state (checkpoints of earlier versions)
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 @contextlib.contextmanager

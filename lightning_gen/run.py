@@ -10,7 +10,9 @@ A run lives in ``runs/<experiment>/<run_id>/``::
     samples/           image grids, where the method makes images
 
 The run id is ``run_id=...`` if given, else ``$SLURM_JOB_ID`` (array tasks: ``<array job>_<task>``),
-else generated. The DDP processes that Lightning launches inherit it through ``$LGEN_RUN_ID``.
+else torchrun's ``--rdzv-id``, else generated. The DDP processes that Lightning launches inherit it
+through ``$LGEN_RUN_ID``; processes that an external launcher (torchrun, several nodes) starts take
+global rank 0's run id, checkpoint to resume and W&B id (``cluster.launch``).
 """
 
 from __future__ import annotations
@@ -27,15 +29,18 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
 from lightning_gen import registry, stages
 from lightning_gen.checkpoint import AtomicCheckpointIO, LastCheckpoint, resume_path
+from lightning_gen.cluster.launch import agree, external_launch, torchelastic_run_id
 from lightning_gen.config import ConfigError, section_object, to_dict, to_yaml
+from lightning_gen.data.sampler import ElasticEpochResume
 from lightning_gen.interrupt import StopOnSignal
 from lightning_gen.methods.base import Method
+from lightning_gen.precision import resolve_precision
 from lightning_gen.quiet import LogEveryEpoch, silence_library_notices
 from lightning_gen.randomness import RandomStreams
 
@@ -80,8 +85,37 @@ def resolve_run_id(cfg: DictConfig) -> str:
         cfg.run_id
         or os.environ.get(RUN_ID_ENV)
         or slurm_run_id()
+        or torchelastic_run_id()
         or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
     )
+
+
+def settle_run(cfg: DictConfig) -> dict[str, Any]:
+    """The run id, the checkpoint to resume from (None: start) and the W&B id of this run, decided by
+    global rank 0 for every process when an external launcher started several (``cluster.launch``)."""
+
+    def decide() -> dict[str, Any]:
+        run_id = resolve_run_id(cfg)
+        run_dir = run_directory(cfg, run_id)
+        return {
+            "run_id": run_id,
+            "resume": resume_path(run_dir, cfg.resume),
+            "wandb_id": wandb_run_id(run_dir),
+        }
+
+    launched = external_launch(cfg.trainer.num_nodes)
+    if launched is None:
+        return decide()
+    rank, world = launched
+    rank_zero_only.rank = rank  # Lightning sets it in trainer.fit; what is written before needs it now
+    decided = agree(rank, world, decide)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node
+        print(
+            f"[lgen] global rank {rank} of {world}: run {decided['run_id']} as global rank 0 decided, "
+            f"resuming from {decided['resume'] or 'nothing (a new run)'}",
+            flush=True,
+        )
+    return decided
 
 
 def run_directory(cfg: DictConfig, run_id: str) -> Path:
@@ -100,25 +134,20 @@ def build_datamodule(cfg: DictConfig):
 def build_method(cfg: DictConfig, datamodule, **extra) -> Method:
     """``extra``: keyword arguments of the method's constructor besides its config and data (latent
     diffusion's ``autoencoder``)."""
-    method = registry.build("method", section_object(cfg.method), data=datamodule.info, **extra)
+    info = datamodule.info
+    try:
+        method = registry.build("method", section_object(cfg.method), data=info, **extra)
+    except ValueError as error:  # built from the config alone: a network that cannot take this data's images
+        raise ConfigError(
+            f"method={cfg.method.name} cannot be built for data={cfg.data.name} "
+            f"({info.channels}x{info.image_size}x{info.image_size} images): {error}"
+        ) from error
     if cfg.trainer.channels_last:
         method = method.to(memory_format=torch.channels_last)
     if cfg.trainer.compile:
         compiled = method.compile_networks()
         rank_zero_info(f"[lgen] torch.compile: {', '.join(compiled) or 'no network of this method'}")
     return method
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """``auto``: bf16-mixed where the hardware runs bf16 natively, else 32-true."""
-    if precision != "auto":
-        return precision
-    use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if use_cuda:
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    cpu_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16-mixed" if (cpu_bf16 or cpu_amx) else "32-true"
 
 
 def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: bool) -> list[L.Callback]:
@@ -133,6 +162,7 @@ def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: b
     monitor, mode, every = best_checkpoint_rule(method, configured)
     callbacks: list[L.Callback] = [
         RandomStreams(cfg.seed),
+        ElasticEpochResume(),  # an epoch interrupted on another allocation ends where it should
         ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="epoch{epoch:03d}-step{step:06d}",
@@ -147,6 +177,10 @@ def build_callbacks(cfg: DictConfig, method: Method, run_dir: Path, validates: b
         StopOnSignal(),  # SIGTERM / SIGINT: stop at a step boundary with a checkpoint, exit 128 + signal
         LogEveryEpoch(),
     ]
+    if cfg.trainer.enable_progress_bar:
+        # The bar reads every prog_bar value back to the host when it refreshes (on a GPU, a wait for the
+        # device): refresh on the logging steps, where Lightning reads the logged values anyway.
+        callbacks.append(TQDMProgressBar(refresh_rate=cfg.trainer.log_every_n_steps))
     if SLURMEnvironment.detect():  # Lightning's SIGUSR1 requeue, run where all ranks agree
         from lightning_gen.cluster.requeue import RequeueAtStepBoundary
 
@@ -207,7 +241,7 @@ def wandb_run_id(run_dir: Path) -> str:
     return path.read_text().strip() if path.exists() else secrets.token_hex(4)
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+def build_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None) -> list:
     """The run's loggers; nothing is written until training starts (``save_run_files``, then the first log)."""
     from lightning_gen.loggers import AppendingCSVLogger, WandbLogger
 
@@ -222,7 +256,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
                 entity=wandb_cfg.entity,
                 group=wandb_cfg.group,
                 tags=list(wandb_cfg.tags),
-                id=wandb_run_id(run_dir),
+                id=wandb_id or wandb_run_id(run_dir),
                 resume="allow",
                 offline=mode == "offline",
                 name=f"{cfg.experiment}/{run_dir.name}",
@@ -232,6 +266,13 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     if cfg.logger.csv:
         loggers.append(AppendingCSVLogger(save_dir=str(run_dir), name="", version=""))
     return loggers
+
+
+def build_strategy(name: str):
+    """``fsdp`` is FSDP2 sharding (``lightning_gen.sharding``, CPU and GPU); other names go to Lightning."""
+    from lightning_gen.sharding import STRATEGY_NAME, FullyShardedStrategy
+
+    return FullyShardedStrategy() if name == STRATEGY_NAME else name
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path) -> L.Trainer:
@@ -270,7 +311,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path
     try:
         trainer = L.Trainer(
             **kwargs,
-            strategy=t.strategy,
+            strategy=build_strategy(t.strategy),
             precision=precision,
             callbacks=callbacks,
             logger=loggers or False,
@@ -278,7 +319,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path
             plugins=plugins,
         )
     except (ValueError, MisconfigurationException) as error:
-        # e.g. strategy=fsdp on CPU, accelerator=gpu without a GPU: Lightning's reason, in our config's words
+        # e.g. accelerator=gpu without a GPU, 16-mixed with fsdp: Lightning's reason, in our config's words
         chosen = {
             "accelerator": t.accelerator,
             "devices": kwargs["devices"],
@@ -312,14 +353,13 @@ def save_run_files(cfg: DictConfig, run_dir: Path, loggers: list) -> None:
 
 
 def preflight(cfg: DictConfig, datamodule, method: Method, callbacks: list) -> None:
-    """What would otherwise fail once the run has started: the dataset's files (downloaded now when
-    ``data.download=true``), the DataModule's checks against the method (``check_method``, where it has
-    them), and each callback's own checks against the method (``preflight(method)``)."""
+    """What would otherwise fail once the run has started: the dataset's download (``data.download=true``;
+    without it ``train`` checked the files first of all), the DataModule's checks against the method
+    (``check_method``, where it has them: latents made by another autoencoder), and each callback's own
+    checks against the method (``preflight(method)``)."""
     if cfg.data.download and rank_zero_only.rank == 0:
         datamodule.prepare_data()  # global rank 0 only, as Lightning does; then its prepare_data finds the files
-    elif not cfg.data.download:
-        datamodule.check_files()
-    check_method = getattr(datamodule, "check_method", None)  # data made for one kind of method (latents)
+    check_method = getattr(datamodule, "check_method", None)
     if check_method is not None:
         check_method(method)
     for callback in callbacks:
@@ -328,16 +368,19 @@ def preflight(cfg: DictConfig, datamodule, method: Method, callbacks: list) -> N
             check(method)
 
 
-def train(cfg: DictConfig) -> Run:
-    """Train the experiment ``cfg`` (from ``config.compose``) and return what was built."""
+def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> Run:
+    """Train the experiment ``cfg`` (from ``config.compose``) and return what was built.
+
+    ``extra_callbacks`` (benchmarks, notebooks) run before the run's own, in the order given; one with an
+    ``install(trainer)`` method places itself once the Trainer is built."""
     silence_library_notices()
-    run_id = resolve_run_id(cfg)
+    settled = settle_run(cfg)
+    run_id, ckpt_path = settled["run_id"], settled["resume"]
     previous_env = os.environ.get(RUN_ID_ENV)
     os.environ[RUN_ID_ENV] = run_id  # DDP processes launched by Lightning inherit the same run directory
     try:
         cfg.run_id = run_id
         run_dir = run_directory(cfg, run_id)
-        ckpt_path = resume_path(run_dir, cfg.resume)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
 
         # Everything is built and checked before anything is written: a run that fails here leaves no
@@ -346,10 +389,12 @@ def train(cfg: DictConfig) -> Run:
         reused = stage1 is not None and stage1.finished
         if stage1 is not None and not reused:
             # stage 2 checked with an untrained autoencoder of the stage-1 recipe before stage 1 trains
-            build_checked(cfg, run_dir, autoencoder=stage1.untrained_autoencoder())
+            untrained = stage1.untrained_autoencoder()
+            build_checked(cfg, run_dir, settled["wandb_id"], extra_callbacks, autoencoder=untrained)
             stage1.run()
             L.seed_everything(cfg.seed, workers=True, verbose=False)  # as if stage 1 had been there
-        datamodule, method, callbacks, loggers, trainer = build_checked(cfg, run_dir)
+        built = build_checked(cfg, run_dir, settled["wandb_id"], extra_callbacks)
+        datamodule, method, callbacks, loggers, trainer = built
         if reused:
             stage1.announce_reuse()
 
@@ -370,20 +415,35 @@ def train(cfg: DictConfig) -> Run:
             os.environ[RUN_ID_ENV] = previous_env
 
 
-def build_checked(cfg: DictConfig, run_dir: Path, **extra) -> tuple:
+def build_checked(
+    cfg: DictConfig, run_dir: Path, wandb_id: str, extra_callbacks: tuple = (), **method_extra
+) -> tuple:
     """DataModule, method, callbacks, loggers and Trainer of a run, with every check that needs no
-    training; nothing is written. ``extra``: passed to the method's constructor."""
+    training; nothing is written. ``method_extra``: passed to the method's constructor."""
     datamodule = build_datamodule(cfg)
-    method = build_method(cfg, datamodule, **extra)
+    if not cfg.data.download:  # a missing dataset is named before anything is built from its settings
+        datamodule.check_files()
+    method = build_method(cfg, datamodule, **method_extra)
+    if cfg.trainer.strategy == "fsdp":
+        from lightning_gen.sharding import unsupported_reason
+
+        reason = unsupported_reason(method, cfg.trainer.sync_batchnorm or not _multi_process(cfg))
+        if reason:
+            raise ConfigError(f"trainer.strategy=fsdp: {reason}")
     validates = cfg.trainer.limit_val_batches != 0
-    callbacks = build_callbacks(cfg, method, run_dir, validates)
-    loggers = build_loggers(cfg, run_dir)
+    callbacks = [*extra_callbacks, *build_callbacks(cfg, method, run_dir, validates)]
+    loggers = build_loggers(cfg, run_dir, wandb_id)
     if getattr(method, "ddp_find_unused_parameters", False) and cfg.trainer.strategy in ("auto", "ddp"):
         # e.g. a GAN's D step leaves G without gradients: DDP must be told (only matters with >1 process)
         cfg.trainer.strategy = (
             "ddp_find_unused_parameters_true" if _multi_process(cfg) else cfg.trainer.strategy
         )
     trainer = build_trainer(cfg, callbacks, loggers, run_dir)
+    for (
+        callback
+    ) in extra_callbacks:  # those that place themselves among the others (host_sync.CountStepSyncs)
+        if hasattr(callback, "install"):
+            callback.install(trainer)
     preflight(cfg, datamodule, method, callbacks)
     return datamodule, method, callbacks, loggers, trainer
 

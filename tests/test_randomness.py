@@ -3,7 +3,8 @@
 - every DDP rank draws its own views / diffusion (t, eps) / GAN z / MAE masks, and a rerun with the
   same seed draws the same (2 real gloo processes through `lgen train trainer.devices=2`);
 - evaluation (linear probe, kNN, k-means, image grids, validation) neither consumes nor resets the
-  training streams: a run with all of it on trains bitwise like a run with all of it off;
+  training streams: a run with all of it on trains bitwise like a run with all of it off, and so do
+  runs that validate twice an epoch, never, or with a sanity check and more validation batches;
 - a run stopped mid-epoch and resumed (`callbacks.stop_after.steps`) has per-step losses and final
   weights bitwise equal to the uninterrupted run: SimCLR, MoCo v2, SwAV and DDPM on 1 process, SimCLR on 2;
 - the generator EMA moves once per optimizer step under gradient accumulation.
@@ -91,6 +92,32 @@ def test_interrupted_mid_epoch_run_resumes_bitwise(lgen, experiment):
         lgen(*off, "run_id=quiet", env=run_env())
         assert_same_training(runs / "full", runs / "quiet")
         assert "eval/probe_top1" in (runs / "full" / "metrics.csv").read_text()  # the probe did run
+
+
+def test_training_is_independent_of_validation_settings(lgen):
+    """Validation (how often, how many batches, the sanity check) never shifts the training stream, and a
+    mid-epoch checkpoint written at a validating step resumes bitwise. Lightning iterates a validation
+    loader before on_validation_start: a loader without its own generator would draw its workers' base
+    seed from the training stream there."""
+    base = ["train", "experiment=simclr_digits", *TINY, "callbacks.images.enabled=false"]
+    runs = lgen.cwd / "runs" / "simclr_digits"
+    often = ["trainer.val_check_interval=2"]  # after batches 2 and 4 of every epoch, no sanity check
+    lgen(*base, *often, "run_id=often", env=run_env())
+    lgen(*base, "trainer.check_val_every_n_epoch=100", "run_id=never", env=run_env())
+    assert len(validations(runs / "often")) == 4 and not validations(runs / "never")
+    assert_same_training(runs / "often", runs / "never")
+    # Step 6 (batch 2 of epoch 1) validates right after its checkpoint is written; this run also has a
+    # sanity check and validates on 3 batches instead of 1.
+    more = [*often, "trainer.num_sanity_val_steps=2", "trainer.limit_val_batches=3", "run_id=cut"]
+    lgen(*base, *more, f"callbacks.stop_after.steps={STOP}", env=run_env())
+    lgen(*base, *more, env=run_env())
+    assert checkpoint(runs / "cut")["global_step"] == 8
+    assert_same_training(runs / "often", runs / "cut")
+
+
+def validations(run_dir) -> list[str]:
+    with open(run_dir / "metrics.csv") as handle:
+        return [r["step"] for r in csv.DictReader(handle) if r.get("val/probe_acc")]
 
 
 @pytest.mark.ddp

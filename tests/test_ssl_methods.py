@@ -272,7 +272,8 @@ def test_swav_trains_with_two_ddp_processes_queue_and_global_sinkhorn(lgen):
 
 
 def test_multi_node_two_nodes_one_device_each(tmp_path):
-    """num_nodes=2, devices=1: two processes started by hand with the env a cluster launcher sets."""
+    """num_nodes=2, devices=1: two processes started by hand with the env a cluster launcher sets; they
+    agree on the run through the store global rank 0 serves, which the process group then reuses."""
     port = _free_port()
     procs = []
     for node in range(2):
@@ -282,7 +283,6 @@ def test_multi_node_two_nodes_one_device_each(tmp_path):
             NODE_RANK=str(node),
             WORLD_SIZE="2",
             LOCAL_RANK="0",
-            LGEN_RUN_ID="nodes",
         )
         procs.append(
             subprocess.Popen(
@@ -294,6 +294,7 @@ def test_multi_node_two_nodes_one_device_each(tmp_path):
                     *MULTI,
                     "trainer.num_nodes=2",
                     "trainer.devices=1",
+                    "run_id=nodes",
                 ],
                 cwd=tmp_path,
                 env=env,
@@ -306,6 +307,7 @@ def test_multi_node_two_nodes_one_device_each(tmp_path):
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
     assert "2 node(s) x 1 device(s)" in outputs[0] and "global batch 32" in outputs[0]
+    assert "global rank 1 of 2: run nodes as global rank 0 decided" in outputs[1]
     check_two_process_run(tmp_path / "runs" / "moco_v2_digits" / "nodes")
 
 

@@ -5,8 +5,10 @@ calls ``scontrol requeue``. Python runs that handler wherever the signal lands: 
 ``optimizer.step()`` and the step counter's increment (the checkpoint then holds one optimizer
 step more than its ``global_step``), or on one DDP rank while the other is inside a gradient
 all-reduce (the checkpoint's barrier then meets the wrong collective and can hang). This callback
-only notes the signal, agrees on it across ranks after each training batch, and then calls
-Lightning's own handler there, on every rank at the same step. It saves and requeues nothing
+only notes the signal, agrees on it across ranks with the other step-boundary decisions
+(``lightning_gen.control``: every ``trainer.log_every_n_steps`` batches and at each epoch end, so the
+SLURM grace period, ``--signal=USR1@<seconds>``, must cover N steps and a checkpoint write), and then
+calls Lightning's own handler there, on every rank at the same step. It saves and requeues nothing
 itself: it changes *when* Lightning's handler runs, not what it does.
 """
 
@@ -18,7 +20,7 @@ import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_gen.interrupt import any_rank
+from lightning_gen import control
 
 
 class RequeueAtStepBoundary(L.Callback):
@@ -39,9 +41,16 @@ class RequeueAtStepBoundary(L.Callback):
         self.received = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._lightning_handler is None:
-            return
-        if any_rank(trainer, pl_module, int(self.received)):  # one rank's signal is everyone's
+        control.at_batch_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        control.at_epoch_end(trainer, pl_module)
+
+    def control_votes(self) -> list[int]:
+        return [int(self.received and self._lightning_handler is not None)]
+
+    def control_act(self, trainer: L.Trainer, pl_module: L.LightningModule, agreed: list[int]) -> None:
+        if agreed[0] and self._lightning_handler is not None:  # one rank's signal is everyone's
             self.received = False
             rank_zero_info(
                 f"[lgen] {self.requeue_signal.name}: checkpoint at step {trainer.global_step} and requeue"

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_gen.config import bounded
 from lightning_gen.data.sampler import EpochSampler, ResumableLoader
 from lightning_gen.methods.base import DataInfo
+from lightning_gen.randomness import EVAL_LOADER, stream_seed
 
 
 class DatasetMissingError(FileNotFoundError):
@@ -41,7 +42,8 @@ class DataConfig:
     batch_size: int = bounded(128, 1, hint="images per device and step")  # the global batch is printed at start
     eval_batch_size: int = bounded(256, 1)
     num_workers: int = bounded(0, 0, hint="loader processes per device; 0 loads in the training process")
-    pin_memory: bool = False
+    # page-locked batches, so the copy to the GPU runs asynchronously; None: on when training on a CUDA GPU
+    pin_memory: bool | None = None
     image_size: int | None = bounded(None, 1, hint="pixels per side")  # resize at load time; None: native size
     val_fraction: float = bounded(0.1, 0, 0.9)  # held out from train, seeded; 0 -> validate on the test split
     max_train_samples: int | None = bounded(None, 1)  # a deterministic subset, for quick runs and tests
@@ -120,13 +122,13 @@ class ImageDataModule(L.LightningDataModule):
 
     def check_files(self) -> None:
         missing = [p for p in self.expected_files() if not p.exists()]
-        if missing:
-            listing = "\n  ".join(str(p) for p in self.expected_files())
+        if missing:  # one line, as every `lgen: error:` is
+            expected = ", ".join(str(p) for p in self.expected_files())
+            command = self.download_command()
+            get_it = f"get it with `{command}`" if not command.startswith("(") else command.strip("()")
             raise DatasetMissingError(
-                f"dataset {self.registry_name!r} not found under {self.root.resolve()}: missing {missing[0]}.\n"
-                f"Expected files:\n  {listing}\n"
-                f"Download it with:\n  {self.download_command()}\n"
-                f"or point data.root at the folder that holds it."
+                f"dataset {self.registry_name!r} not found under {self.root.resolve()}: missing {missing[0]} "
+                f"(expected {expected}); {get_it}, or point data.root at the folder that holds it"
             )
 
     def prepare_data(self) -> None:
@@ -179,9 +181,14 @@ class ImageDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise KeyError(f"{self.registry_name} has no split {split!r}; splits: {', '.join(self.datasets)}")
         workers = self._workers()
+        # Its own generator: without one, iter() draws the workers' base seed from the global RNG, i.e.
+        # from the training stream (Lightning iterates a validation loader before on_validation_start).
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, rank, EVAL_LOADER))
         return DataLoader(
             self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-            num_workers=workers, pin_memory=self.cfg.pin_memory, persistent_workers=workers > 0,
+            num_workers=workers, pin_memory=self.pins_memory(), persistent_workers=workers > 0,
+            generator=generator,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -199,10 +206,19 @@ class ImageDataModule(L.LightningDataModule):
             batch_size=self.cfg.batch_size,
             drop_last=len(sampler) >= self.cfg.batch_size,
             num_workers=workers,
-            pin_memory=self.cfg.pin_memory,
+            pin_memory=self.pins_memory(),
             persistent_workers=workers > 0,
             collate_fn=self.collate_fn,
         )
+
+    def pins_memory(self) -> bool:
+        """``data.pin_memory``; unset, whether the trainer runs on a CUDA device. Lightning copies batches
+        with ``non_blocking=True``, which overlaps with the GPU's work only from page-locked (pinned)
+        memory: from ordinary memory CUDA stages the copy and may wait for the GPU's queue first."""
+        if self.cfg.pin_memory is not None:
+            return bool(self.cfg.pin_memory)
+        trainer = getattr(self, "trainer", None)  # None outside a Trainer (notebooks, evaluation)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     collate_fn = None  # the DataLoader's default_collate, unless a subclass's items need another
 

@@ -9,8 +9,15 @@ therefore depends on nothing but the seed, the epoch and the world size: not on 
 The loader counts the samples it has handed to training. That count is the loader's state in a
 checkpoint (Lightning saves and restores the state of a train dataloader that has
 ``state_dict``/``load_state_dict``); a run resumed mid-epoch skips exactly the samples already
-trained on, over all ranks, and so continues the uninterrupted run's order. On another world
-size it still continues the same epoch without repeating or skipping a sample.
+trained on, over all ranks, and so continues the uninterrupted run's order.
+
+On another allocation (world size or per-device batch) the resumed epoch deals the permutation's
+positions not yet trained on over the new ranks, each once (trimmed to a multiple of the new world
+size, as a whole epoch is). Lightning counts the batches of a resumed epoch per process in the old
+allocation's batches, against the new allocation's batches per epoch, so the epoch would end early
+or never; ``ElasticEpochResume`` re-counts the batches done in the new allocation's units, so the
+epoch ends when its last unseen batch is trained, then validates and checkpoints as usual (and
+``schedules.training_progress`` continues from where it stopped).
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_gen.randomness import stream_seed
+from lightning_gen.randomness import TRAIN_LOADER, stream_seed
 
 
 class EpochSampler(DistributedSampler):
@@ -32,7 +41,9 @@ class EpochSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
         self._resume: dict[str, int] | None = None  # {"epoch", "samples"} from a checkpoint, not yet used
         self.skip = 0  # samples of this epoch (all ranks) to pass over
 
@@ -50,9 +61,14 @@ class EpochSampler(DistributedSampler):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return torch.randperm(len(self.dataset), generator=generator)[: self.total_size]
 
-    def __iter__(self) -> Iterator[int]:
+    def remaining(self) -> torch.Tensor:
+        """The positions of this epoch not yet trained on, trimmed to a multiple of the world size (a
+        resume on another world size can leave a count that does not divide; every rank gets as many)."""
         remaining = self.order()[self.skip :]
-        return iter(remaining[self.rank :: self.num_replicas].tolist())
+        return remaining[: len(remaining) // self.num_replicas * self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.remaining()[self.rank :: self.num_replicas].tolist())
 
     # __len__ stays the full epoch's length per rank: Lightning counts the batches already done itself.
 
@@ -68,10 +84,11 @@ class ResumableLoader(DataLoader):
     def __init__(self, dataset: Dataset, sampler: EpochSampler, **kwargs: Any):
         super().__init__(dataset, sampler=sampler, generator=torch.Generator(), **kwargs)
         self.samples_done = 0  # this epoch, this rank, handed to training
+        self.resumed_on_new_allocation: dict[str, int] | None = None  # a loaded state of another allocation
 
     def __iter__(self):
         sampler: EpochSampler = self.sampler
-        self.generator.manual_seed(stream_seed(sampler.seed, sampler.rank, 2, sampler.epoch))
+        self.generator.manual_seed(stream_seed(sampler.seed, sampler.rank, TRAIN_LOADER, sampler.epoch))
         if hasattr(self.dataset, "set_epoch"):  # datasets that augment per item seed by (seed, epoch, index)
             self.dataset.set_epoch(sampler.epoch)
         self.samples_done = 0
@@ -85,6 +102,8 @@ class ResumableLoader(DataLoader):
             "epoch": sampler.epoch,
             "samples": sampler.skip + self.samples_done * sampler.num_replicas,
             "seed": sampler.seed,
+            "world_size": sampler.num_replicas,  # the allocation that counted the batches done
+            "batch_size": self.batch_size,
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -93,3 +112,45 @@ class ResumableLoader(DataLoader):
             # another seed gives another order: skipping a count of it would not skip what was trained on
             return
         sampler.resume_from(int(state["epoch"]), int(state["samples"]))
+        same = (state.get("world_size"), state.get("batch_size")) == (sampler.num_replicas, self.batch_size)
+        self.resumed_on_new_allocation = None if same or "world_size" not in state else dict(state)
+
+    def batches_left(self, samples_done: int) -> int:
+        """Batches per process this allocation trains after ``samples_done`` samples of an epoch."""
+        sampler: EpochSampler = self.sampler
+        per_process = max(sampler.total_size - samples_done, 0) // sampler.num_replicas
+        return per_process // self.batch_size if self.drop_last else -(-per_process // self.batch_size)
+
+
+class ElasticEpochResume(L.Callback):
+    """Re-counts the batches done of an epoch resumed on another allocation in this allocation's batches.
+
+    Lightning restores the batch count of the interrupted epoch as the old processes counted it and
+    ends the epoch when that count reaches this allocation's batches per epoch: from 2 processes to 1
+    it would stop half-way through what is left, from 1 to 2 it would wait for batches that never come
+    and never close the epoch. ``on_train_start`` runs after the loop and loader states are restored
+    and before the epoch loop reads them: the count is set so that exactly the batches left end it.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        resumed = getattr(loader, "resumed_on_new_allocation", None)
+        if resumed is None or trainer.num_training_batches == float("inf"):
+            return
+        loader.resumed_on_new_allocation = None
+        batch_progress = trainer.fit_loop.epoch_loop.batch_progress
+        if not trainer.fit_loop.restarted_mid_epoch or batch_progress.is_last_batch:
+            return  # the checkpoint closed its epoch: the next one starts from its first batch anyway
+        progress = batch_progress.current
+        left = loader.batches_left(int(resumed["samples"]))
+        done = max(int(trainer.num_training_batches) - left, 0)
+        shift = done - progress.processed
+        progress.ready += shift
+        progress.started += shift
+        progress.processed += shift
+        progress.completed += shift
+        rank_zero_info(
+            f"[lgen] resuming epoch {trainer.current_epoch} after {resumed['samples']} samples, written by "
+            f"{resumed['world_size']} process(es) x {resumed['batch_size']}: {left} batches of "
+            f"{trainer.world_size} x {loader.batch_size} left"
+        )

@@ -315,7 +315,7 @@ class ShardDataModule(DecodesPerItem, ImageDataModule):
             stream,
             batch_size=self.cfg.batch_size,
             num_workers=workers,
-            pin_memory=self.cfg.pin_memory,
+            pin_memory=self.pins_memory(),
             drop_last=True,
             collate_fn=crops.collate,
             trainer=self.trainer,

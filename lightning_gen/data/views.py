@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.data.crops import CropSpec
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
@@ -49,15 +49,15 @@ class CropConfig:
 
     n: int | None = None  # how many views of this kind
     size: int | None = None  # output side in pixels; None: the image size (global) or 96/224 of it (local)
-    scale: tuple[float, float] | None = None  # area fraction of the random resized crop
-    ratio: tuple[float, float] | None = None
-    flip_p: float | None = None
-    jitter_p: float | None = None
-    jitter: tuple[float, float, float, float] | None = None  # brightness, contrast, saturation, hue
-    grayscale_p: float | None = None
-    blur_p: list[float] | None = None  # per view, cycled (DINO: [1.0, 0.1] for its two global crops)
-    blur_sigma: tuple[float, float] | None = None
-    solarize_p: list[float] | None = None
+    scale: tuple[float, float] | None = bounded(None, 0, 1, low_open=True)  # area fraction of the random resized crop
+    ratio: tuple[float, float] | None = bounded(None, 0, low_open=True)  # aspect ratios of the crop
+    flip_p: float | None = bounded(None, 0, 1)
+    jitter_p: float | None = bounded(None, 0, 1)
+    jitter: tuple[float, float, float, float] | None = bounded(None, 0)  # brightness, contrast, saturation, hue
+    grayscale_p: float | None = bounded(None, 0, 1)
+    blur_p: list[float] | None = bounded(None, 0, 1)  # per view, cycled (DINO: [1.0, 0.1] for its two global crops)
+    blur_sigma: tuple[float, float] | None = bounded(None, 0, low_open=True)  # Gaussian blur's sigma range
+    solarize_p: list[float] | None = bounded(None, 0, 1)
 
 
 @dataclass
@@ -255,11 +255,13 @@ def augment(x: torch.Tensor, crop: CropConfig, view: int = 0, cropped: bool = Fa
         x = _where(torch.rand(n, device=dev) < crop.grayscale_p, grayscale(x), x)
     blur_p = crop.blur_p[view % len(crop.blur_p)]
     if blur_p > 0:
-        chosen = (torch.rand(n, device=dev) < blur_p).nonzero().squeeze(1)
-        if len(chosen):
-            sigma = torch.empty(len(chosen), device=dev).uniform_(*crop.blur_sigma)
-            kernel = max(3, int(0.1 * crop.size) // 2 * 2 + 1)  # ~10% of the side, odd
-            x = x.index_copy(0, chosen, gaussian_blur(x[chosen], sigma, kernel))
+        # The whole batch is blurred and the chosen samples keep it: picking them out first would give
+        # a shape that depends on the draw, and on a GPU the host would wait to learn it (the blur
+        # is a cheap separable convolution next to the network).
+        chosen = torch.rand(n, device=dev) < blur_p
+        sigma = torch.empty(n, device=dev).uniform_(*crop.blur_sigma)
+        kernel = max(3, int(0.1 * crop.size) // 2 * 2 + 1)  # ~10% of the side, odd
+        x = _where(chosen, gaussian_blur(x, sigma, kernel), x)
     solarize_p = crop.solarize_p[view % len(crop.solarize_p)]
     if solarize_p > 0:
         x = _where(torch.rand(n, device=dev) < solarize_p, solarize(x), x)

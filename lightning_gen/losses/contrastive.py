@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_gen.distributed import gather_no_grad, gather_with_grad, rank
+from lightning_gen.losses.precision import full_precision
 
 
+@full_precision
 def nt_xent(
     z: torch.Tensor, index: torch.Tensor, temperature: float = 0.1, gather: bool = True
 ) -> torch.Tensor:
@@ -30,9 +32,11 @@ def nt_xent(
 
         ℓ_i = -1/|P(i)| Σ_{p ∈ P(i)} log [ exp(s_ip / τ) / Σ_{k ≠ i} exp(s_ik / τ) ]
 
-    with s the cosine similarity over all rows of all ranks. Anchors without a positive are skipped.
+    with s the cosine similarity over all rows of all ranks. Anchors without a positive are skipped
+    (masked out of the mean rather than indexed away: a boolean index would make the host wait for
+    the GPU to count them).
     """
-    z = F.normalize(z.float(), dim=1)
+    z = F.normalize(z, dim=1)
     candidates = gather_with_grad(z) if gather else z
     cand_index = gather_no_grad(index) if gather else index
     offset = rank() * len(z) if gather else 0  # where this rank's rows sit in the gathered matrix
@@ -45,10 +49,11 @@ def nt_xent(
     log_prob = (logits - torch.logsumexp(logits, dim=1, keepdim=True)).masked_fill(~positive, 0.0)
     n_pos = positive.sum(1)
     has_pos = n_pos > 0
-    per_anchor = -log_prob.sum(1)[has_pos] / n_pos[has_pos]
-    return per_anchor.mean()
+    per_anchor = -log_prob.sum(1) / n_pos.clamp(min=1)
+    return (per_anchor * has_pos).sum() / has_pos.sum().clamp(min=1)
 
 
+@full_precision
 def info_nce(
     queries: torch.Tensor, keys: torch.Tensor, temperature: float = 1.0, gather: bool = True
 ) -> torch.Tensor:
@@ -63,10 +68,11 @@ def info_nce(
     """
     candidates = gather_with_grad(keys) if gather else keys
     offset = rank() * len(keys) if gather else 0  # where this rank's keys sit among the candidates
-    logits = queries.float() @ candidates.float().T / temperature
+    logits = queries @ candidates.T / temperature
     return F.cross_entropy(logits, torch.arange(len(queries), device=queries.device) + offset)
 
 
+@full_precision
 def moco_loss(
     q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.07
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,9 +80,9 @@ def moco_loss(
 
     Returns the loss and the logits ((K+1)-way contrast accuracy is a monitoring metric only).
     """
-    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1).detach()
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1).detach()
     l_pos = (q * k).sum(1, keepdim=True)
-    l_neg = q @ queue.float().T
+    l_neg = q @ queue.T
     logits = torch.cat([l_pos, l_neg], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device)), logits
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_gen.distributed import all_reduce_mean
+from lightning_gen.losses.precision import full_precision
 
 
 class DINOLoss(nn.Module):
@@ -23,12 +24,13 @@ class DINOLoss(nn.Module):
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
+    @full_precision
     def forward(
         self, student: list[torch.Tensor], teacher: list[torch.Tensor], teacher_temp: float
     ) -> torch.Tensor:
         """student: outputs of every view (global first); teacher: outputs of the global views only."""
-        targets = [F.softmax((t.float() - self.center) / teacher_temp, dim=-1).detach() for t in teacher]
-        log_probs = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student]
+        targets = [F.softmax((t - self.center.float()) / teacher_temp, dim=-1).detach() for t in teacher]
+        log_probs = [F.log_softmax(s / self.student_temp, dim=-1) for s in student]
         total, pairs = 0.0, 0
         for ti, t in enumerate(targets):
             for si, log_p in enumerate(log_probs):
@@ -39,6 +41,7 @@ class DINOLoss(nn.Module):
         return total / pairs
 
     @torch.no_grad()
+    @full_precision
     def update_center(self, teacher: list[torch.Tensor]) -> None:
-        batch_mean = all_reduce_mean(torch.cat(teacher).float().mean(0, keepdim=True))
+        batch_mean = all_reduce_mean(torch.cat(teacher).mean(0, keepdim=True))
         self.center.mul_(self.center_momentum).add_(batch_mean, alpha=1 - self.center_momentum)

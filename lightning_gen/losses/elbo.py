@@ -11,9 +11,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lightning_gen.losses.precision import full_precision
+
 LOG_2PI = math.log(2 * math.pi)
 
 
+@full_precision
 def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) per sample, summed over latent dimensions."""
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).flatten(1).sum(1)
@@ -24,13 +27,18 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return mu + (0.5 * logvar).exp() * torch.randn_like(mu)
 
 
+@full_precision
 def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor | float) -> torch.Tensor:
-    """-log N(x; mean, exp(logvar)) per sample, summed over dimensions (nats)."""
-    logvar = torch.as_tensor(logvar, dtype=mean.dtype, device=mean.device)
-    nll = 0.5 * (LOG_2PI + logvar + (x - mean).pow(2) * torch.exp(-logvar))
+    """-log N(x; mean, exp(logvar)) per sample, summed over dimensions (nats).
+
+    A fixed variance is a Python number and stays one (a tensor made of it inside the step would be
+    a blocking host-to-device copy on a GPU)."""
+    precision = torch.exp(-logvar) if isinstance(logvar, torch.Tensor) else math.exp(-logvar)
+    nll = 0.5 * (LOG_2PI + logvar + (x - mean).pow(2) * precision)
     return nll.expand_as(x).flatten(1).sum(1)
 
 
+@full_precision
 def bernoulli_nll(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """-log Bernoulli(x; sigmoid(logits)) per sample (x in [0, 1], the continuous-Bernoulli-free form)."""
     return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)

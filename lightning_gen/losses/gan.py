@@ -13,13 +13,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lightning_gen.losses.precision import full_precision
+
 GENERATOR_LOSSES = ("non_saturating", "minimax")
 
 
+@full_precision
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
+@full_precision
 def generator_loss(fake_logits: torch.Tensor, kind: str = "non_saturating") -> torch.Tensor:
     if kind == "non_saturating":
         return F.softplus(-fake_logits).mean()

@@ -22,21 +22,23 @@ import torch
 import torch.nn.functional as F
 
 from lightning_gen.distributed import gather_with_grad
+from lightning_gen.losses.precision import full_precision
 
 
+@full_precision
 def byol_regression(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BYOL's mean squared error between L2-normalised prediction and target (Grill et al. 2020):
     ``||p̄ - z̄'||² = 2 - 2 cos(p, z')`` averaged over the batch; the target carries no gradient."""
-    return (2 - 2 * F.cosine_similarity(prediction.float(), target.detach().float(), dim=-1)).mean()
+    return (2 - 2 * F.cosine_similarity(prediction, target.detach(), dim=-1)).mean()
 
 
+@full_precision
 def negative_cosine(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """SimSiam's D(p, z) = -cos(p, stopgrad(z)) averaged over the batch (Chen & He 2021)."""
-    return -F.cosine_similarity(prediction.float(), target.detach().float(), dim=-1).mean()
+    return -F.cosine_similarity(prediction, target.detach(), dim=-1).mean()
 
 
 def _global(z: torch.Tensor, gather: bool) -> torch.Tensor:
-    z = z.float()
     return gather_with_grad(z) if gather else z
 
 
@@ -46,10 +48,17 @@ def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 
 def off_diagonal(m: torch.Tensor) -> torch.Tensor:
-    """The entries of a square matrix that are not on its diagonal, flattened."""
-    return m[~torch.eye(len(m), dtype=torch.bool, device=m.device)]
+    """The entries of a square matrix that are not on its diagonal, flattened (row-major order).
+
+    A view, not a boolean mask: ``m[~eye]`` would build a d x d mask (8192² in the ImageNet recipes)
+    and make the host wait for the GPU to count its True entries. Dropping the last entry of the
+    flattened matrix and reading the rest as (d - 1) rows of d + 1 puts every diagonal entry in the
+    first column; the other columns are exactly the off-diagonal entries."""
+    d = len(m)
+    return m.flatten()[:-1].view(d - 1, d + 1)[:, 1:].flatten()
 
 
+@full_precision
 def barlow_twins_loss(
     z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3, gather: bool = True
 ) -> torch.Tensor:
@@ -58,7 +67,8 @@ def barlow_twins_loss(
     The cross-correlation is a statistic of the whole batch (each dimension is standardised with
     the batch mean and variance, then correlated across samples), so under DDP it must be computed
     over the samples of every rank, as the paper's multi-GPU implementation does; on a local slice
-    it would be a different, noisier matrix.
+    it would be a different, noisier matrix. The matrix is float32 whatever the autocast
+    (``full_precision``): in float16 its sums of N products overflow at large batch.
     """
     a, b = standardize(_global(z1, gather)), standardize(_global(z2, gather))
     c = a.T @ b / len(a)
@@ -66,12 +76,14 @@ def barlow_twins_loss(
     return on_diagonal + lambd * off_diagonal(c).pow(2).sum()
 
 
+@full_precision
 def variance_term(z: torch.Tensor, gamma: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
     """VICReg's v(Z): hinge on the regularised standard deviation of each dimension over the batch."""
     std = torch.sqrt(z.var(0) + eps)
     return F.relu(gamma - std).mean()
 
 
+@full_precision
 def covariance_term(z: torch.Tensor) -> torch.Tensor:
     """VICReg's c(Z): squared off-diagonal entries of the (unbiased) covariance matrix, divided by d."""
     centred = z - z.mean(0)
@@ -79,6 +91,7 @@ def covariance_term(z: torch.Tensor) -> torch.Tensor:
     return off_diagonal(cov).pow(2).sum() / z.shape[1]
 
 
+@full_precision
 def vicreg_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -93,7 +106,8 @@ def vicreg_loss(
 
     Variance and covariance are statistics of the batch, so they are taken over the samples of
     every rank (the paper's implementation gathers the embeddings of all GPUs with gradient); the
-    invariance term is a per-sample mean, the same whether gathered or not.
+    invariance term is a per-sample mean, the same whether gathered or not. The covariance
+    matrices are float32 whatever the autocast (``full_precision``): in float16 they overflow.
     """
     a, b = _global(z1, gather), _global(z2, gather)
     terms = {

@@ -23,9 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_gen.distributed import all_reduce_max, all_reduce_sum, gather_no_grad, rank, world_size
+from lightning_gen.losses.precision import full_precision
 
 
 @torch.no_grad()
+@full_precision
 def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
     """Codes (B_local, K) of this rank's rows of the global score matrix; every row sums to 1.
 
@@ -33,13 +35,12 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
     the result is the single-process Sinkhorn-Knopp on the rows of all ranks. The last step
     normalises the sample marginals, so every returned row is exactly a distribution.
     """
-    scores = scores.float()
     # exp((S - max)/ε): the shift cancels in the first normalisation; it must be the *global* max
     # to cancel on every rank alike, and keeps exp finite for small ε
     shift = all_reduce_max(scores.max().reshape(1))
     q = torch.exp((scores - shift) / epsilon).T  # (K, B_local)
     n_prototypes = q.shape[0]
-    n_samples = all_reduce_sum(torch.tensor([float(q.shape[1])], device=q.device))
+    n_samples = all_reduce_sum(torch.full((1,), float(q.shape[1]), device=q.device))
     q /= all_reduce_sum(q.sum().reshape(1))
     for _ in range(iterations):
         q /= all_reduce_sum(q.sum(dim=1, keepdim=True))  # every prototype: mass 1/K
@@ -50,6 +51,7 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
 
 
 @torch.no_grad()
+@full_precision
 def assign_codes(
     batch_scores: torch.Tensor,
     queue_scores: torch.Tensor | None = None,
@@ -61,6 +63,7 @@ def assign_codes(
     return sinkhorn_knopp(rows, epsilon, iterations)[-len(batch_scores) :]
 
 
+@full_precision
 def swapped_prediction_loss(
     scores: list[torch.Tensor], codes: list[torch.Tensor], temperature: float = 0.1
 ) -> torch.Tensor:
@@ -72,7 +75,7 @@ def swapped_prediction_loss(
     the first |A| views. Each rank averages over its own samples; DDP's gradient average then is
     the gradient of the global mean, because the codes themselves were computed globally.
     """
-    log_probs = [F.log_softmax(s.float() / temperature, dim=1) for s in scores]
+    log_probs = [F.log_softmax(s / temperature, dim=1) for s in scores]
     total = 0.0
     for a, q in enumerate(codes):
         others = [-(q * log_p).sum(1).mean() for v, log_p in enumerate(log_probs) if v != a]
@@ -85,7 +88,10 @@ class FeatureQueue(nn.Module):
 
     ``push`` gathers the embeddings of all ranks (rank order) before writing, so every rank holds the
     same queue and a checkpoint (written by rank 0) restores all of them; ``filled`` counts the rows
-    written so far (also a buffer). Each rank uses a disjoint share of the rows in Sinkhorn-Knopp
+    written so far (also a buffer). Whether the queue is ``full`` decides on the host which rows enter
+    Sinkhorn-Knopp, so the count is mirrored in a Python int, read from the buffer once after a
+    checkpoint is loaded and then advanced by ``push``: reading the buffer at every step would make
+    the host wait for the GPU. Each rank uses a disjoint share of the rows in Sinkhorn-Knopp
     (``local_rows``), so the queue enters the global transport problem exactly once.
     """
 
@@ -95,6 +101,7 @@ class FeatureQueue(nn.Module):
             raise ValueError(f"queue size must be positive, got {size}")
         self.register_buffer("features", torch.zeros(views, size, dim))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self._filled_on_host: int | None = 0  # None: unknown (a state dict was loaded), read it once
 
     @property
     def size(self) -> int:
@@ -102,7 +109,13 @@ class FeatureQueue(nn.Module):
 
     @property
     def full(self) -> bool:
-        return int(self.filled) >= self.size
+        if self._filled_on_host is None:
+            self._filled_on_host = int(self.filled)
+        return self._filled_on_host >= self.size
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._filled_on_host = None
 
     @torch.no_grad()
     def push(self, embeddings: list[torch.Tensor]) -> None:
@@ -111,6 +124,8 @@ class FeatureQueue(nn.Module):
             kept = self.features[view, : self.size - len(z)].clone()
             self.features[view] = torch.cat([z.to(self.features.dtype), kept])
         self.filled.copy_((self.filled + len(z)).clamp(max=self.size))
+        if self._filled_on_host is not None:
+            self._filled_on_host = min(self._filled_on_host + len(z), self.size)
 
     def local_rows(self, view: int) -> torch.Tensor:
         """This rank's share of the queue rows of ``view`` (ranks together cover each row once)."""

@@ -18,11 +18,13 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_gen import schedules
 from lightning_gen.config import bounded, choice
+from lightning_gen.device_constants import device_constant
+from lightning_gen.losses.classification import labeled_cross_entropy
 
 
 @dataclass
@@ -48,14 +50,14 @@ class MethodConfig:
     lr_scaling: str = choice("none", "none", "linear", "sqrt")  # against the *global* batch
     base_batch_size: int = bounded(256, 1)
     weight_decay: float = bounded(0.0, 0)
-    momentum: float = 0.9  # SGD / LARS momentum
-    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = bounded(0.9, 0, 1, high_open=True)  # SGD / LARS momentum
+    betas: tuple[float, float] = bounded((0.9, 0.999), 0, 1, high_open=True)  # Adam(W)'s moment decays
     exclude_bias_norm: bool = True  # no weight decay (and no LARS adaptation) on biases and norms
     schedule: str = choice("cosine", "cosine", "constant")
     warmup_epochs: float = bounded(0.0, 0)
     min_lr_ratio: float = bounded(0.0, 0, 1)
     online_probe: bool = True  # linear classifier on detached features, trained alongside
-    probe_lr: float = 1e-2
+    probe_lr: float = bounded(1e-2, 0)
 
 
 class Method(L.LightningModule):
@@ -112,8 +114,8 @@ class Method(L.LightningModule):
         if value_range == "symmetric":
             x = x * 2.0 - 1.0
         elif value_range == "standard":
-            mean = torch.tensor(self.data_info.mean, device=x.device).view(1, -1, 1, 1)
-            std = torch.tensor(self.data_info.std, device=x.device).view(1, -1, 1, 1)
+            mean = device_constant(self.data_info.mean, x.device).view(1, -1, 1, 1)
+            std = device_constant(self.data_info.std, x.device).view(1, -1, 1, 1)
             x = (x - mean) / std
         if self._use_channels_last():
             x = x.contiguous(memory_format=torch.channels_last)
@@ -129,6 +131,13 @@ class Method(L.LightningModule):
         raise NotImplementedError(
             f"method {self.registry_name!r} does not expose embed(x): it learns no encoder"
         )
+
+    def log_value(self, name: str, value: float, **kwargs) -> None:
+        """``self.log`` for a Python number (a scheduled LR, τ, temperature) without a host-to-device copy.
+
+        Lightning turns a number into ``torch.tensor(value, device=self.device)``, a blocking copy on
+        a GPU at every step; ``torch.full`` writes it on the device from a kernel argument instead."""
+        self.log(name, torch.full((), float(value), device=self.device), **kwargs)
 
     def log_loss(self, stage: str, loss: torch.Tensor) -> None:
         """``<stage>/loss``: per step and epoch while training (rank-local, no sync in the hot loop),
@@ -161,15 +170,13 @@ class Method(L.LightningModule):
 
         The probe is a parameter group of the method's own optimizer, so it needs no second
         optimizer and no second DDP wrapper; detaching keeps its gradient out of the backbone.
+        Loss and accuracy are over the labeled samples of the batch (``labeled_cross_entropy``;
+        a batch without labels logs accuracy 0, and trains nothing).
         """
         if self.online_probe is None:
             return features.new_zeros(())
         logits = self.online_probe(features.detach().float())
-        labeled = labels >= 0
-        if not labeled.any():
-            return logits.sum() * 0.0
-        loss = F.cross_entropy(logits[labeled], labels[labeled])
-        acc = (logits[labeled].argmax(1) == labels[labeled]).float().mean()
+        loss, acc = labeled_cross_entropy(logits, labels)
         on_step = stage == "train"
         self.log(
             f"{stage}/probe_acc",
@@ -193,10 +200,14 @@ class Method(L.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         return self.data_info.batch_size * self.world_size * accumulate
 
+    def lr_scale(self, global_batch: int) -> float:
+        """The factor ``lr_scaling`` applies to a learning rate given at ``base_batch_size``."""
+        ratio = global_batch / self.cfg.base_batch_size
+        return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.cfg.lr_scaling]
+
     def scaled_lr(self, lr: float | None = None) -> float:
         lr = self.cfg.lr if lr is None else lr
-        ratio = self.global_batch_size / self.cfg.base_batch_size
-        return {"none": lr, "linear": lr * ratio, "sqrt": lr * math.sqrt(ratio)}[self.cfg.lr_scaling]
+        return lr * self.lr_scale(self.global_batch_size)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Modules the main optimizer trains (momentum/EMA copies and the probe excluded)."""
@@ -217,6 +228,15 @@ class Method(L.LightningModule):
     def setup(self, stage: str) -> None:
         # Read by DDP when Lightning wraps the module, which happens after this hook.
         self._ddp_params_and_buffers_to_ignore = list(self.buffers_identical_on_all_ranks())
+
+    def configure_model(self) -> None:
+        """trainer.strategy=fsdp: shard the networks over the data-parallel ranks (``lightning_gen.sharding``).
+
+        Lightning calls this once the process group is up; its device mesh exists only under that strategy."""
+        if self.device_mesh is not None:
+            from lightning_gen.sharding import shard_method
+
+            shard_method(self, self.device_mesh["data_parallel"])
 
     def parameter_groups(self, modules: dict[str, nn.Module], lr: float, weight_decay: float) -> list[dict]:
         decay, no_decay = [], []
@@ -250,20 +270,52 @@ class Method(L.LightningModule):
             )
         return self.build_optimizer(groups)
 
-    def lr_factor(self, step: int) -> float:
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        steps_per_epoch = max(total / max(self.trainer.max_epochs or 1, 1), 1)
-        warmup = int(round(self.cfg.warmup_epochs * steps_per_epoch))
-        return schedules.LR_SCHEDULES[self.cfg.schedule](step, total, warmup, self.cfg.min_lr_ratio)
+    def progress(self) -> schedules.Progress:
+        """How far training is (``schedules.training_progress``): what every schedule is a function of."""
+        return schedules.training_progress(self.trainer)
+
+    def lr_factor(self, progress: schedules.Progress) -> float:
+        warmup = progress.steps(self.cfg.warmup_epochs)
+        return schedules.LR_SCHEDULES[self.cfg.schedule](
+            progress.step, progress.total, warmup, self.cfg.min_lr_ratio
+        )
 
     def on_train_batch_start(self, batch, batch_idx):
-        # Stateless LR: a function of global_step, so a resumed run lands on the same values.
-        factor = self.lr_factor(self.global_step)
+        # Stateless LR: a function of training progress, so a resumed run lands on the same values,
+        # on the allocation it started with or on another one.
+        factor = self.lr_factor(self.progress())
         for optimizer in self._optimizers():
             for group in optimizer.param_groups:
                 base = group.setdefault("base_lr", group["lr"])
                 group["lr"] = base if group.get("fixed_lr") else base * factor
-        self.log("lr", self._optimizers()[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self.log_value("lr", self._optimizers()[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    # ---------------------------------------------------------------- resuming on another allocation
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["global_batch_size"] = self.global_batch_size  # what the saved peak LR was scaled for
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resumed_global_batch = checkpoint.get("global_batch_size")
+
+    def on_train_start(self) -> None:
+        # The optimizer state (with each group's peak LR) is restored by now: rescale it if the
+        # checkpoint was written at another global batch (another world size, batch or accumulation).
+        old, new = getattr(self, "_resumed_global_batch", None), self.global_batch_size
+        self._resumed_global_batch = None
+        if old is None or old == new:
+            return
+        factor = self.lr_scale(new) / self.lr_scale(old)
+        groups = [g for opt in self._optimizers() for g in opt.param_groups if not g.get("fixed_lr")]
+        if not groups:
+            return
+        before = groups[0].setdefault("base_lr", groups[0]["lr"])
+        for group in groups:
+            group["base_lr"] = group.setdefault("base_lr", group["lr"]) * factor
+        rank_zero_warn(
+            f"[lgen] the checkpoint was trained at a global batch of {old}, this run's is {new} "
+            f"(method.lr_scaling={self.cfg.lr_scaling}): peak learning rate {before:.6g} -> "
+            f"{groups[0]['base_lr']:.6g}; every schedule continues at the same training progress"
+        )
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         optimizers = self.optimizers(use_pl_optimizer=False)
@@ -300,16 +352,27 @@ def load_method(checkpoint_path: str, map_location: str = "cpu") -> Method:
 
 
 @torch.no_grad()
-def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
+def ema_update(target: nn.Module, source: nn.Module, momentum: float | torch.Tensor) -> None:
     """target <- momentum * target + (1 - momentum) * source, parameters and float buffers alike.
 
     Used by momentum encoders (MoCo's key encoder and head, DINO's teacher) and EMA weights of
-    generators. Integer buffers (BatchNorm's num_batches_tracked) are copied.
+    generators. Integer buffers (BatchNorm's num_batches_tracked) are copied. ``momentum`` may be a
+    0-d device tensor (a generator's warm-up decay), so that no step reads it back into Python.
     """
+    weight = 1.0 - momentum
+    weights: dict[torch.dtype, float | torch.Tensor] = {}
+
+    def weight_for(t: torch.Tensor) -> float | torch.Tensor:
+        if not isinstance(weight, torch.Tensor):
+            return weight
+        if t.dtype not in weights:  # lerp_ takes a tensor weight of the target's own dtype
+            weights[t.dtype] = weight.to(t.dtype)
+        return weights[t.dtype]
+
     for t, s in zip(target.parameters(), source.parameters()):
-        t.lerp_(s.detach(), 1.0 - momentum)
+        t.lerp_(s.detach(), weight_for(t))
     for t, s in zip(target.buffers(), source.buffers()):
         if t.dtype.is_floating_point:
-            t.lerp_(s.detach(), 1.0 - momentum)
+            t.lerp_(s.detach(), weight_for(t))
         else:
             t.copy_(s)

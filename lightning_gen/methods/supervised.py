@@ -17,13 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_gen.config import bounded
+from lightning_gen.losses.classification import labeled_cross_entropy
 from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
 from lightning_gen.registry import register_method
 
 
 @dataclass
 class SupervisedConfig(SSLConfig):
-    label_smoothing: float = 0.0
+    label_smoothing: float = bounded(0.0, 0, 1, high_open=True)
 
 
 @register_method("supervised", SupervisedConfig)
@@ -44,11 +46,8 @@ class Supervised(SSLMethod):
     def ssl_loss(self, views, batch):
         features = self.backbone(views[0])
         logits = self.classifier(features)
-        labeled = batch["label"] >= 0
-        loss = F.cross_entropy(
-            logits[labeled].float(), batch["label"][labeled], label_smoothing=self.cfg.label_smoothing
-        )
-        self.log("train/acc", (logits[labeled].argmax(1) == batch["label"][labeled]).float().mean())
+        loss, accuracy = labeled_cross_entropy(logits, batch["label"], self.cfg.label_smoothing)
+        self.log("train/acc", accuracy)
         return loss, features
 
     def validation_step(self, batch, batch_idx):

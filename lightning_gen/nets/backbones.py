@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.nets.conv import ConvEncoder
+from lightning_gen.nets.deterministic import adaptive_avg_pool2d
 from lightning_gen.nets.vit import VisionTransformer
 
 
@@ -35,7 +35,7 @@ class BackboneConfig:
     depth: int = 6
     width: int = 192
     heads: int = 3
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = bounded(4.0, 0, low_open=True)  # ViT MLP width / block width
     pos_embed: str = choice("learned", "learned", "sincos")  # sincos: MAE's fixed 2-D sine-cosine embeddings
     # small conv encoder
     conv_width: int = 32
@@ -109,7 +109,7 @@ class ConvBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encoder.features(x)
         if h.shape[-2:] != (4, 4):
-            h = F.adaptive_avg_pool2d(h, 4)
+            h = adaptive_avg_pool2d(h, 4)  # deterministic under trainer.deterministic
         return self.encoder.head(h.flatten(1))
 
 

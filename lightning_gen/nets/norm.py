@@ -76,7 +76,7 @@ class SplitBatchNorm(_GroupedBatchNorm):
 
     Sample i belongs to sub-batch ``i % num_splits`` (a strided split: one BatchNorm call on the batch
     viewed as (N / splits, C * splits, ...)). Running statistics are the mean over sub-batches. With
-    ``num_splits = 1`` it is plain BatchNorm.
+    ``num_splits = 1`` it is plain BatchNorm. The output has the input's memory format.
     """
 
     num_splits: int = 1
@@ -93,6 +93,8 @@ class SplitBatchNorm(_GroupedBatchNorm):
         y = F.batch_norm(
             x.reshape(n // g, c * g, *x.shape[2:]), None, None, weight, bias, True, 0.0, self.eps
         ).reshape(x.shape)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous(memory_format=torch.channels_last)  # the reshapes made an NHWC input NCHW
         with torch.no_grad():  # each sub-batch's statistics, averaged, feed the running estimates
             dims = [0, *range(2, x.dim())]
             per_split = x.float().reshape(n // g, g * c, *x.shape[2:])

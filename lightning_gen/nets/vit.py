@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_gen.nets.deterministic import resize_bicubic
+
 
 def sincos_pos_embed(grid: int, width: int) -> torch.Tensor:
     """Fixed 2-D sine-cosine position embeddings (MAE, He et al. 2022), (1, 1 + grid², width), [CLS] first.
@@ -91,7 +93,7 @@ class VisionTransformer(nn.Module):
         if (rows, cols) == (self.grid, self.grid):
             return pos
         grid = pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
-        grid = torch.nn.functional.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
+        grid = resize_bicubic(grid, (rows, cols))  # deterministic under trainer.deterministic
         return grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
 
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

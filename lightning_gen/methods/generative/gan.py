@@ -72,12 +72,6 @@ class GAN(GenerativeMethod):
         )
         return [g_opt, d_opt]
 
-    def lr_factor(self, step: int) -> float:
-        # Manual optimisation counts every optimizer.step() in global_step (1 + 1/k per batch), while
-        # estimated_stepping_batches counts batches: schedule on the batch count instead. The fit
-        # loop's batch progress is saved in checkpoints, so this stays stateless across resumes.
-        return super().lr_factor(self.trainer.fit_loop.total_batch_idx)
-
     def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         device = generator.device if generator is not None else self.device
         return torch.randn(n, self.cfg.z_dim, generator=generator, device=device).to(self.device)

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_gen.config import bounded
 from lightning_gen.methods.base import Method, MethodConfig, ema_update
 
 
 @dataclass
 class GenerativeConfig(MethodConfig):
     online_probe: bool = False  # generators learn no representation to probe
-    ema_decay: float = 0.999  # 0 disables EMA: the raw weights sample
+    ema_decay: float = bounded(0.999, 0, 1, high_open=True)  # 0 disables EMA: the raw weights sample
     ema_warmup: bool = True  # decay_t = min(ema_decay, (1 + t) / (10 + t)): early EMA follows the weights
     grid_samples: int = 32  # samples shown by the image-grid callback (fixed noise, so grids are comparable)
 
@@ -46,16 +47,24 @@ class GenerativeMethod(Method):
     def buffers_identical_on_all_ranks(self) -> list[str]:
         return ["ema_updates"] if self.cfg.ema_decay > 0 else []
 
-    def ema_decay_at(self, step: int) -> float:
-        """Stateless in the number of updates made, so a resumed run continues with the same decay."""
-        if self.cfg.ema_warmup:
-            return min(self.cfg.ema_decay, (1 + step) / (10 + step))
-        return self.cfg.ema_decay
+    def ema_decay_at(self, step: int | torch.Tensor) -> float | torch.Tensor:
+        """Stateless in the number of updates made, so a resumed run continues with the same decay.
+        ``step`` may be a tensor: the decay is then computed on its device."""
+        if not self.cfg.ema_warmup:
+            return self.cfg.ema_decay
+        warm = (1 + step) / (10 + step)
+        return (
+            warm.clamp(max=self.cfg.ema_decay)
+            if isinstance(warm, torch.Tensor)
+            else min(self.cfg.ema_decay, warm)
+        )
 
     def update_ema(self) -> None:
         """One EMA step towards the trained network; call after each of its optimizer steps."""
         if self.cfg.ema_decay > 0:
-            decay = self.ema_decay_at(int(self.ema_updates))
+            # The decay is computed on the device from the update count (in float64, as Python would):
+            # reading the count into Python would make the host wait for the GPU at every step.
+            decay = self.ema_decay_at(self.ema_updates.double())
             ema_update(self.ema, getattr(self, self._ema_source), decay)
             self.ema_updates += 1
 
@@ -66,6 +75,7 @@ class GenerativeMethod(Method):
         self.update_ema()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         # Checkpoints written before the update count existed: one update was made per training step.
         state = checkpoint.get("state_dict", {})
         if self.cfg.ema_decay > 0 and "ema_updates" not in state:

@@ -25,7 +25,6 @@ the diffusers layout (Stable Diffusion's f8c4 VAE), with its own scale and shift
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch
 from lightning_gen.config import ConfigError, bounded, choice
 from lightning_gen.losses import elbo
 from lightning_gen.losses.gan import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss
-from lightning_gen.methods.base import DataInfo, Method
+from lightning_gen.methods.base import DataInfo
 from lightning_gen.methods.generative.generator import GenerativeConfig, GenerativeMethod, evaluating
 from lightning_gen.nets.kl_autoencoder import KLAutoencoder
 from lightning_gen.nets.patch_discriminator import PatchDiscriminator
@@ -220,19 +219,11 @@ class LatentAutoencoder(GenerativeMethod):
         )
         return [ae, d]
 
-    def lr_factor(self, step: int) -> float:
-        # Manual optimisation counts each optimizer.step() in global_step (two per batch once D trains):
-        # the schedule runs on batches, which the checkpointed loop progress restores (as the GAN does).
-        return Method.lr_factor(self, self.trainer.fit_loop.total_batch_idx)
-
     def discriminator_on(self, batch_idx: int) -> bool:
-        """Whether the discriminator trains at this batch: after ``disc_start_epochs`` of training.
-
-        Training progress in epochs (data seen), a host-side number that does not change with the
-        world size. The one place the switch is decided: a shared progress helper replaces it here."""
-        batches = self.trainer.num_training_batches
-        within = batch_idx / batches if math.isfinite(batches) and batches > 0 else 0.0
-        return self.trainer.current_epoch + within >= self.cfg.disc_start_epochs
+        """Whether the discriminator trains at this batch: after ``disc_start_epochs`` of training progress
+        (``schedules.training_progress``: data seen, the same on any world size)."""
+        progress = self.progress()
+        return progress.step >= progress.steps(self.cfg.disc_start_epochs)
 
     def reconstruction_loss(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         """Summed over pixels, averaged over the batch (LDM's scale, against which kl_weight is set)."""

@@ -10,9 +10,8 @@ representation from collapsing.
     ξ <- τ ξ + (1 - τ) θ   after every optimizer step,  τ = 1 - (1 - τ_base)(cos(π k / K) + 1) / 2
 
 τ goes from τ_base = 0.996 at step 0 to 1 at the last step K: the shared momentum-pair machinery's
-cosine from ``momentum_start`` to ``momentum_end`` over ``trainer.estimated_stepping_batches``, a
-pure function of the optimizer step (so gradient accumulation counts updates and a resumed run uses
-the same τ). Published recipe (``conf/method/byol.yaml``): ResNet-50, 4096-256 projector and
+cosine from ``momentum_start`` to ``momentum_end`` over the planned optimizer steps, a pure function
+of training progress (so gradient accumulation counts updates and a resumed run uses the same τ). Published recipe (``conf/method/byol.yaml``): ResNet-50, 4096-256 projector and
 predictor MLPs, LARS lr 0.2 x B/256 with 10 warm-up epochs and cosine decay, weight decay 1.5e-6
 (biases and BN excluded from decay and LARS), BYOL's asymmetric augmentation pair. Under DDP the
 BatchNorm statistics are those of all ranks (``global_bn``, the paper's cross-replica BN); the loss

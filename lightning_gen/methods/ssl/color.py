@@ -23,6 +23,8 @@ import functools
 
 import torch
 
+from lightning_gen.device_constants import device_constant
+
 # sRGB primaries -> XYZ for D65 (Lindbloom's matrix, the one behind the usual published Lab values).
 RGB_TO_XYZ = torch.tensor(
     [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]],
@@ -34,7 +36,7 @@ _DELTA = 6.0 / 29.0
 
 
 def _apply_matrix(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("ij,njhw->nihw", matrix.to(x), x)
+    return torch.einsum("ij,njhw->nihw", device_constant(matrix, x.device, x.dtype), x)
 
 
 def srgb_to_linear(c: torch.Tensor) -> torch.Tensor:
@@ -57,7 +59,9 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1], (N, 3, H, W) -> Lab (N, 3, H, W) with L in [0, 100], a and b roughly in [-110, 110]."""
     if rgb.ndim != 4 or rgb.shape[1] != 3:
         raise ValueError(f"rgb_to_lab expects (N, 3, H, W) sRGB images, got {tuple(rgb.shape)}")
-    xyz = _apply_matrix(RGB_TO_XYZ, srgb_to_linear(rgb)) / WHITE_D65.to(rgb).view(1, 3, 1, 1)
+    xyz = _apply_matrix(RGB_TO_XYZ, srgb_to_linear(rgb)) / device_constant(
+        WHITE_D65, rgb.device, rgb.dtype
+    ).view(1, 3, 1, 1)
     fx, fy, fz = _f(xyz).unbind(1)
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
 
@@ -69,7 +73,7 @@ def lab_to_rgb(lab: torch.Tensor, clamp: bool = True) -> torch.Tensor:
     L, a, b = lab.unbind(1)
     fy = (L + 16) / 116
     f = torch.stack([fy + a / 500, fy, fy - b / 200], dim=1)
-    xyz = _f_inverse(f) * WHITE_D65.to(lab).view(1, 3, 1, 1)
+    xyz = _f_inverse(f) * device_constant(WHITE_D65, lab.device, lab.dtype).view(1, 3, 1, 1)
     rgb = linear_to_srgb(_apply_matrix(XYZ_TO_RGB, xyz))
     return rgb.clamp(0, 1) if clamp else rgb
 
@@ -103,14 +107,16 @@ def rebalancing_weights(counts: torch.Tensor, centres: torch.Tensor, mix: float 
     over ab. Rare, saturated colours get large weights, so the network does not learn to predict
     grey-brown everywhere. With no counts yet, p~ is uniform and w = 1."""
     q = len(centres)
-    if counts.sum() <= 0:
-        return torch.ones(q, device=counts.device)
-    p = counts.double() / counts.sum()
+    total = counts.sum()
+    p = counts.double() / total
     kernel = torch.exp(-torch.cdist(centres.double(), centres.double()).pow(2) / (2 * sigma**2)).to(p.device)
     smoothed = kernel @ p
     smoothed = smoothed / smoothed.sum()
     w = 1.0 / ((1 - mix) * smoothed + mix / q)
-    return (w / (smoothed * w).sum()).float()
+    w = (w / (smoothed * w).sum()).float()
+    # chosen on the device (an `if` on the count would make the host wait for the GPU); the unused
+    # branch is NaN when nothing was counted yet
+    return torch.where(total > 0, w, torch.ones_like(w))
 
 
 def annealed_mean(logits: torch.Tensor, centres: torch.Tensor, temperature: float = 0.38) -> torch.Tensor:

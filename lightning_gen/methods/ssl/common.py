@@ -8,9 +8,9 @@
   probe on un-augmented images (``val/probe_acc``, the checkpoint monitor).
 - Momentum pairs (solo-learn style): a method lists ``(online, momentum)`` module pairs; after
   every *optimizer* step (so gradient accumulation is respected) the momentum copies move by
-  τ(step), a cosine from ``momentum_start`` to ``momentum_end`` over
-  ``trainer.estimated_stepping_batches``: a pure function of ``global_step``, so a resumed run
-  uses exactly the τ an uninterrupted run uses.
+  τ, a cosine from ``momentum_start`` to ``momentum_end`` over the planned optimizer steps: a pure
+  function of training progress (``schedules.training_progress``), so a resumed run uses exactly
+  the τ an uninterrupted run uses, on the same allocation or another.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lightning_gen import schedules
+from lightning_gen.config import bounded
 from lightning_gen.data.crops import CropSpec
 from lightning_gen.data.views import Views, ViewsConfig
 from lightning_gen.methods.base import Method, MethodConfig, ema_update
@@ -36,8 +37,12 @@ class SSLConfig(MethodConfig):
     # BatchNorm statistics over the batch of all ranks under DDP (SimCLR's global BN, MoCo v3's SyncBN);
     # no effect on one process
     global_bn: bool = False
-    momentum_start: float = 0.99  # τ of momentum networks at step 0 (unused by methods without one)
-    momentum_end: float = 1.0  # τ at the last planned step (cosine in between); = start for a constant τ
+    momentum_start: float = bounded(
+        0.99, 0, 1
+    )  # τ of momentum networks at step 0 (unused by methods without one)
+    momentum_end: float = bounded(
+        1.0, 0, 1
+    )  # τ at the last planned step (cosine in between); = start for a constant τ
 
 
 class SSLMethod(Method):
@@ -125,17 +130,16 @@ class SSLMethod(Method):
             p.requires_grad = False
         return twin
 
-    def momentum_at(self, step: int) -> float:
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        return schedules.cosine(step, total, self.cfg.momentum_start, self.cfg.momentum_end)
+    def momentum_at(self, progress: schedules.Progress) -> float:
+        return schedules.cosine(progress.step, progress.total, self.cfg.momentum_start, self.cfg.momentum_end)
 
     def optimizer_step(self, *args, **kwargs):
-        # Called once per real optimizer step (not per accumulated micro-batch). global_step is the
-        # index of this update, the same in an uninterrupted and a resumed run.
+        # Called once per real optimizer step (not per accumulated micro-batch); the progress is that
+        # of this update, the same in an uninterrupted and a resumed run.
         super().optimizer_step(*args, **kwargs)
         pairs = self.momentum_pairs()
         if pairs:
-            tau = self.momentum_at(self.global_step)
+            tau = self.momentum_at(self.progress())
             for online, target in pairs:
                 ema_update(target, online, tau)
-            self.log("train/momentum", tau, on_step=True, on_epoch=False)
+            self.log_value("train/momentum", tau, on_step=True, on_epoch=False)

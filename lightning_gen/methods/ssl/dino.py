@@ -7,8 +7,8 @@
 
 Notation: ``momentum_start/end`` is the teacher momentum l (cosine 0.996 -> 1),
 ``center_momentum`` is m, ``teacher_temp`` is τ_t, warmed up linearly from ``teacher_temp_start``.
-τ_t and l are pure functions of ``global_step``, so a resumed run uses the same values as an
-uninterrupted one, and so is the weight decay, a cosine from ``weight_decay`` to ``weight_decay_end``
+τ_t and l are pure functions of training progress (``schedules.training_progress``), so a resumed run
+uses the same values as an uninterrupted one, on the same allocation or another, and so is the weight decay, a cosine from ``weight_decay`` to ``weight_decay_end``
 (0.04 -> 0.4 in the paper). The head's last layer is frozen for ``freeze_last_layer_epochs`` (stability),
 and, as in the official code, each parameter's gradient is clipped to norm ``clip_grad`` on its own.
 ``embed`` (linear probe, kNN, export) is the teacher's backbone, as DINO evaluates it.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_gen import schedules
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.losses.dino import DINOLoss
 from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
 from lightning_gen.nets.heads import DINOHead
@@ -34,21 +34,25 @@ class DINOConfig(SSLConfig):
     lr: float = 5e-4
     lr_scaling: str = choice("linear", "none", "linear", "sqrt")
     weight_decay: float = 0.04
-    weight_decay_end: float = 0.4  # cosine schedule from weight_decay; set equal for a constant decay
+    weight_decay_end: float = bounded(
+        0.4, 0
+    )  # cosine schedule from weight_decay; set equal for a constant decay
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 2e-3  # 1e-6 at the end for lr 5e-4
     out_dim: int = 65536  # K prototypes
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
-    student_temp: float = 0.1
-    teacher_temp_start: float = 0.04
-    teacher_temp: float = 0.04  # final τ_t; the paper goes up to 0.07 (above is unstable)
+    student_temp: float = bounded(0.1, 0, low_open=True)
+    teacher_temp_start: float = bounded(0.04, 0, low_open=True)
+    teacher_temp: float = bounded(
+        0.04, 0, low_open=True
+    )  # final τ_t; the paper goes up to 0.07 (above is unstable)
     teacher_temp_warmup_epochs: float = 30.0
-    center_momentum: float = 0.9
+    center_momentum: float = bounded(0.9, 0, 1)
     momentum_start: float = 0.996
     momentum_end: float = 1.0
     freeze_last_layer_epochs: int = 1
-    clip_grad: float = 3.0  # per-parameter gradient-norm clip (official code); 0 disables
+    clip_grad: float = bounded(3.0, 0)  # per-parameter gradient-norm clip (official code); 0 disables
     global_bn: bool = True  # ResNet backbones: BatchNorm over all ranks, as the official code's SyncBN
 
 
@@ -78,25 +82,26 @@ class DINO(SSLMethod):
     def momentum_pairs(self):
         return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
 
-    def teacher_temp_at(self, step: int) -> float:
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        per_epoch = total / max(self.trainer.max_epochs or 1, 1)
-        warmup = int(round(self.cfg.teacher_temp_warmup_epochs * per_epoch))
-        return schedules.linear_warmup(step, warmup, self.cfg.teacher_temp_start, self.cfg.teacher_temp)
+    def teacher_temp_at(self, progress: schedules.Progress) -> float:
+        warmup = progress.steps(self.cfg.teacher_temp_warmup_epochs)
+        return schedules.linear_warmup(
+            progress.step, warmup, self.cfg.teacher_temp_start, self.cfg.teacher_temp
+        )
 
-    def weight_decay_at(self, step: int) -> float:
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        return schedules.cosine(step, total, self.cfg.weight_decay, self.cfg.weight_decay_end)
+    def weight_decay_at(self, progress: schedules.Progress) -> float:
+        return schedules.cosine(
+            progress.step, progress.total, self.cfg.weight_decay, self.cfg.weight_decay_end
+        )
 
     def on_train_batch_start(self, batch, batch_idx):
         super().on_train_batch_start(batch, batch_idx)
-        decay = self.weight_decay_at(self.global_step)
+        decay = self.weight_decay_at(self.progress())
         for optimizer in self._optimizers():
             for group in optimizer.param_groups:
                 # Only the groups built with decay (not biases, norms or the online probe) follow it.
                 if group.setdefault("scheduled_decay", group["weight_decay"] > 0):
                     group["weight_decay"] = decay
-        self.log("train/weight_decay", decay, on_step=True, on_epoch=False)
+        self.log_value("train/weight_decay", decay, on_step=True, on_epoch=False)
 
     def ssl_loss(self, views, batch):
         n_global = self.views.num_global
@@ -110,10 +115,10 @@ class DINO(SSLMethod):
         with torch.no_grad():
             teacher_feats = self.teacher_backbone(torch.cat(views[:n_global]))
             teacher = list(self.teacher_head(teacher_feats).chunk(n_global))
-        tau_t = self.teacher_temp_at(self.global_step)
+        tau_t = self.teacher_temp_at(self.progress())
         loss = self.loss_fn(student, teacher, tau_t)
         self.loss_fn.update_center(teacher)
-        self.log("train/teacher_temp", tau_t, on_step=True, on_epoch=False)
+        self.log_value("train/teacher_temp", tau_t, on_step=True, on_epoch=False)
         return loss, teacher_feats.chunk(n_global)[0]  # the online probe reads what embed() gives
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

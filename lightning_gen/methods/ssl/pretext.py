@@ -98,9 +98,13 @@ class TileGrid:
         rows = cells.repeat_interleave(self.grid).expand(n, -1)
         cols = cells.repeat(self.grid).expand(n, -1)
         if jitter and self.max_jitter > 0:
-            shape = (n, self.num_tiles)
-            rows = rows + torch.randint(0, self.max_jitter + 1, shape, generator=generator).to(rows.device)
-            cols = cols + torch.randint(0, self.max_jitter + 1, shape, generator=generator).to(cols.device)
+            shape, draw_on = (n, self.num_tiles), generator.device if generator is not None else device
+            rows = rows + torch.randint(
+                0, self.max_jitter + 1, shape, generator=generator, device=draw_on
+            ).to(rows.device)
+            cols = cols + torch.randint(
+                0, self.max_jitter + 1, shape, generator=generator, device=draw_on
+            ).to(cols.device)
         else:
             rows, cols = rows + self.max_jitter // 2, cols + self.max_jitter // 2
         return rows, cols
@@ -221,7 +225,8 @@ def random_patch_mask(
     num_masked = int(round(ratio * num_patches))
     if not 0 < num_masked < num_patches:
         raise ValueError(f"mask ratio {ratio} of {num_patches} patches leaves none visible or none masked")
-    noise = torch.rand(n, num_patches, generator=generator).to(device)
+    draw_on = generator.device if generator is not None else device  # drawn where it is used: no copy
+    noise = torch.rand(n, num_patches, generator=generator, device=draw_on).to(device)
     keep = noise.argsort(dim=1)[:, : num_patches - num_masked].sort(dim=1).values
     mask = torch.ones(n, num_patches, dtype=torch.bool, device=device)
     mask.scatter_(1, keep, False)

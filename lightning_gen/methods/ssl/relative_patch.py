@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_gen.device_constants import device_constant
 from lightning_gen.methods.ssl.pretext import (
     CENTRE,
     NEIGHBOURS,
@@ -69,7 +70,7 @@ class RelativePatch(PretextMethod):
         """(centre patches, neighbour patches, labels): label k means the neighbour is NEIGHBOURS[k]."""
         tiles = self.tiles(x, jitter=self.cfg.jitter and self.training)
         labels = torch.randint(0, len(NEIGHBOURS), (len(x),), device=x.device)
-        neighbour_index = torch.tensor(NEIGHBOURS, device=x.device)[labels]
+        neighbour_index = device_constant(NEIGHBOURS, x.device, torch.long)[labels]
         batch = torch.arange(len(x), device=x.device)
         return tiles[:, CENTRE], tiles[batch, neighbour_index], labels
 

@@ -1,0 +1,153 @@
+"""Run one training step of any registered method, as `lgen train` runs it, under ``HostSyncCounter``.
+
+Shared by tests/test_sync_free.py and benchmarks/host_syncs.py. Each method trains on the embedded
+digits at 16 px with tiny widths; the counted step is the *second* batch (the first one creates the
+optimizer state and every lazily built buffer), and the window runs from ``on_train_batch_start``
+to the end of the last callback's ``on_train_batch_end``: the method's hooks, forward, backward,
+optimizer step, momentum/EMA updates, the non-finite guard and the signal check. Lightning's own
+flush of logged values to the loggers (every ``trainer.log_every_n_steps``) comes after it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+from lightning_gen import run
+from lightning_gen.config import compose
+from lightning_gen.host_sync import CountStepSyncs, HostSyncCounter
+
+# method name -> experiment (or method/data selection) and overrides that make it tiny
+TINY: dict[str, list[str]] = {
+    "autoencoder": ["experiment=ae_digits", "method.width=8", "method.latent_dim=8"],
+    "barlow_twins": ["experiment=barlow_twins_digits", "method.proj_hidden_dim=32", "method.proj_dim=32"],
+    "byol": [
+        "experiment=byol_digits",
+        "method.proj_hidden_dim=32",
+        "method.proj_dim=16",
+        "method.pred_hidden_dim=32",
+    ],
+    "colorization": [
+        "experiment=colorization_digits",
+        "method.backbone.conv_width=8",
+        "method.backbone.conv_dim=32",
+    ],
+    "cpc": ["experiment=cpc_digits", "method.backbone.conv_dim=32", "method.context_dim=32"],
+    # the ddpm preset of the diffusion method: DDPM's discrete chain, eps-prediction, guidance
+    "diffusion": [
+        "experiment=ddpm_cfg_digits",
+        "method.width=8",
+        "method.mults=[1,2]",
+        "method.timesteps=20",
+    ],
+    "dino": [
+        "experiment=dino_digits",
+        "method.out_dim=64",
+        "method.hidden_dim=32",
+        "method.bottleneck_dim=16",
+    ],
+    "gan": ["experiment=gan_digits", "method.g_width=8", "method.d_width=8", "method.z_dim=8"],
+    "inpainting": [
+        "experiment=inpainting_digits",
+        "method.backbone.conv_width=8",
+        "method.backbone.conv_dim=32",
+    ],
+    "jigsaw": ["experiment=jigsaw_digits", "method.num_permutations=10"],
+    "latent_autoencoder": [
+        "experiment=latent_autoencoder_digits",
+        "method.channels=[8,8]",
+        "method.norm_groups=4",
+        "method.disc_width=8",
+        "method.disc_start_epochs=0",  # the step counted trains the discriminator and the adaptive weight
+    ],
+    "mae": ["experiment=mae_digits"],
+    "moco": [
+        "experiment=moco_v2_digits",
+        "method.queue_size=64",
+        "method.proj_hidden_dim=32",
+        "method.proj_dim=16",
+    ],
+    "pixelcnn": ["experiment=pixelcnn_digits", "method.width=8", "method.blocks=1"],
+    "relative_patch": ["experiment=relative_patch_digits"],
+    "rotation": ["experiment=rotation_digits"],
+    "simclr": ["experiment=simclr_digits", "method.proj_hidden_dim=32", "method.proj_dim=16"],
+    "simsiam": [
+        "experiment=simsiam_digits",
+        "method.proj_hidden_dim=32",
+        "method.proj_dim=16",
+        "method.pred_hidden_dim=16",
+    ],
+    "supervised": ["method=supervised", "data=digits", "method.backbone.name=conv"],
+    "swav": [
+        "experiment=swav_digits",
+        "method.queue_size=16",
+        "method.queue_start_epoch=0",
+        "method.num_prototypes=10",
+        "method.freeze_prototypes_epochs=0",
+    ],
+    "vae": ["experiment=vae_digits", "method.width=8", "method.latent_dim=4"],
+    "vicreg": ["experiment=vicreg_digits", "method.proj_hidden_dim=32", "method.proj_dim=32"],
+}
+# variants whose step differs from the method's default: MoCo v3 (no queue, symmetric loss, ViT-free)
+VARIANTS: dict[str, list[str]] = {
+    "moco_v3": [
+        "experiment=moco_v3_digits",
+        "method.proj_hidden_dim=32",
+        "method.proj_dim=16",
+        "method.pred_hidden_dim=32",
+    ],
+    "gated_pixelcnn": ["experiment=gated_pixelcnn_digits", "method.width=8", "method.blocks=1"],
+    # the flow preset (continuous time, velocity target) and the DiT network on a continuous VE process
+    "flow": ["experiment=flow_digits", "method.width=8", "method.mults=[1,2]", "method.conditional=true"],
+    "diffusion_dit": [
+        "experiment=flow_digits",
+        "method.net=dit",
+        "method.dit.preset=T/4",
+        "method.process=ve",
+        "method.prediction=x",
+        "method.conditional=true",
+    ],
+}
+# after COMMON: image sizes at which the tiles still move (their random jitter is part of the step)
+SIZES: dict[str, list[str]] = {
+    "jigsaw": ["method.grid=2"],
+    "relative_patch": ["data.image_size=24"],
+}
+COMMON = [
+    "data.image_size=16",
+    "data.batch_size=8",
+    "data.max_train_samples=64",
+    "trainer.limit_train_batches=3",  # LogEveryEpoch caps log_every_n_steps at 3: batch 1 is not an agreement step
+    "trainer.max_epochs=1",
+    "trainer.limit_val_batches=0",
+    "trainer.enable_progress_bar=false",
+    "trainer.precision=32-true",
+    "trainer.accelerator=cpu",
+    "logger.wandb.enabled=false",
+    "logger.csv=false",
+]
+
+
+def config(name: str, *extra: str):
+    overrides = TINY.get(name) or VARIANTS[name]
+    cfg = compose([*overrides, *COMMON, *SIZES.get(name, []), *extra])
+    for section in (cfg.callbacks or {}).values():  # evaluation callbacks run at epoch ends, not in a step
+        section.enabled = False
+    return cfg
+
+
+def count_training_step(
+    name: str, run_dir: Path, raw: bool = False, step: int = 1, extra: tuple[str, ...] = ()
+) -> HostSyncCounter:
+    """Train ``name`` as `lgen train` would and count the host syncs of batch ``step`` (0-based)."""
+    cfg = config(name, *extra)
+    datamodule = run.build_datamodule(cfg)
+    method = run.build_method(cfg, datamodule)
+    counting = CountStepSyncs(step=step, raw=raw)
+    trainer = run.build_trainer(cfg, run.build_callbacks(cfg, method, run_dir, validates=False), [], run_dir)
+    counting.install(trainer)
+    L.seed_everything(0, verbose=False)
+    trainer.fit(method, datamodule=datamodule)
+    assert counting.counter is not None and counting.counted, f"{name}: training step {step} never ran"
+    return counting.counter
