@@ -1,6 +1,6 @@
 """Input pipeline for ImageNet-style data: images/s per CPU core making two 224 px SimCLR views.
 
-Writes its own ImageNet-like tree once (``--images`` JPEGs of mixed sizes around 500x375 in
+Writes its own ImageNet-like tree once, atomically (``--images`` JPEGs of mixed sizes around 500x375 in
 ``--classes`` classes, seeded; textured content, so the files are the size of real photos' JPEGs,
 ~90 KB), a subset of the first ``--small`` images with the same files, and shards of both
 (``lgen shards write``). Then, each in a fresh process with ``--workers`` DataLoader workers:
@@ -95,28 +95,42 @@ def _write_class(job: tuple[str, int, int, int, int]) -> int:
 
 
 def make_trees(root: Path, images: int, classes: int, small: int, seed: int, workers: int) -> None:
-    full, subset = root / "tree", root / f"tree_{small}"
-    if not (full / "train").is_dir():
-        per_class = images // classes
-        print(f"# writing {per_class * classes} training JPEGs in {classes} classes to {full}", flush=True)
-        jobs = [(str(full / "train"), c, per_class, seed, 0) for c in range(classes)]
-        jobs += [(str(full / "val"), c, 2, seed + 1, 0) for c in range(classes)]
-        with Pool(workers) as pool:
-            sizes = pool.map(_write_class, jobs)
-        print(f"# mean JPEG size {sum(sizes) / (per_class * classes + 2 * classes) / 1e3:.0f} KB", flush=True)
-    if not (subset / "train").is_dir():
-        for split, keep in (("train", small // classes), ("val", 2)):
-            for folder in sorted((full / split).iterdir()):
-                target = subset / split / folder.name
-                target.mkdir(parents=True, exist_ok=True)
-                for path in sorted(folder.iterdir())[:keep]:
-                    os.link(path, target / path.name)  # the same files, no copy
-    for tree in (full, subset):
-        shards = root / f"shards_{tree.name}"
-        if not (shards / "val" / "index.json").is_file():
-            from lightning_gen.data.shard_writer import write_shards
+    """The JPEG tree, its subset and the shards of both under ``root``, written once and atomically.
 
-            write_shards(tree, shards, workers=workers, chunk_bytes="64MB", overwrite=True, validate=False)
+    Everything is written into a sibling folder that is renamed to ``root`` only when complete, with a
+    ``COMPLETE.json`` naming the settings it was made with: a run killed while writing leaves no tree
+    that a later run would take for a complete one, and a tree of other settings is made again."""
+    import shutil
+
+    settings = {"images": images, "classes": classes, "small": small, "seed": seed, "version": 1}
+    marker = root / "COMPLETE.json"
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        print(f"# reusing the complete tree in {root} ({marker.name}: {settings})", flush=True)
+        return
+    partial = root.with_name(f"{root.name}.partial-{os.getpid()}")
+    for leftover in [root, *root.parent.glob(f"{root.name}.partial-*")]:  # incomplete or of other settings
+        shutil.rmtree(leftover, ignore_errors=True)
+    full, subset = partial / "tree", partial / f"tree_{small}"
+    per_class = images // classes
+    print(f"# writing {per_class * classes} training JPEGs in {classes} classes to {root}", flush=True)
+    jobs = [(str(full / "train"), c, per_class, seed, 0) for c in range(classes)]
+    jobs += [(str(full / "val"), c, 2, seed + 1, 0) for c in range(classes)]
+    with Pool(workers) as pool:
+        sizes = pool.map(_write_class, jobs)
+    print(f"# mean JPEG size {sum(sizes) / (per_class * classes + 2 * classes) / 1e3:.0f} KB", flush=True)
+    for split, keep in (("train", small // classes), ("val", 2)):
+        for folder in sorted((full / split).iterdir()):
+            target = subset / split / folder.name
+            target.mkdir(parents=True, exist_ok=True)
+            for path in sorted(folder.iterdir())[:keep]:
+                os.link(path, target / path.name)  # the same files, no copy
+    from lightning_gen.data.shard_writer import write_shards
+
+    for tree in (full, subset):
+        shards = partial / f"shards_{tree.name}"
+        write_shards(tree, shards, workers=workers, chunk_bytes="64MB", overwrite=True, validate=False)
+    (partial / marker.name).write_text(json.dumps(settings))
+    os.replace(partial, root)  # the complete tree appears under its name in one step
 
 
 # ------------------------------------------------------------------------------ one measured run

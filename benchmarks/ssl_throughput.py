@@ -5,7 +5,10 @@ pipeline: a DataLoader over in-memory uint8 CIFAR-shaped images (random pixels: 
 depend on content), the host-to-device copy, the batched on-device views, forward, loss, backward,
 optimizer step, and for MoCo the momentum update and the enqueue. The framework path is a real
 Lightning ``Trainer.fit`` of the registered method (online probe, logging, LR schedule included);
-the bare loop uses the same networks and loss functions with none of that machinery but the probe.
+the bare loop runs the same method's own code (``setup``, ``configure_optimizers``, ``training_step``:
+views, backbone, loss, probe, MoCo's split-BN shuffle, SimCLR's concatenated views) and its momentum
+update in a plain loop, without the Trainer's loop, hooks, logging, LR schedule and callbacks (the
+callbacks the framework path ran are listed under the table).
 Images/s = batch / median wall time of the ``--steps`` steps after ``--warmup`` (a step is timed from
 one batch end to the next, data loading included). Overhead = 1 - framework / bare. ``--repeats R``
 runs each path R times in alternating order and compares medians: on a noisy shared 2-core CPU VM
@@ -25,7 +28,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_gen import registry  # noqa: E402
 from lightning_gen.data.base import ImageTensorDataset  # noqa: E402
 from lightning_gen.data.views import ViewsConfig  # noqa: E402
-from lightning_gen.losses.contrastive import moco_loss, nt_xent  # noqa: E402
 from lightning_gen.methods.base import DataInfo, ema_update  # noqa: E402
 from lightning_gen.nets.backbones import BackboneConfig  # noqa: E402
+from lightning_gen.schedules import Progress  # noqa: E402
 
 
 def build(method: str, batch: int):
@@ -63,6 +65,9 @@ def dataset(n: int) -> ImageTensorDataset:
         torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
         torch.randint(0, 10, (n,), generator=g),
     )
+
+
+CALLBACKS: set[str] = set()  # the callbacks the framework path's Trainer ran, printed under the table
 
 
 class Clock(L.Callback):
@@ -129,6 +134,7 @@ def framework(
     )
     trainer.lgen_channels_last = channels_last
     trainer.fit(model, datamodule=Data(dataset(batch * (warmup + steps)), batch))
+    CALLBACKS.update(type(c).__name__ for c in trainer.callbacks)
     return batch / statistics.median(clock.steps)
 
 
@@ -142,30 +148,19 @@ def bare(
     device: str,
     compile: bool = False,
 ):
-    model = build(method, batch).to(device)
+    """The same method's own code in a plain loop: ``setup``, ``configure_optimizers``, ``training_step``
+    (views, backbone, loss, probe: MoCo's split-BN shuffle and SimCLR's concatenated views included),
+    backward, the optimizer step and the momentum update; no Trainer, loop hooks, logging or LR schedule."""
+    model = build(method, batch)
+    model.setup("fit")  # what Lightning calls first: MoCo v2 on one device converts to split-BN here
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
         model.compile_networks()
+    model._use_channels_last = lambda: channels_last  # the flag a Trainer carries (trainer.channels_last)
     model.train()
-    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("online_probe")]
-    base_lr = model.scaled_lr()
-    if method == "simclr":
-        from lightning_gen.optim import LARS
-
-        opt = LARS(
-            [
-                {"params": params, "weight_decay": 1e-6},
-                {"params": list(model.online_probe.parameters()), "exclude_lars": True},
-            ],
-            lr=base_lr,
-        )
-    else:
-        opt = torch.optim.SGD(
-            [{"params": params, "weight_decay": 1e-4}, {"params": list(model.online_probe.parameters())}],
-            lr=base_lr,
-            momentum=0.9,
-        )
+    opt = model.configure_optimizers()
     loader = DataLoader(
         dataset(batch * (warmup + steps)),
         batch_size=batch,
@@ -177,25 +172,15 @@ def bare(
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     last, step_times = time.perf_counter(), []
     for step, b in enumerate(loader):
-        images, labels = b["image"].to(device, non_blocking=True), b["label"].to(device, non_blocking=True)
-        with autocast:  # the method makes its views inside training_step, i.e. under Lightning's autocast
-            views = model.views(images, channels_last=channels_last)
-            if method == "simclr":
-                feats = [model.backbone(v) for v in views]
-                loss = nt_xent(model.projector(torch.cat(feats)), b["index"].to(device).repeat(2), 0.5)
-            else:
-                feats = [model.backbone(views[0])]
-                with torch.no_grad():
-                    k = model.projector_k(model.backbone_k(views[1]))
-                loss, _ = moco_loss(model.projector(feats[0]), k, model.queue.keys.clone(), 0.2)
-            loss = loss + F.cross_entropy(model.online_probe(feats[0].detach().float()), labels)
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        with autocast:  # Lightning runs training_step under its autocast too
+            loss = model.training_step(b, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if method != "simclr":
-            ema_update(model.backbone_k, model.backbone, 0.999)
-            ema_update(model.projector_k, model.projector, 0.999)
-            model.queue.enqueue(F.normalize(k.float(), dim=1))
+        tau = model.momentum_at(Progress(step, warmup + steps, warmup + steps))
+        for online, target in model.momentum_pairs():  # what SSLMethod.optimizer_step adds
+            ema_update(target, online, tau)
         if device == "cuda":
             torch.cuda.synchronize()
         now = time.perf_counter()
@@ -277,6 +262,7 @@ def main() -> int:
             f"| {100 * (1 - fw / ref):+.1f}% |",
             flush=True,
         )
+    print(f"\n# framework path's callbacks: {', '.join(sorted(CALLBACKS))}")
     return 0
 
 

@@ -30,6 +30,9 @@ examples:
   lgen list                                          what methods, datasets and experiments exist
 """
 
+# `lgen train` stopped at a NaN/inf loss before applying it (the checkpoints saved before are untouched)
+NON_FINITE_LOSS_EXIT = 3
+
 PLUGINS = {
     "eval": ("lightning_gen.eval.cli", "evaluate a checkpoint: probe, knn, finetune, cluster"),
     "sample": ("lightning_gen.sample", "draw samples from a generator checkpoint into an image grid"),
@@ -44,6 +47,10 @@ PLUGINS = {
     "export": (
         "lightning_gen.export",
         "take a trained encoder out: backbone weights (torchvision names) or embeddings of a split",
+    ),
+    "latents": (
+        "lightning_gen.data.latents",
+        "encode a dataset once with a frozen autoencoder, for latent diffusion on data=latents",
     ),
     "fid-extractor": (
         "lightning_gen.eval.fid_extractor",
@@ -186,6 +193,7 @@ def cmd_prepare(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lightning_gen.callbacks.guards import NonFiniteLossError
     from lightning_gen.checkpoint import CheckpointError
     from lightning_gen.data.base import DatasetMissingError
 
@@ -205,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetMissingError, CheckpointError) as error:
         print(f"lgen: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as error:  # every rank stops together; one of them says why
+        from lightning.pytorch.utilities import rank_zero_only
+
+        if rank_zero_only.rank == 0:
+            print(f"lgen: error: {error}", file=sys.stderr)
+        return NON_FINITE_LOSS_EXIT
 
 
 if __name__ == "__main__":

@@ -46,11 +46,22 @@ def choice(default: str, *options: str, help: str = "") -> Any:
     return field(default=default, metadata={"choices": options, "help": help})
 
 
-def bounded(default: Any, low: float | None = None, high: float | None = None, hint: str = "") -> Any:
+def bounded(
+    default: Any,
+    low: float | None = None,
+    high: float | None = None,
+    hint: str = "",
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Any:
     """A number field that must lie in [low, high] (None: no bound, and a None value is always allowed).
 
+    ``low_open`` / ``high_open`` exclude the bound itself: a temperature > 0, a dropout rate < 1. A list
+    or tuple of numbers (crop scales, per-view probabilities) is checked entry by entry.
     ``hint`` completes the error message with what the number means, e.g. "images per device and step"."""
-    return field(default=default, metadata={"low": low, "high": high, "hint": hint})
+    metadata = {"low": low, "high": high, "hint": hint, "low_open": low_open, "high_open": high_open}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -58,7 +69,8 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1  # int, list of ids, or "auto"
     num_nodes: int = bounded(1, 1, hint="machines to train on")
-    strategy: str = "auto"  # "auto" becomes ddp when more than one process trains
+    # "auto" becomes ddp when more than one process trains; "fsdp" shards the model (lightning_gen.sharding)
+    strategy: str = "auto"
     # "auto": bf16-mixed on GPUs of compute capability >= 8.0 and bf16-native CPUs, 16-mixed on older GPUs,
     # else 32-true (lightning_gen/precision.py)
     precision: str = "auto"
@@ -306,6 +318,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     typed = _typed(cfg, RootConfig, "", skip={"method", "data", "callbacks"})
     _check_devices(typed.trainer.devices)
     _check_deterministic(typed.trainer.deterministic)
+    for key in ("experiment", "run_id"):  # the run directory is <runs_dir>/<experiment>/<run_id>
+        _check_folder_name(typed[key], key)
     for kind in ("method", "data"):
         section = cfg.get(kind) or OmegaConf.create({})
         if "name" not in section:
@@ -429,25 +443,64 @@ def _check_bounds(node: DictConfig, schema: type, path: str) -> None:
             _check_bounds(value, kind, _join(path, f.name))
             continue
         meta = _bounds_metadata(schema, f.name)
-        low, high = meta.get("low"), meta.get("high")
-        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        if not meta:
             continue
-        if (low is not None and value < low) or (high is not None and value > high):
-            full = _join(path, f.name)
-            allowed = (
-                f"between {low} and {high}"
-                if low is not None and high is not None
-                else (f"at least {low}" if low is not None else f"at most {high}")
-            )
-            hint = f" ({meta['hint']})" if meta.get("hint") else ""
-            default = f.default if f.default is not dataclasses.MISSING else None
-            fits = default is not None and not (
-                low is not None and default < low or high is not None and default > high
-            )
-            example = default if fits else (low if low is not None and value < low else high)
-            raise ConfigError(
-                f"invalid value {value} for {full}: it must be {allowed}{hint}; e.g. {full}={example}"
-            )
+        full = _join(path, f.name)
+        allowed = _allowed_range(meta)
+        hint = f" ({meta['hint']})" if meta.get("hint") else ""
+        if isinstance(value, ListConfig | list | tuple) or type(value).__name__ == "TupleConfig":
+            for entry in value:
+                if _is_number(entry) and not _in_range(entry, meta):
+                    raise ConfigError(
+                        f"invalid value {entry} in {full}={list(value)}: every entry must be {allowed}{hint}"
+                    )
+            continue
+        if not _is_number(value) or _in_range(value, meta):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        raise ConfigError(
+            f"invalid value {value} for {full}: it must be {allowed}{hint}; "
+            f"e.g. {full}={_example(value, default, meta)}"
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return value is not None and not isinstance(value, bool) and isinstance(value, int | float)
+
+
+def _in_range(value: float, meta: dict) -> bool:
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value <= low if meta.get("low_open") else value < low):
+        return False
+    return not (high is not None and (value >= high if meta.get("high_open") else value > high))
+
+
+def _allowed_range(meta: dict) -> str:
+    """'between 0 and 1', 'at least 1', 'greater than 0 and at most 1', ..."""
+    low, high, low_open, high_open = (
+        meta.get("low"),
+        meta.get("high"),
+        meta.get("low_open"),
+        meta.get("high_open"),
+    )
+    if low is not None and high is not None and not (low_open or high_open):
+        return f"between {low} and {high}"
+    parts = []
+    if low is not None:
+        parts.append(f"greater than {low}" if low_open else f"at least {low}")
+    if high is not None:
+        parts.append(f"less than {high}" if high_open else f"at most {high}")
+    return " and ".join(parts)
+
+
+def _example(value: float, default: Any, meta: dict) -> Any:
+    """A value to suggest: the field's default where it is allowed, else the nearest allowed bound."""
+    if _is_number(default) and _in_range(default, meta):
+        return default
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and value <= low:
+        return low if not meta.get("low_open") else (low + high) / 2 if high is not None else low + 1
+    return high if not meta.get("high_open") else (low + high) / 2 if low is not None else high - 1
 
 
 def _bounds_metadata(schema: type, name: str) -> dict:
@@ -458,6 +511,20 @@ def _bounds_metadata(schema: type, name: str) -> dict:
                 if f.name == name and ("low" in f.metadata or "high" in f.metadata):
                     return dict(f.metadata)
     return {}
+
+
+def _check_folder_name(value: Any, key: str) -> None:
+    """``experiment`` and ``run_id`` each name one folder of the run's path: no separator, not '.' or '..'."""
+    if value is None:
+        return
+    text = str(value)
+    separators = [sep for sep in ("/", "\\", os.sep, os.altsep) if sep]
+    if text.strip() in ("", ".", "..") or any(sep in text for sep in separators) or "\0" in text:
+        raise ConfigError(
+            f"invalid value {text!r} for {key}: it is one folder name of the run directory "
+            f"(<runs_dir>/<experiment>/<run_id>), so it cannot be empty, '.' or '..' or contain a path "
+            f"separator; e.g. {key}=my-run, and runs_dir=... to put runs elsewhere"
+        )
 
 
 def _check_devices(devices: Any) -> None:

@@ -57,6 +57,15 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def balanced_range(n: int, world: int | None = None, rank_: int | None = None) -> range:
+    """This rank's contiguous share of ``n`` items: ranks hold ``n // W`` or ``n // W + 1`` items, in
+    rank order, so concatenating the shares over ranks gives ``range(n)`` (a rank may hold none
+    when ``n < W``)."""
+    world = world_size() if world is None else world
+    rank_ = rank() if rank_ is None else rank_
+    return range(n * rank_ // world, n * (rank_ + 1) // world)
+
+
 @torch.no_grad()
 def gather_variable(x: torch.Tensor) -> torch.Tensor:
     """Concatenate tensors whose first dimension differs between ranks (padded, then trimmed)."""

@@ -134,7 +134,14 @@ def build_datamodule(cfg: DictConfig):
 def build_method(cfg: DictConfig, datamodule, **extra) -> Method:
     """``extra``: keyword arguments of the method's constructor besides its config and data (latent
     diffusion's ``autoencoder``)."""
-    method = registry.build("method", section_object(cfg.method), data=datamodule.info, **extra)
+    info = datamodule.info
+    try:
+        method = registry.build("method", section_object(cfg.method), data=info, **extra)
+    except ValueError as error:  # built from the config alone: a network that cannot take this data's images
+        raise ConfigError(
+            f"method={cfg.method.name} cannot be built for data={cfg.data.name} "
+            f"({info.channels}x{info.image_size}x{info.image_size} images): {error}"
+        ) from error
     if cfg.trainer.channels_last:
         method = method.to(memory_format=torch.channels_last)
     if cfg.trainer.compile:
@@ -261,6 +268,13 @@ def build_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None) -
     return loggers
 
 
+def build_strategy(name: str):
+    """``fsdp`` is FSDP2 sharding (``lightning_gen.sharding``, CPU and GPU); other names go to Lightning."""
+    from lightning_gen.sharding import STRATEGY_NAME, FullyShardedStrategy
+
+    return FullyShardedStrategy() if name == STRATEGY_NAME else name
+
+
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path) -> L.Trainer:
     t = cfg.trainer
     kwargs = {
@@ -297,7 +311,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path
     try:
         trainer = L.Trainer(
             **kwargs,
-            strategy=t.strategy,
+            strategy=build_strategy(t.strategy),
             precision=precision,
             callbacks=callbacks,
             logger=loggers or False,
@@ -305,7 +319,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path
             plugins=plugins,
         )
     except (ValueError, MisconfigurationException) as error:
-        # e.g. strategy=fsdp on CPU, accelerator=gpu without a GPU: Lightning's reason, in our config's words
+        # e.g. accelerator=gpu without a GPU, 16-mixed with fsdp: Lightning's reason, in our config's words
         chosen = {
             "accelerator": t.accelerator,
             "devices": kwargs["devices"],
@@ -339,20 +353,26 @@ def save_run_files(cfg: DictConfig, run_dir: Path, loggers: list) -> None:
 
 
 def preflight(cfg: DictConfig, datamodule, method: Method, callbacks: list) -> None:
-    """What would otherwise fail once the run has started: the dataset's files (downloaded now when
-    ``data.download=true``), and each callback's own checks against the method (``preflight(method)``)."""
+    """What would otherwise fail once the run has started: the dataset's download (``data.download=true``;
+    without it ``train`` checked the files first of all), the DataModule's checks against the method
+    (``check_method``, where it has them: latents made by another autoencoder), and each callback's own
+    checks against the method (``preflight(method)``)."""
     if cfg.data.download and rank_zero_only.rank == 0:
         datamodule.prepare_data()  # global rank 0 only, as Lightning does; then its prepare_data finds the files
-    elif not cfg.data.download:
-        datamodule.check_files()
+    check_method = getattr(datamodule, "check_method", None)
+    if check_method is not None:
+        check_method(method)
     for callback in callbacks:
         check = getattr(callback, "preflight", None)
         if check is not None:
             check(method)
 
 
-def train(cfg: DictConfig) -> Run:
-    """Train the experiment ``cfg`` (from ``config.compose``) and return what was built."""
+def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> Run:
+    """Train the experiment ``cfg`` (from ``config.compose``) and return what was built.
+
+    ``extra_callbacks`` (benchmarks, notebooks) run before the run's own, in the order given; one with an
+    ``install(trainer)`` method places itself once the Trainer is built."""
     silence_library_notices()
     settled = settle_run(cfg)
     run_id, ckpt_path = settled["run_id"], settled["resume"]
@@ -372,10 +392,11 @@ def train(cfg: DictConfig) -> Run:
         if stage1 is not None and not reused:
             # stage 2 checked with an untrained model of the stage-1 recipe before stage 1 trains
             untrained = {stage1.input.keyword: stage1.untrained_model()}
-            build_checked(cfg, run_dir, settled["wandb_id"], **untrained)
+            build_checked(cfg, run_dir, settled["wandb_id"], extra_callbacks, **untrained)
             stage1.run()
             L.seed_everything(cfg.seed, workers=True, verbose=False)  # as if stage 1 had been there
-        datamodule, method, callbacks, loggers, trainer = build_checked(cfg, run_dir, settled["wandb_id"])
+        built = build_checked(cfg, run_dir, settled["wandb_id"], extra_callbacks)
+        datamodule, method, callbacks, loggers, trainer = built
         if reused:
             stage1.announce_reuse()
 
@@ -396,13 +417,23 @@ def train(cfg: DictConfig) -> Run:
             os.environ[RUN_ID_ENV] = previous_env
 
 
-def build_checked(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None, **extra) -> tuple:
+def build_checked(
+    cfg: DictConfig, run_dir: Path, wandb_id: str, extra_callbacks: tuple = (), **method_extra
+) -> tuple:
     """DataModule, method, callbacks, loggers and Trainer of a run, with every check that needs no
-    training; nothing is written. ``extra``: passed to the method's constructor."""
+    training; nothing is written. ``method_extra``: passed to the method's constructor."""
     datamodule = build_datamodule(cfg)
-    method = build_method(cfg, datamodule, **extra)
+    if not cfg.data.download:  # a missing dataset is named before anything is built from its settings
+        datamodule.check_files()
+    method = build_method(cfg, datamodule, **method_extra)
+    if cfg.trainer.strategy == "fsdp":
+        from lightning_gen.sharding import unsupported_reason
+
+        reason = unsupported_reason(method, cfg.trainer.sync_batchnorm or not _multi_process(cfg))
+        if reason:
+            raise ConfigError(f"trainer.strategy=fsdp: {reason}")
     validates = cfg.trainer.limit_val_batches != 0
-    callbacks = build_callbacks(cfg, method, run_dir, validates)
+    callbacks = [*extra_callbacks, *build_callbacks(cfg, method, run_dir, validates)]
     loggers = build_loggers(cfg, run_dir, wandb_id)
     if getattr(method, "ddp_find_unused_parameters", False) and cfg.trainer.strategy in ("auto", "ddp"):
         # e.g. a GAN's D step leaves G without gradients: DDP must be told (only matters with >1 process)
@@ -410,6 +441,11 @@ def build_checked(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None, *
             "ddp_find_unused_parameters_true" if _multi_process(cfg) else cfg.trainer.strategy
         )
     trainer = build_trainer(cfg, callbacks, loggers, run_dir)
+    for (
+        callback
+    ) in extra_callbacks:  # those that place themselves among the others (host_sync.CountStepSyncs)
+        if hasattr(callback, "install"):
+            callback.install(trainer)
     preflight(cfg, datamodule, method, callbacks)
     return datamodule, method, callbacks, loggers, trainer
 

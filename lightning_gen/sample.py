@@ -34,6 +34,26 @@ METHOD_OPTIONS = {
     "top_k": int,
     "top_p": float,
 }
+# (lowest allowed, whether the lowest itself is excluded, highest allowed) of the numeric options
+RANGES = {
+    "n": (1, False, None),
+    "nrow": (1, False, None),
+    "steps": (1, False, None),
+    "class": (0, False, None),
+    "guidance": (0, False, None),
+    "eta": (0, False, None),
+    "temperature": (0, True, None),
+    "top_k": (1, False, None),
+    "top_p": (0, True, 1),
+}
+
+
+def check_range(key: str, value: float) -> None:
+    low, low_open, high = RANGES[key]
+    if value < low or (low_open and value == low) or (high is not None and value > high):
+        allowed = f"greater than {low}" if low_open else f"at least {low}"
+        allowed += f" and at most {high}" if high is not None else ""
+        raise ConfigError(f"lgen sample: {key}={value}: {key} must be {allowed}")
 
 
 def parse(items: list[str]) -> dict:
@@ -50,6 +70,8 @@ def parse(items: list[str]) -> dict:
             values[key] = kind(value)
         except ValueError as error:
             raise ConfigError(f"lgen sample: {key} must be {kind.__name__}, got {value!r}") from error
+        if key in RANGES:
+            check_range(key, values[key])
     if "ckpt" not in values:
         raise ConfigError(
             "lgen sample: say which checkpoint: ckpt=runs/<experiment>/<run>/checkpoints/last.ckpt"

@@ -70,3 +70,19 @@ def lgen(tmp_path):
 
     call.cwd = tmp_path
     return call
+
+
+def start_gloo_workers(fn, world: int, *args, preload: tuple[str, ...] = ()) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` processes and wait for them (they set up gloo).
+
+    The processes are forked from one forkserver that imported ``preload`` (torch, Lightning, the
+    modules ``fn`` needs) once: each spawned process would import them again, which costs more
+    than the test itself on a shared 2-core machine. The forkserver has run no torch op, so forking
+    it is safe; if an earlier test started the forkserver, the preload list is ignored (slower, same result).
+    """
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", *preload])
+    mp.start_processes(fn, args=(world, *args), nprocs=world, join=True, start_method="forkserver")

@@ -35,6 +35,7 @@ TINY: dict[str, list[str]] = {
         "method.backbone.conv_dim=32",
     ],
     "cpc": ["experiment=cpc_digits", "method.backbone.conv_dim=32", "method.context_dim=32"],
+    # the ddpm preset of the diffusion method: DDPM's discrete chain, eps-prediction, guidance
     "diffusion": [
         "experiment=ddpm_cfg_digits",
         "method.width=8",
@@ -59,7 +60,7 @@ TINY: dict[str, list[str]] = {
         "method.channels=[8,8]",
         "method.norm_groups=4",
         "method.disc_width=8",
-        "method.disc_start_epochs=0",
+        "method.disc_start_epochs=0",  # the step counted trains the discriminator and the adaptive weight
     ],
     "mae": ["experiment=mae_digits"],
     "moco": [
@@ -109,7 +110,6 @@ VARIANTS: dict[str, list[str]] = {
         "method.proj_dim=16",
         "method.pred_hidden_dim=32",
     ],
-    "flow": ["experiment=flow_digits", "method.width=8", "method.mults=[1,2]", "method.conditional=true"],
     "distill_consistency": [
         "experiment=distill_digits",
         "method.algorithm=consistency",
@@ -117,6 +117,24 @@ VARIANTS: dict[str, list[str]] = {
         "method.target_decay=0.9",
     ],
     "gated_pixelcnn": ["experiment=gated_pixelcnn_digits", "method.width=8", "method.blocks=1"],
+    # the flow preset (continuous time, velocity target) and the DiT network on a continuous VE process
+    "flow": ["experiment=flow_digits", "method.width=8", "method.mults=[1,2]", "method.conditional=true"],
+    "diffusion_dit": [
+        "experiment=flow_digits",
+        "method.net=dit",
+        "method.dit.preset=T/4",
+        "method.process=ve",
+        "method.prediction=x",
+        "method.conditional=true",
+    ],
+    # latent diffusion: the frozen autoencoder (STAGE1) encodes every batch
+    "latent_diffusion": [
+        "experiment=ldm_dit_digits",
+        "method.dit.patch_size=2",
+        "method.dit.depth=1",
+        "method.dit.width=16",
+        "method.dit.heads=2",
+    ],
 }
 # methods built on another model (a tokenizer, a teacher): an untrained one of this recipe, saved as a
 # checkpoint that the method's config field names (the model a stage 1 would train)
@@ -129,6 +147,12 @@ STAGE1: dict[str, list[str]] = {
         "method.code_dim=4",
         "method.codebook_size=16",
         "method.disc_width=8",
+    ],
+    "latent_diffusion": [
+        "experiment=latent_autoencoder_digits",
+        "method.channels=[8,8]",
+        "method.norm_groups=4",
+        "method.latent_channels=2",
     ],
     "distill": [
         "experiment=flow_digits",
@@ -168,14 +192,15 @@ def untrained_stage1(name: str, run_dir: Path) -> list[str]:
     model = run.build_method(stage_cfg, run.build_datamodule(stage_cfg))
     path = Path(run_dir) / f"{name}_stage1.ckpt"
     torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, path)
-    field = registry.get(
-        "method", compose(TINY.get(name) or VARIANTS[name]).method.name
-    ).cls.stage1_input.field
-    return [f"method.{field}=ckpt:{path}"]
+    method = compose(TINY.get(name) or VARIANTS[name]).method.name
+    return [f"method.{registry.get('method', method).cls.stage1_input.field}=ckpt:{path}"]
 
 
 def config(name: str, *extra: str, run_dir: Path | None = None):
+    """``run_dir``: where a method built on another model (``STAGE1``) finds an untrained one."""
     overrides = TINY.get(name) or VARIANTS[name]
+    if VARIANTS_STAGE1.get(name, name) in STAGE1 and run_dir is None:
+        raise ValueError(f"{name} is built on another model: say where to write it (run_dir)")
     stage1 = untrained_stage1(name, run_dir) if run_dir is not None else []
     cfg = compose([*overrides, *COMMON, *SIZES.get(name, []), *stage1, *extra])
     for section in (cfg.callbacks or {}).values():  # evaluation callbacks run at epoch ends, not in a step

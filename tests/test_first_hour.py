@@ -32,11 +32,37 @@ BAD_INPUT = [
         "callbacks.images.every_n_epochs: it must be at least 1",
     ),
     (["train", "seed=-1"], "invalid value -1 for seed"),
+    (
+        ["train", "trainer.strategy=fsdp"],  # the default autoencoder has no blocks to shard
+        "trainer.strategy=fsdp: method 'autoencoder' has no transformer or U-Net blocks to shard",
+    ),
     # RGB PixelCNN: the masks need one feature group per colour channel; 64 is the method's default width
     (
         ["train", "method=pixelcnn", "data=color_digits"],
         "method.width=64 must be a multiple of the image channels (3)",
     ),
+    # a run id is one folder name: this one would have put the run outside runs/
+    (["train", "run_id=../../escape"], "invalid value '../../escape' for run_id"),
+    # a temperature of 0 divides by zero: the run trained into NaN and ended in a traceback
+    (
+        ["train", "experiment=simclr_digits", "method.temperature=0"],
+        "invalid value 0.0 for method.temperature: it must be greater than 0",
+    ),
+    (
+        ["train", "experiment=dino_digits", "method.views.local_crops.blur_p=[0.5,1.5]"],
+        "invalid value 1.5 in method.views.local_crops.blur_p=[0.5, 1.5]: every entry must be between 0 and 1",
+    ),
+    # the missing folder is named first (the default encoder cannot take its 224 px images either)
+    (
+        ["train", "data=folder", "data.root=/nonexistent"],
+        "dataset 'folder' not found under /nonexistent: missing /nonexistent/train",
+    ),
+    (
+        ["train", "data.image_size=24"],
+        "method=autoencoder cannot be built for data=digits (1x24x24 images): the conv encoder needs a "
+        "power-of-two image size >= 4, got 24: set data.image_size=16 or 32",
+    ),
+    (["sample", "ckpt=last.ckpt", "n=-4"], "lgen sample: n=-4: n must be at least 1"),
     (
         [
             "prepare",
@@ -108,6 +134,14 @@ LATENT_BAD_INPUT = [
         "stage1.experiment=ddpm_digits trains diffusion, not an autoencoder of latents",
     ),
     (["train", "experiment=ldm_dit_digits", "method.latents=vae.ckpt"], "give ckpt:<latent_autoencoder"),
+    (["latents", "ckpt={ae}", "data=digits", "data.image_size=28"], "this run's data is digits at 28 px"),
+    (["latents", "ckpt={ae}", "data=digits", "data.image_size=16", "splits=train,bogus"], "no split 'bogus'"),
+    (["latents", "data=digits"], "say which autoencoder: ckpt="),
+    (["latents", "ckpt={ae}", "data=digits", "dtype=int8"], "dtype=int8: use one of float32"),
+    (
+        ["train", "experiment=ldm_dit_digits", "data=latents", "data.path=nowhere"],
+        "no complete latents under data.path=nowhere",
+    ),
 ]
 
 
@@ -152,6 +186,30 @@ def assert_one_line_error(argv, message, tmp_path, monkeypatch, capsys) -> None:
     assert list(tmp_path.iterdir()) == []  # no run directory, no data folder, no W&B run
 
 
+def test_non_finite_loss_is_one_line_exit_3_and_the_checkpoints_saved_before_are_kept(tmp_path):
+    """A VAE stepped with lr 1e12 saves its step-1 checkpoint, then its loss is NaN at step 2."""
+    proc = run_lgen(
+        "train",
+        "experiment=vae_digits",
+        *FAST,
+        "method.lr=1e12",
+        "trainer.checkpoint_every_n_steps=1",
+        "run_id=r",
+        cwd=tmp_path,
+        env=lgen_env(OMP_NUM_THREADS="1"),
+        check=False,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lgen: error:")]
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors == [proc.stderr.strip().splitlines()[-1]], errors  # one line, the last one
+    assert "training loss became non-finite (nan) at global step 1" in errors[0]
+    assert "checkpoints already saved hold states from before it: last.ckpt, step000001.ckpt" in errors[0]
+    for name in ("last.ckpt", "step000001.ckpt"):  # the last good state, intact
+        saved = torch.load(tmp_path / "runs" / "vae_digits" / "r" / "checkpoints" / name, weights_only=False)
+        assert saved["global_step"] == 1
+        assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+
 def test_failed_runs_leave_nothing_and_a_default_run_prints_no_noise(tmp_path):
     env = lgen_env(OMP_NUM_THREADS="1")
     # Failures found once everything is built: the dataset is missing; Lightning rejects the trainer.
@@ -167,8 +225,10 @@ def test_failed_runs_leave_nothing_and_a_default_run_prints_no_noise(tmp_path):
     assert missing.returncode == 2 and "dataset 'cifar10' not found" in missing.stderr
     rejected = run_lgen(
         "train",
+        "experiment=mae_digits",
         "trainer.accelerator=cpu",
         "trainer.strategy=fsdp",
+        "trainer.precision=16-mixed",  # FSDP2 under Lightning has no sharded loss scaler
         "run_id=r",
         cwd=tmp_path,
         env=env,

@@ -17,7 +17,7 @@ from lightning_gen.cli import main as lgen_main
 from lightning_gen.methods.base import load_method
 from lightning_gen.methods.generative.latent_autoencoder import load_latent_autoencoder
 from lightning_gen.stages import FINISHED
-from tests.conftest import lgen_env, run_lgen
+from tests.conftest import REPO, lgen_env, run_lgen
 
 ENV = lgen_env(OMP_NUM_THREADS="1")  # bitwise comparisons of sums need one fixed thread count
 STAGE1 = [  # the stage-1 recipe made tiny: 16 px -> 8x8x2 latents (f = 2), two steps
@@ -258,3 +258,168 @@ def test_the_unet_runs_on_odd_latent_sizes_and_is_unchanged_on_even_ones():
         else:
             h = block(h)  # nn.Upsample(scale_factor=2), then the conv
     assert torch.equal(net(x, t), net.head(h))
+
+
+def tiny_autoencoder(path, seed: int = 0) -> str:
+    """A latent-autoencoder checkpoint of digits at 16 px (8x8x2 latents), as load_method reads it."""
+    from lightning_gen.methods.base import DataInfo
+    from lightning_gen.methods.generative.latent_autoencoder import LatentAutoencoder, LatentAutoencoderConfig
+
+    torch.manual_seed(seed)
+    cfg = LatentAutoencoderConfig(
+        name="latent_autoencoder", channels=(8, 16), norm_groups=4, latent_channels=2
+    )
+    module = LatentAutoencoder(cfg, DataInfo(name="digits", channels=1, image_size=16))
+    module.latent_scale.fill_(1.7)  # as a trained one: latents scaled to unit variance
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    return str(path)
+
+
+def test_latents_cached_by_lgen_latents_train_as_encoding_on_the_fly(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    ae = tiny_autoencoder(tmp_path / "ae.ckpt")
+    assert lgen_main(["latents", f"ckpt={ae}", "data=digits", "data.image_size=16", "out=cache"]) == 0
+    meta = json.loads((tmp_path / "cache" / "latents.json").read_text())
+    assert meta["splits"] == {"train": 1222, "val": 216, "test": 359} and meta["latent_shape"] == [2, 8, 8]
+    # the cached posterior is the autoencoder's, unscaled, of the DataModule's own split
+    from lightning_gen import registry
+    from lightning_gen.config import compose, section_object
+
+    data = registry.build("data", section_object(compose(["data=digits", "data.image_size=16"]).data))
+    data.setup()
+    cached = torch.load(tmp_path / "cache" / "val.pt")
+    mean, std = load_latent_autoencoder(ae).posterior(data.datasets["val"].images[:5].float() / 127.5 - 1)
+    assert torch.allclose(cached["mean"][:5], mean, atol=1e-6) and torch.allclose(
+        cached["std"][:5], std, atol=1e-6
+    )
+    assert torch.equal(cached["label"], data.datasets["val"].labels)
+
+    common = [
+        *TINY[:1],
+        f"method.latents=ckpt:{ae}",
+        *[a for a in TINY if a.startswith(("data.", "method.dit", "trainer.", "logger.", "callbacks."))],
+        "trainer.max_epochs=1",
+    ]
+    assert lgen_main(["train", *common, "run_id=fly"]) == 0
+    assert lgen_main(["train", *common, "data=latents", "data.path=cache", "run_id=cached"]) == 0
+    runs = tmp_path / "runs" / "ldm_dit_digits"
+    fly, from_cache = step_losses(runs / "fly"), step_losses(runs / "cached")
+    assert len(fly) == 2 and fly.keys() == from_cache.keys()
+    # the same draws and operations; the encoder ran on other batch compositions, hence not bitwise
+    assert all(float(fly[k]) == pytest.approx(float(from_cache[k]), rel=1e-5) for k in fly)
+
+    # latents of another autoencoder than the method's: one line, nothing created
+    other = tiny_autoencoder(tmp_path / "other.ckpt", seed=1)
+    capsys.readouterr()
+    argv = [
+        "train",
+        *common,
+        "data=latents",
+        "data.path=cache",
+        f"method.latents=ckpt:{other}",
+        "run_id=other",
+    ]
+    assert lgen_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds the latents of another autoencoder" in err[0], err
+    assert not (runs / "other").exists()
+
+
+def test_result_rows_are_written_into_the_page_and_committed_one_by_one(tmp_path, monkeypatch):
+    """benchmarks/result_rows.py: each finished row goes to the JSON file and between the page's markers
+    at once, one commit per row (a git repository made here); a rerun finds the rows it has."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from result_rows import ResultRows
+
+    for key, value in {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }.items():
+        monkeypatch.setenv(key, value)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    page = tmp_path / "page.md"
+    page.write_text("# Results\n\n<!-- t:begin -->\nNot measured yet.\n<!-- t:end -->\n\nafter\n")
+    render = lambda rows: "\n".join(f"| {k} | {v['fid']} |" for k, v in rows.items())  # noqa: E731
+    rows = ResultRows(tmp_path / "results" / "t.json", {"t": render}, page, commit=True)
+    rows.add("a", {"fid": 1.5})
+    rows.add("b", {"fid": 2.5})
+    assert (
+        page.read_text()
+        == "# Results\n\n<!-- t:begin -->\n| a | 1.5 |\n| b | 2.5 |\n<!-- t:end -->\n\nafter\n"
+    )
+    log = subprocess.run(
+        ["git", "log", "--format=%s"], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert log.stdout.split("\n")[:2] == ["t: b row", "t: a row"]
+    again = ResultRows(tmp_path / "results" / "t.json", {"t": render}, page)
+    assert "a" in again and "b" in again and "c" not in again
+
+
+def test_the_result_scripts_run_tiny(tmp_path):
+    """benchmarks/ldm_fashion_mnist.py (stage 1, then the latent DiT: FID rows, recon, grids, FID vs NFE)
+    and benchmarks/diffusion_grid_digits.py (one cell) with everything shrunk; untrained extractors."""
+    import json
+    import subprocess
+    import sys
+
+    from lightning_gen.eval.fid_extractor import DomainFeatureNet, save_extractor
+    from lightning_gen.methods.base import DataInfo
+
+    torch.manual_seed(0)
+    for name, size in (("fashion_mnist", 28), ("digits", 16)):
+        net = DomainFeatureNet(1, size, 10, width=4).eval()
+        save_extractor(net, DataInfo(name=name, image_size=size), 4, 0.0, tmp_path / f"{name}.pt")
+    out = tmp_path / "out"
+    common = ["--tiny", "--results", str(out), "--n", "20"]
+    for script, extra in (
+        (
+            "ldm_fashion_mnist.py",
+            ["--only", "ldm_dit_fashion_mnist", "--nfe-n", "10", "--nfe-steps", "2", "--guidance", "1"],
+        ),
+        ("diffusion_grid_digits.py", ["--cells", "flow:eps"]),
+    ):
+        name = script.split("_")[0] + "_" + script.split("_")[1]
+        extractor = tmp_path / ("fashion_mnist.pt" if script.startswith("ldm") else "digits.pt")
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "benchmarks" / script),
+                *common,
+                *extra,
+                "--extractor",
+                str(extractor),
+            ],
+            cwd=tmp_path,
+            env=ENV,
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+    rows = json.loads((out / "ldm_fashion_mnist.json").read_text())
+    assert sorted(rows) == [
+        "floor",
+        "latent_autoencoder_fashion_mnist",
+        "ldm_dit_fashion_mnist",
+        "samplers ldm_dit_fashion_mnist",
+    ]
+    dit = rows["ldm_dit_fashion_mnist"]
+    assert dit["network"] == "dit" and dit["steps"] == 2 and dit["test_bits_per_dim"] is None
+    assert {p["sampler"] for p in rows["samplers ldm_dit_fashion_mnist"]["points"]} == {
+        "ddpm",
+        "ddim",
+        "euler",
+        "heun",
+        "dpm++2m",
+    }
+    assert (out / "grids" / "fashion_mnist_ldm_dit_fashion_mnist_w1.png").is_file()
+    assert rows["latent_autoencoder_fashion_mnist"]["psnr"] > 0
+    grid = json.loads((out / "diffusion_grid_digits.json").read_text())
+    assert sorted(grid) == ["floor", "flow:eps"] and grid["flow:eps"]["test_bits_per_dim"] > 0
+    assert (out / "grids" / "diffusion_grid_digits_flow_eps.png").is_file()

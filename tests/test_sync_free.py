@@ -54,9 +54,11 @@ def sampling_cases():
     return {
         "ddpm/ddpm": ("diffusion", {"sampler": "ddpm"}),
         "ddpm/ddim": ("diffusion", {"sampler": "ddim", "steps": 3, "eta": 1.0, "guidance": 1.0}),
-        "diffusion/heun": ("diffusion", {"sampler": "heun", "steps": 2, "guidance": 1.0}),
-        "diffusion/dpm++2m": ("diffusion", {"sampler": "dpm++2m", "steps": 3, "guidance": 1.0}),
+        "ddpm/heun": ("diffusion", {"sampler": "heun", "steps": 3, "guidance": 1.0}),
+        "ddpm/dpm++2m": ("diffusion", {"sampler": "dpm++2m", "steps": 3}),
         "flow": ("flow", {"steps": 3, "guidance": 1.0}),
+        "dit-ve/heun": ("diffusion_dit", {"sampler": "heun", "steps": 3, "guidance": 1.0}),
+        "latent/heun": ("latent_diffusion", {"sampler": "heun", "steps": 3, "guidance": 1.0}),
         "gan": ("gan", {}),
         "vae": ("vae", {}),
         "pixelcnn": ("pixelcnn", {}),

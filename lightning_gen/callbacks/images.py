@@ -12,6 +12,7 @@ from torchvision.utils import make_grid, save_image
 from lightning_gen.callbacks import CallbackConfig
 from lightning_gen.randomness import isolated
 from lightning_gen.registry import register_callback
+from lightning_gen.sharding import is_sharded
 
 
 @dataclass
@@ -42,7 +43,9 @@ class ImageGrid(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.cfg.every_n_epochs:
             return
-        if not trainer.is_global_zero:
+        # A sharded method's forward is a collective (trainer.strategy=fsdp): every rank draws the same
+        # grid and rank 0 saves it. Otherwise rank 0 alone draws it.
+        if not (trainer.is_global_zero or is_sharded(module)):
             return
         batch = next(iter(trainer.datamodule.eval_dataloader("val")))
         batch = {
@@ -54,7 +57,7 @@ class ImageGrid(L.Callback):
         with torch.no_grad(), torch.autocast(module.device.type, enabled=False), isolated():
             named = module.images_for_logging(batch)
         module.train(was_training)
-        if not named:
+        if not named or not trainer.is_global_zero:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         image = grid({k: v[: self.cfg.n] for k, v in named.items()}, self.cfg.nrow)

@@ -122,13 +122,13 @@ class ImageDataModule(L.LightningDataModule):
 
     def check_files(self) -> None:
         missing = [p for p in self.expected_files() if not p.exists()]
-        if missing:
-            listing = "\n  ".join(str(p) for p in self.expected_files())
+        if missing:  # one line, as every `lgen: error:` is
+            expected = ", ".join(str(p) for p in self.expected_files())
+            command = self.download_command()
+            get_it = f"get it with `{command}`" if not command.startswith("(") else command.strip("()")
             raise DatasetMissingError(
-                f"dataset {self.registry_name!r} not found under {self.root.resolve()}: missing {missing[0]}.\n"
-                f"Expected files:\n  {listing}\n"
-                f"Download it with:\n  {self.download_command()}\n"
-                f"or point data.root at the folder that holds it."
+                f"dataset {self.registry_name!r} not found under {self.root.resolve()}: missing {missing[0]} "
+                f"(expected {expected}); {get_it}, or point data.root at the folder that holds it"
             )
 
     def prepare_data(self) -> None:

@@ -10,6 +10,7 @@ sorted by index: the result is the same on every rank and equal to a single-proc
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from lightning_gen.eval import EvalError
 
 @dataclass
 class Features:
-    """Features (N, D) float32, labels (N,) int64 (-1 = unlabeled) and split indices (N,), sorted by index."""
+    """Features (N, D), labels (N,) int64 (-1 = unlabeled) and split indices (N,), sorted by index."""
 
     features: torch.Tensor
     labels: torch.Tensor
@@ -95,6 +96,26 @@ def dedupe_by_index(features: torch.Tensor, labels: torch.Tensor, indices: torch
 
 
 @torch.no_grad()
+def sharded_features(embed: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device) -> Features:
+    """``embed(images on device)`` -> (B, D) for every sample of ``loader``'s dataset, sorted by index.
+
+    Under torch.distributed every rank embeds its DistributedSampler shard (``ceil(N / W)`` samples,
+    at least one: balanced, and no rank skips the gather) and receives the full, deduplicated result.
+    """
+    feats, labels, indices = [], [], []
+    for batch in sharded_loader(loader):
+        images = batch["image"].to(device, non_blocking=True)
+        feats.append(embed(images).flatten(1))
+        labels.append(torch.as_tensor(batch["label"]).to(device).long())
+        indices.append(torch.as_tensor(batch["index"]).to(device).long())
+    if not feats:  # DistributedSampler gives every rank >= 1 sample, so only an empty split gets here
+        raise EvalError(f"the split to evaluate is empty (dataset of {len(loader.dataset)} samples)")
+    local = torch.cat(feats), torch.cat(labels), torch.cat(indices)
+    gathered = [distributed.gather_variable(t) for t in local]
+    return dedupe_by_index(*gathered)
+
+
+@torch.no_grad()
 def extract_features(module, loader: DataLoader, device: torch.device | str | None = None) -> Features:
     """Features of every sample of ``loader``'s dataset with ``module.embed_images`` in eval mode.
 
@@ -112,21 +133,11 @@ def extract_features(module, loader: DataLoader, device: torch.device | str | No
     )
     was_training = module.training
     module.eval()
-    feats, labels, indices = [], [], []
     try:
         with autocast:
-            for batch in sharded_loader(loader):
-                images = batch["image"].to(device, non_blocking=True)
-                feats.append(module.embed_images(images).float().flatten(1))
-                labels.append(torch.as_tensor(batch["label"]).to(device).long())
-                indices.append(torch.as_tensor(batch["index"]).to(device).long())
+            return sharded_features(lambda images: module.embed_images(images).float(), loader, device)
     finally:
         module.train(was_training)
-    if not feats:  # DistributedSampler gives every rank >= 1 sample, so only an empty split gets here
-        raise EvalError(f"the split to evaluate is empty (dataset of {len(loader.dataset)} samples)")
-    local = torch.cat(feats), torch.cat(labels), torch.cat(indices)
-    gathered = [distributed.gather_variable(t) for t in local]
-    return dedupe_by_index(*gathered)
 
 
 def split_features(module, datamodule, split: str, device=None) -> Features:

@@ -50,14 +50,14 @@ class MethodConfig:
     lr_scaling: str = choice("none", "none", "linear", "sqrt")  # against the *global* batch
     base_batch_size: int = bounded(256, 1)
     weight_decay: float = bounded(0.0, 0)
-    momentum: float = 0.9  # SGD / LARS momentum
-    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = bounded(0.9, 0, 1, high_open=True)  # SGD / LARS momentum
+    betas: tuple[float, float] = bounded((0.9, 0.999), 0, 1, high_open=True)  # Adam(W)'s moment decays
     exclude_bias_norm: bool = True  # no weight decay (and no LARS adaptation) on biases and norms
     schedule: str = choice("cosine", "cosine", "constant")
     warmup_epochs: float = bounded(0.0, 0)
     min_lr_ratio: float = bounded(0.0, 0, 1)
     online_probe: bool = True  # linear classifier on detached features, trained alongside
-    probe_lr: float = 1e-2
+    probe_lr: float = bounded(1e-2, 0)
 
 
 class Method(L.LightningModule):
@@ -228,6 +228,15 @@ class Method(L.LightningModule):
     def setup(self, stage: str) -> None:
         # Read by DDP when Lightning wraps the module, which happens after this hook.
         self._ddp_params_and_buffers_to_ignore = list(self.buffers_identical_on_all_ranks())
+
+    def configure_model(self) -> None:
+        """trainer.strategy=fsdp: shard the networks over the data-parallel ranks (``lightning_gen.sharding``).
+
+        Lightning calls this once the process group is up; its device mesh exists only under that strategy."""
+        if self.device_mesh is not None:
+            from lightning_gen.sharding import shard_method
+
+            shard_method(self, self.device_mesh["data_parallel"])
 
     def parameter_groups(self, modules: dict[str, nn.Module], lr: float, weight_decay: float) -> list[dict]:
         decay, no_decay = [], []

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_gen.config import bounded
 from lightning_gen.losses.classification import labeled_cross_entropy
 from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
 from lightning_gen.registry import register_method
@@ -24,7 +25,7 @@ from lightning_gen.registry import register_method
 
 @dataclass
 class SupervisedConfig(SSLConfig):
-    label_smoothing: float = 0.0
+    label_smoothing: float = bounded(0.0, 0, 1, high_open=True)
 
 
 @register_method("supervised", SupervisedConfig)

@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.nets.conv import ConvEncoder
 from lightning_gen.nets.deterministic import adaptive_avg_pool2d
 from lightning_gen.nets.vit import VisionTransformer
@@ -35,7 +35,7 @@ class BackboneConfig:
     depth: int = 6
     width: int = 192
     heads: int = 3
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = bounded(4.0, 0, low_open=True)  # ViT MLP width / block width
     pos_embed: str = choice("learned", "learned", "sincos")  # sincos: MAE's fixed 2-D sine-cosine embeddings
     # small conv encoder
     conv_width: int = 32

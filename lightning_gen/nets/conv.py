@@ -20,7 +20,11 @@ class ConvEncoder(nn.Module):
     ):
         super().__init__()
         if image_size < 4 or image_size & (image_size - 1):
-            raise ValueError(f"ConvEncoder needs a power-of-two image size >= 4, got {image_size}")
+            below = 2 ** max(2, image_size.bit_length() - 1)
+            raise ValueError(
+                f"the conv encoder needs a power-of-two image size >= 4, got {image_size}: "
+                f"set data.image_size={below} or {below * 2}"
+            )
         layers, channels = [nn.Conv2d(in_channels, width, 3, padding=1), _norm(width), nn.SiLU()], width
         for _ in range(int(math.log2(image_size // 4))):
             nxt = min(channels * 2, max_width)

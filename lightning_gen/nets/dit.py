@@ -65,7 +65,7 @@ class DiTConfig:
     depth: int | None = bounded(None, 1, hint="Transformer blocks")
     width: int | None = bounded(None, 4, hint="token width, a multiple of 4 and of heads")
     heads: int | None = bounded(None, 1)
-    mlp_ratio: float = bounded(4.0, 0)
+    mlp_ratio: float = bounded(4.0, 0, low_open=True)
     # a conditioning sequence: none; cross-attention in every block; or joint attention with the tokens
     context: str = choice("none", "none", "cross", "joint")
     context_dim: int | None = bounded(

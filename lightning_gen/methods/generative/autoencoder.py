@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.methods.base import Method, MethodConfig
 from lightning_gen.nets.conv import ConvDecoder, ConvEncoder
 from lightning_gen.registry import register_method
@@ -25,8 +25,12 @@ from lightning_gen.registry import register_method
 class AutoencoderConfig(MethodConfig):
     latent_dim: int = 32
     width: int = 32  # channels of the first conv; doubles at every downsampling
-    noise_std: float = 0.0  # > 0: denoising autoencoder with additive Gaussian noise on [0, 1] pixels
-    mask_prob: float = 0.0  # > 0: denoising autoencoder with masking noise (pixels set to 0)
+    noise_std: float = bounded(
+        0.0, 0
+    )  # > 0: denoising autoencoder with additive Gaussian noise on [0, 1] pixels
+    mask_prob: float = bounded(
+        0.0, 0, 1, high_open=True
+    )  # > 0: denoising autoencoder with masking noise (pixels set to 0)
     loss: str = choice("mse", "mse", "bce")
     lr: float = 2e-3
 

@@ -61,14 +61,14 @@ class DiffusionConfig(GenerativeConfig):
     # vp only: > 0 is DDPM's discrete chain of this many steps (t drawn from its steps); 0 is continuous time
     timesteps: int = bounded(0, 0)
     noise_schedule: str = choice("cosine", "linear", "cosine")  # vp: abar(t) linear-beta or cosine
-    sigma_min: float = bounded(0.01, 0)  # ve: sigma(0) (Song et al. 2021)
-    sigma_max: float = bounded(50.0, 0)  # ve: sigma(1), the std of the prior
+    sigma_min: float = bounded(0.01, 0, low_open=True)  # ve: sigma(0) (Song et al. 2021)
+    sigma_max: float = bounded(50.0, 0, low_open=True)  # ve: sigma(1), the std of the prior
     t_sampling: str = choice("uniform", "uniform", "logit_normal", "log_normal")  # p(t) in training
     logit_mean: float = 0.0  # logit_normal: t = sigmoid(logit_mean + logit_std u)
-    logit_std: float = bounded(1.0, 0)
+    logit_std: float = bounded(1.0, 0, low_open=True)
     # log_normal: the noise level sigma = b/a with ln sigma = log_sigma_mean + log_sigma_std u (Karras et al.)
     log_sigma_mean: float = -1.2
-    log_sigma_std: float = bounded(1.2, 0)
+    log_sigma_std: float = bounded(1.2, 0, low_open=True)
     shift_base_size: int = bounded(0, 0)  # > 0: shift t toward noise by sqrt(H W) / this (Esser et al.)
     loss_reduction: str = choice("mean", "mean", "sum")  # over pixels: mean keeps the LR resolution-free
     net: str = choice("unet", "unet", "dit")  # the denoising network: U-Net, or Diffusion Transformer
@@ -77,13 +77,13 @@ class DiffusionConfig(GenerativeConfig):
     mults: tuple[int, ...] = (1, 2, 2)
     blocks_per_level: int = bounded(1, 1)
     attention_resolutions: tuple[int, ...] = (8,)
-    dropout: float = bounded(0.1, 0, 1)
+    dropout: float = bounded(0.1, 0, 1, high_open=True)
     conditional: bool = False  # class-conditional with classifier-free guidance
     label_dropout: float = bounded(0.1, 0, 1)  # p(y -> null) in training; Ho & Salimans used 0.1-0.2
     sampler: str = choice("heun", *samplers.SAMPLERS)  # default sampler of sample(), grids and FID
     sample_steps: int = bounded(18, 1)  # solver steps (Heun: 2 steps - 1 network evaluations)
     sample_eta: float = bounded(0.0, 0)  # DDIM's eta: 0 deterministic, 1 the DDPM posterior's noise
-    guidance: float = 0.0  # default CFG weight w at sampling time
+    guidance: float = bounded(0.0, 0)  # default CFG weight w at sampling time
     clip_x0: bool = True  # clamp the predicted x to [-1, 1] while sampling (pixels; ignored for latents)
     # The space diffusion runs in. null: pixels. ckpt:<path>: the latents of a frozen autoencoder, an
     # lgen latent_autoencoder checkpoint or a diffusers AutoencoderKL folder. stage1: the last checkpoint
@@ -229,6 +229,16 @@ class Diffusion(GenerativeMethod):
         # under the trainer's autocast (the encoder is frozen: no gradients), the latents in float32
         return self.autoencoder.encode_latents(x, sample=self.cfg.latent_sample).float()
 
+    def encode_batch(self, batch: dict) -> torch.Tensor:
+        """The data x of a batch: its images encoded, or latents cached by `lgen latents` (data=latents),
+        drawn from the cached posterior and scaled exactly as ``encode`` does."""
+        if "latent_mean" not in batch:
+            return self.encode(batch["image"])
+        # in the memory layout the encoder's output has (channels_last when the trainer uses it), so that
+        # the noise drawn like it (randn_like follows the layout) is the noise of encoding on the fly
+        mean, std = (self.to_float(batch[k]) for k in ("latent_mean", "latent_std"))
+        return self.autoencoder.scale_latents(mean, std if self.cfg.latent_sample else None).float()
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (what FID and the grids expect) from pixels in [-1, 1] or latents."""
         if self.latent:
@@ -265,15 +275,19 @@ class Diffusion(GenerativeMethod):
         (DiT's ``learn_sigma``, which this method does not train)."""
         return out[:, : self.model_shape[0]] if out.shape[1] != self.model_shape[0] else out
 
-    def step(self, batch, stage: str) -> torch.Tensor:
-        x = self.encode(batch["image"])
+    def draw_noise(self, x: torch.Tensor) -> tuple[Coefficients, torch.Tensor, torch.Tensor]:
+        """Everything random in a training step but the label dropout: (coefficients, network time, z)."""
         # The order of the draws is each preset's original one, so that they train bitwise as before:
         if self.process.discrete:  # DDPM's Algorithm 1 draws t, then eps
             coef, t_net = self.draw_time(len(x), x.device)
-            z = torch.randn_like(x)
-        else:  # the rectified-flow recipe draws z, then t
-            z = torch.randn_like(x)
-            coef, t_net = self.draw_time(len(x), x.device)
+            return coef, t_net, torch.randn_like(x)
+        z = torch.randn_like(x)  # the rectified-flow recipe draws z, then t
+        coef, t_net = self.draw_time(len(x), x.device)
+        return coef, t_net, z
+
+    def step(self, batch, stage: str) -> torch.Tensor:
+        x = self.encode_batch(batch)
+        coef, t_net, z = self.draw_noise(x)
         y = self.drop_labels(batch["label"], self.cfg.label_dropout) if self.conditional else None
         coef = _view(coef, x)
         xt = coef.a * x + coef.b * z

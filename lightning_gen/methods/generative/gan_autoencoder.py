@@ -20,7 +20,6 @@ its ``training_step`` is then ``self.adversarial_step(x, self.autoencoder_loss)`
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +41,7 @@ class GANAutoencoderConfig(GenerativeConfig):
     disc_width: int = bounded(64, 1)
     disc_layers: int = bounded(2, 1, hint="stride-2 convs of the PatchGAN; 3 is the paper's 70-px patch")
     disc_lr: float | None = bounded(None, 0)  # defaults to lr
-    adaptive_weight_max: float = bounded(1e4, 0)
+    adaptive_weight_max: float = bounded(1e4, 0)  # the adaptive weight is clamped to [0, this] (LDM: 1e4)
     # Adam with LDM's betas; LDM scales 4.5e-6 per image of the global batch, i.e. 4.5e-4 at batch 96
     optimizer: str = choice("adam", "adam", "adamw", "sgd", "lars")
     lr: float = bounded(4.5e-4, 0)
@@ -92,13 +91,10 @@ class GANAutoencoder(GenerativeMethod):
         return [ae, d]
 
     def discriminator_on(self, batch_idx: int) -> bool:
-        """Whether the discriminator trains at this batch: after ``disc_start_epochs`` of training.
-
-        Training progress in epochs (data seen), a host-side number that does not change with the
-        world size. The one place the switch is decided: a shared progress helper replaces it here."""
-        batches = self.trainer.num_training_batches
-        within = batch_idx / batches if math.isfinite(batches) and batches > 0 else 0.0
-        return self.trainer.current_epoch + within >= self.cfg.disc_start_epochs
+        """Whether the discriminator trains at this batch: after ``disc_start_epochs`` of training progress
+        (``schedules.training_progress``: data seen, the same on any world size)."""
+        progress = self.progress()
+        return progress.step >= progress.steps(self.cfg.disc_start_epochs)
 
     def reconstruction_loss(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         """Summed over pixels, averaged over the batch (LDM's scale, against which kl_weight is set)."""

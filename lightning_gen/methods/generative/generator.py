@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_gen.config import bounded
 from lightning_gen.methods.base import Method, MethodConfig, ema_update
 
 
 @dataclass
 class GenerativeConfig(MethodConfig):
     online_probe: bool = False  # generators learn no representation to probe
-    ema_decay: float = 0.999  # 0 disables EMA: the raw weights sample
+    ema_decay: float = bounded(0.999, 0, 1, high_open=True)  # 0 disables EMA: the raw weights sample
     ema_warmup: bool = True  # decay_t = min(ema_decay, (1 + t) / (10 + t)): early EMA follows the weights
     grid_samples: int = 32  # samples shown by the image-grid callback (fixed noise, so grids are comparable)
 

@@ -132,12 +132,24 @@ class LatentAutoencoder(GANAutoencoder):
         self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Scaled latents (z - shift) * scale of images in [-1, 1]: the posterior mean, or a sample."""
+        mean, std = self.posterior(x)
+        return self.scale_latents(mean, std if sample else None, generator)
+
+    @torch.no_grad()
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of q(z|x) for images in [-1, 1], unscaled (what `lgen latents` caches)."""
         with evaluating(self.sampling_net()) as net:
             mean, logvar = net.encode(x)
+        return mean, (0.5 * logvar).exp()
+
+    def scale_latents(
+        self, mean: torch.Tensor, std: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(z - shift) * scale for z = mean, or z ~ N(mean, std^2) when ``std`` is given."""
         z = mean
-        if sample:
+        if std is not None:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + (0.5 * logvar).exp() * noise
+            z = mean + std * noise
         return (z - self.latent_shift) * self.latent_scale
 
     @torch.no_grad()
@@ -176,6 +188,10 @@ class LatentAutoencoder(GANAutoencoder):
         self.log("val/kl", elbo.kl_standard_normal(mean.float(), logvar.float()).mean(), sync_dist=True)
 
     # ---------------------------------------------------------------- the latent scale
+    def buffers_identical_on_all_ranks(self) -> list[str]:
+        # every rank computes them from the same images: DDP need not re-broadcast them every step
+        return [*super().buffers_identical_on_all_ranks(), "latent_scale", "latent_shift"]
+
     def on_train_epoch_end(self) -> None:
         # Before the epoch's checkpoints are written (Lightning runs them after this hook).
         self.update_latent_scale()

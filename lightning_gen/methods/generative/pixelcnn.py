@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lightning_gen.config import ConfigError, choice
+from lightning_gen.config import ConfigError, bounded, choice
 from lightning_gen.losses.elbo import discrete_bits_per_dim
 from lightning_gen.methods.generative.generator import GenerativeConfig, GenerativeMethod, evaluating
 from lightning_gen.nets.gated_pixelcnn import GatedPixelCNN
@@ -36,7 +36,7 @@ class PixelCNNConfig(GenerativeConfig):
     width: int = 64
     blocks: int = 5  # pixelcnn: gated residual blocks after the 7x7 stem; gated: layers after the first
     kernel_size: int = 5
-    temperature: float = 1.0  # softmax temperature at sampling time
+    temperature: float = bounded(1.0, 0, low_open=True)  # softmax temperature at sampling time
     lr: float = 1e-3
     ema_decay: float = 0.999
 

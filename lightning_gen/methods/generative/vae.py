@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.losses import elbo
 from lightning_gen.methods.generative.generator import GenerativeConfig, GenerativeMethod, evaluating
 from lightning_gen.nets.conv import ConvDecoder, ConvEncoder
@@ -28,8 +28,10 @@ class VAEConfig(GenerativeConfig):
     latent_dim: int = 16
     width: int = 32
     decoder: str = choice("gaussian_fixed", "gaussian_fixed", "gaussian_learned", "bernoulli")
-    decoder_std: float = 0.1  # sigma of the fixed-variance Gaussian decoder, on [0, 1] pixels
-    beta: float = 1.0  # KL weight (beta-VAE; latent-diffusion autoencoders use a very small one)
+    decoder_std: float = bounded(
+        0.1, 0, low_open=True
+    )  # sigma of the fixed-variance Gaussian decoder, on [0, 1] pixels
+    beta: float = bounded(1.0, 0)  # KL weight (beta-VAE; latent-diffusion autoencoders use a very small one)
     lr: float = 1e-3
     ema_decay: float = 0.0  # one decoder pass per sample: EMA is optional here
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.losses.noncontrastive import barlow_twins_loss
 from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
 from lightning_gen.nets.heads import MLPHead
@@ -43,7 +43,7 @@ class BarlowTwinsConfig(SSLConfig):
     proj_hidden_dim: int = 8192
     proj_dim: int = 8192
     proj_layers: int = 3
-    lambd: float = 5e-3  # weight of the off-diagonal (redundancy reduction) term
+    lambd: float = bounded(5e-3, 0)  # weight of the off-diagonal (redundancy reduction) term
 
 
 @register_method("barlow_twins", BarlowTwinsConfig)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_gen import distributed
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.methods.ssl.color import (
     ab_gamut_bins,
     annealed_mean,
@@ -45,12 +45,12 @@ AB_SCALE = 110.0  # |a|, |b| <= ~110 for sRGB colours
 class ColorizationConfig(PretextConfig):
     loss: str = choice("classification", "classification", "regression")
     split_brain: bool = False  # also predict L from ab; represent with both encoders
-    ab_step: float = 10.0  # width of the ab bins
+    ab_step: float = bounded(10.0, 0, low_open=True)  # width of the ab bins
     soft_neighbours: int = 5  # soft-encoding: the k nearest bins ...
-    soft_sigma: float = 5.0  # ... with Gaussian weights of this width
+    soft_sigma: float = bounded(5.0, 0, low_open=True)  # ... with Gaussian weights of this width
     rebalance: bool = True
-    rebalance_mix: float = 0.5  # lambda: mix of the empirical prior with the uniform one
-    temperature: float = 0.38  # annealed-mean decoding
+    rebalance_mix: float = bounded(0.5, 0, 1)  # lambda: mix of the empirical prior with the uniform one
+    temperature: float = bounded(0.38, 0, low_open=True)  # annealed-mean decoding
     l_bins: int = 50  # split-brain ab -> L classes
     decoder_width: int = 32
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lightning_gen import schedules
+from lightning_gen.config import bounded
 from lightning_gen.data.crops import CropSpec
 from lightning_gen.data.views import Views, ViewsConfig
 from lightning_gen.methods.base import Method, MethodConfig, ema_update
@@ -36,8 +37,12 @@ class SSLConfig(MethodConfig):
     # BatchNorm statistics over the batch of all ranks under DDP (SimCLR's global BN, MoCo v3's SyncBN);
     # no effect on one process
     global_bn: bool = False
-    momentum_start: float = 0.99  # τ of momentum networks at step 0 (unused by methods without one)
-    momentum_end: float = 1.0  # τ at the last planned step (cosine in between); = start for a constant τ
+    momentum_start: float = bounded(
+        0.99, 0, 1
+    )  # τ of momentum networks at step 0 (unused by methods without one)
+    momentum_end: float = bounded(
+        1.0, 0, 1
+    )  # τ at the last planned step (cosine in between); = start for a constant τ
 
 
 class SSLMethod(Method):

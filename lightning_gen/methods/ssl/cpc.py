@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.data.views import CropConfig, ViewsConfig
 from lightning_gen.losses.contrastive import info_nce
 from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
@@ -48,7 +48,7 @@ class CPCConfig(SSLConfig):
     pred_steps: int = 3  # predict rows i+1 .. i+pred_steps
     context_dim: int = 256
     context_layers: int = 3
-    temperature: float = 1.0
+    temperature: float = bounded(1.0, 0, low_open=True)
     # CPC v2's patch augmentation, spatial part: while training every patch is cut at its own random
     # offset of up to this many pixels, so the 50% overlap no longer lets pixel matching solve the task
     patch_jitter: int = 0

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_gen import schedules
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.losses.dino import DINOLoss
 from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
 from lightning_gen.nets.heads import DINOHead
@@ -34,21 +34,25 @@ class DINOConfig(SSLConfig):
     lr: float = 5e-4
     lr_scaling: str = choice("linear", "none", "linear", "sqrt")
     weight_decay: float = 0.04
-    weight_decay_end: float = 0.4  # cosine schedule from weight_decay; set equal for a constant decay
+    weight_decay_end: float = bounded(
+        0.4, 0
+    )  # cosine schedule from weight_decay; set equal for a constant decay
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 2e-3  # 1e-6 at the end for lr 5e-4
     out_dim: int = 65536  # K prototypes
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
-    student_temp: float = 0.1
-    teacher_temp_start: float = 0.04
-    teacher_temp: float = 0.04  # final τ_t; the paper goes up to 0.07 (above is unstable)
+    student_temp: float = bounded(0.1, 0, low_open=True)
+    teacher_temp_start: float = bounded(0.04, 0, low_open=True)
+    teacher_temp: float = bounded(
+        0.04, 0, low_open=True
+    )  # final τ_t; the paper goes up to 0.07 (above is unstable)
     teacher_temp_warmup_epochs: float = 30.0
-    center_momentum: float = 0.9
+    center_momentum: float = bounded(0.9, 0, 1)
     momentum_start: float = 0.996
     momentum_end: float = 1.0
     freeze_last_layer_epochs: int = 1
-    clip_grad: float = 3.0  # per-parameter gradient-norm clip (official code); 0 disables
+    clip_grad: float = bounded(3.0, 0)  # per-parameter gradient-norm clip (official code); 0 disables
     global_bn: bool = True  # ResNet backbones: BatchNorm over all ranks, as the official code's SyncBN
 
 

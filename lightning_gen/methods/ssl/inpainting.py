@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.methods.ssl.pretext import EncoderDecoder, PretextConfig, PretextMethod, block_mask
 from lightning_gen.nets.conv import ConvEncoder
 from lightning_gen.registry import register_method
@@ -37,10 +37,10 @@ from lightning_gen.registry import register_method
 @dataclass
 class InpaintingConfig(PretextConfig):
     mask: str = choice("centre", "centre", "random")  # centre square, or random rectangles
-    mask_fraction: float = 0.25  # of the image area
+    mask_fraction: float = bounded(0.25, 0, 1, low_open=True, high_open=True)  # of the image area
     adversarial: bool = False
-    rec_weight: float = 0.999
-    adv_weight: float = 0.001
+    rec_weight: float = bounded(0.999, 0)
+    adv_weight: float = bounded(0.001, 0)
     disc_width: int = 32
     decoder_width: int = 32
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.methods.ssl.pretext import PretextConfig, PretextMethod, random_patch_mask
 from lightning_gen.nets.backbones import BackboneConfig, build_backbone
 from lightning_gen.nets.vit import Block, VisionTransformer, position_embedding
@@ -30,7 +30,7 @@ from lightning_gen.registry import register_method
 @dataclass
 class MAEConfig(PretextConfig):
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="vit"))
-    mask_ratio: float = 0.75
+    mask_ratio: float = bounded(0.75, 0, 1, low_open=True, high_open=True)  # of the patches
     decoder_width: int = 128  # paper: 512 (with a 768-1280 wide encoder)
     decoder_depth: int = 2  # paper: 8; the decoder is < 10% of the encoder's compute per token
     decoder_heads: int = 4

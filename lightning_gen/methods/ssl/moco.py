@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.distributed import batch_shuffle, batch_unshuffle, gather_no_grad, is_distributed
 from lightning_gen.losses.contrastive import KeyQueue, info_nce, moco_loss
 from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
@@ -51,7 +51,7 @@ class MoCoConfig(SSLConfig):
     lr: float = 0.03
     lr_scaling: str = choice("linear", "none", "linear", "sqrt")
     weight_decay: float = 1e-4
-    temperature: float = 0.2
+    temperature: float = bounded(0.2, 0, low_open=True)
     queue_size: int = 65536  # K (v1/v2)
     proj_hidden_dim: int = 2048
     proj_dim: int = 128

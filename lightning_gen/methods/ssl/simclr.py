@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.losses.contrastive import nt_xent
 from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
 from lightning_gen.nets.heads import MLPHead
@@ -32,7 +32,7 @@ class SimCLRConfig(SSLConfig):
     lr_scaling: str = choice("linear", "none", "linear", "sqrt")
     weight_decay: float = 1e-6
     warmup_epochs: float = 10.0
-    temperature: float = 0.1
+    temperature: float = bounded(0.1, 0, low_open=True)
     proj_hidden_dim: int = 2048
     proj_dim: int = 128
     proj_layers: int = 2

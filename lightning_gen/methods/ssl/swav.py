@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_gen.config import ConfigError, choice
+from lightning_gen.config import ConfigError, bounded, choice
 from lightning_gen.distributed import gather_no_grad, is_distributed
 from lightning_gen.losses.swav import FeatureQueue, assign_codes, swapped_prediction_loss
 from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
@@ -53,8 +53,8 @@ class SwAVConfig(SSLConfig):
     proj_hidden_dim: int = 2048
     proj_dim: int = 128
     num_prototypes: int = 3000  # K
-    temperature: float = 0.1  # τ
-    sinkhorn_epsilon: float = 0.05  # ε
+    temperature: float = bounded(0.1, 0, low_open=True)  # τ
+    sinkhorn_epsilon: float = bounded(0.05, 0, low_open=True)  # ε
     sinkhorn_iterations: int = 3
     queue_size: int = 3840  # embeddings kept per code view; 0 disables the queue
     queue_start_epoch: int = 15

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.losses.noncontrastive import vicreg_loss
 from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
 from lightning_gen.nets.heads import MLPHead
@@ -42,11 +42,11 @@ class VICRegConfig(SSLConfig):
     proj_hidden_dim: int = 8192
     proj_dim: int = 8192
     proj_layers: int = 3
-    invariance_weight: float = 25.0  # λ
-    variance_weight: float = 25.0  # μ
-    covariance_weight: float = 1.0  # ν
-    variance_target: float = 1.0  # γ
-    variance_eps: float = 1e-4  # ε
+    invariance_weight: float = bounded(25.0, 0)  # λ
+    variance_weight: float = bounded(25.0, 0)  # μ
+    covariance_weight: float = bounded(1.0, 0)  # ν
+    variance_target: float = bounded(1.0, 0, low_open=True)  # γ
+    variance_eps: float = bounded(1e-4, 0, low_open=True)  # ε
 
 
 @register_method("vicreg", VICRegConfig)
