@@ -294,3 +294,36 @@ def test_one_command_trains_teacher_and_students_which_resume_bitwise_and_sample
         assert model.sample(
             3, generator=torch.Generator().manual_seed(0), steps=steps, guidance=2.0
         ).shape == (3, 1, 8, 8)
+
+
+def test_the_result_script_runs_tiny(tmp_path):
+    """benchmarks/distill_fashion_mnist.py with everything shrunk and an untrained extractor: the teacher
+    (stage 1) at 1 and 2 steps, both students at 1, 2 and 4 steps, their grids."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lightning_gen.eval.fid_extractor import DomainFeatureNet, save_extractor
+    from tests.conftest import REPO
+
+    torch.manual_seed(0)
+    extractor = tmp_path / "fashion_mnist.pt"
+    info = DataInfo(name="fashion_mnist", image_size=28)
+    save_extractor(DomainFeatureNet(1, 28, 10, width=4).eval(), info, 4, 0.0, Path(extractor))
+    out = tmp_path / "out"
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "distill_fashion_mnist.py"), "--tiny", "--results", str(out),
+         "--n", "20", "--teacher-steps", "1", "2", "--extractor", str(extractor)],
+        cwd=tmp_path, env=ENV, check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    rows = json.loads((out / "distill_fashion_mnist.json").read_text())
+    teacher = "teacher (diffusion_fashion_mnist_28)"
+    expected = {"floor", teacher, "progressive", "consistency", f"{teacher}, 1 steps", f"{teacher}, 2 steps"}
+    expected |= {f"{s}, {k} steps" for s in ("progressive", "consistency") for k in (1, 2, 4)}
+    assert set(rows) == expected
+    for student in ("progressive", "consistency"):
+        for k in (1, 2, 4):
+            row = rows[f"{student}, {k} steps"]
+            assert row["nfe"] == k and row["sampler"] == student and (out / "grids" / row["grid"]).is_file()
+    assert rows[f"{teacher}, 2 steps"]["sampler"] == "ddim"

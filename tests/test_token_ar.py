@@ -217,7 +217,7 @@ def test_one_command_trains_tokenizer_and_model_resumes_bitwise_samples_and_scor
     assert out.is_file() and "4 token_ar samples" in proc.stdout
     bad = run_lgen("sample", f"ckpt={ckpt}", "top_k=0", cwd=tmp_path, env=ENV, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "lgen: error: top_k must be at least 1 (the number of tokens to sample among), got 0"
+        "lgen: error: lgen sample: top_k=0: top_k must be at least 1"
     ]
     from lightning_gen.eval import likelihood  # what lgen eval bpd computes for each batch
 
@@ -226,3 +226,45 @@ def test_one_command_trains_tokenizer_and_model_resumes_bitwise_samples_and_scor
     bpd, variance, what = likelihood.bits_per_dim(model, images)
     assert what == likelihood.BOUND_THROUGH_TOKENS and torch.equal(variance, torch.zeros(4))
     assert torch.allclose(bpd, model.bits_per_dim_bound(images)["bits_per_dim"]) and (bpd > 0).all()
+
+
+def test_the_result_script_runs_tiny(tmp_path):
+    """benchmarks/token_ar_fashion_mnist.py with everything shrunk, an untrained extractor, the token model only
+    (stage 1, its recon row, the model's FID rows per guidance weight, the bound's parts, a grid)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lightning_gen.eval.fid_extractor import DomainFeatureNet, save_extractor
+    from tests.conftest import REPO
+
+    torch.manual_seed(0)
+    extractor = tmp_path / "fashion_mnist.pt"
+    save_extractor(
+        DomainFeatureNet(1, 28, 10, width=4).eval(),
+        DataInfo(name="fashion_mnist", image_size=28),
+        4,
+        0.0,
+        Path(extractor),
+    )
+    out = tmp_path / "out"
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "token_ar_fashion_mnist.py"), "--tiny", "--results", str(out),
+         "--n", "20", "--guidance", "0", "1", "--only", "token_ar_fashion_mnist", "--extractor", str(extractor)],
+        cwd=tmp_path, env=ENV, check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    rows = json.loads((out / "token_ar_fashion_mnist.json").read_text())
+    assert sorted(rows) == [
+        "floor",
+        "token_ar_fashion_mnist",
+        "token_ar_fashion_mnist, w=0",
+        "token_ar_fashion_mnist, w=1",
+        "vq_fashion_mnist",
+    ]
+    model = rows["token_ar_fashion_mnist"]
+    assert model["steps"] == 2 and (out / "grids" / model["grid"]).is_file()
+    assert model["test_bits_per_dim"] == pytest.approx(
+        model["token_bits_per_dim"] + model["decoder_bits_per_dim"]
+    )
+    assert rows["vq_fashion_mnist"]["codebook_size"] == 16 and 0 < rows["vq_fashion_mnist"]["usage"] <= 1
