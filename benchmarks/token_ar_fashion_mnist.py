@@ -7,10 +7,10 @@
    trains it (runs/vq_fashion_mnist/stage1-seed0/, which that experiment then reuses): its CPU time;
    `lgen eval recon`'s MSE, PSNR and FID of the reconstructions of the 10,000 test images; the codebook's
    usage (fraction of the codes used) and perplexity on the test split.
-2. Each autoregressive model (token_ar_fashion_mnist; PixelCNN, pixelcnn_fashion_mnist at 28 px; gated PixelCNN,
-   gated_pixelcnn_fashion_mnist; one process, OMP_NUM_THREADS=1) trains for the same CPU budget, ``--budget-min`` minutes of one
-   core, as benchmarks/ldm_fashion_mnist.py plans it (the cost of a step measured first; max_steps set to use
-   90 % of the budget). The tokenizer's time is on its own row.
+2. Each autoregressive model (token_ar_fashion_mnist; PixelCNN, pixelcnn_fashion_mnist at 28 px; gated
+   PixelCNN, gated_pixelcnn_fashion_mnist; one process, OMP_NUM_THREADS=1) trains for the same CPU budget,
+   ``--budget-min`` minutes of one core, as benchmarks/ldm_fashion_mnist.py plans it (the cost of a step
+   measured first; max_steps set to use 90 % of the budget). The tokenizer's time is on its own row.
 3. Each model: FID and KID of ``--n`` samples against the 10,000 test images (Fashion-MNIST extractor at
    28 px), next to the real-vs-real floor; the fraction of samples classified as the requested class
    (class-conditional token model, classes in turn, at each weight of ``--guidance``); bits/dim on the test

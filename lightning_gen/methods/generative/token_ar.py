@@ -11,10 +11,10 @@ at f = 4; the Transformer models their raster sequence t_1..t_L:
 Class conditioning is a start token per class (plus the null class, drawn with probability
 ``label_dropout`` in training), so one model is both conditional and unconditional and sampling can use
 classifier-free guidance on the logits, l = (1 + w) l(t_<i, c) - w l(t_<i, null) (Ho & Salimans 2022;
-its use for token models: Chang et al. 2022, Yu et al. 2022). Sampling draws the L tokens one at a
-time with a KV cache (``nets/token_transformer.py``), from softmax(l / temperature) restricted to the
-``top_k`` most likely tokens and/or the smallest set of tokens holding ``top_p`` of the probability
-(nucleus sampling, Holtzman et al. 2020), then decodes them with the tokenizer: images in [0, 1].
+on autoregressive token models: Yu et al. 2022, Parti; Sun et al. 2024, LlamaGen). Sampling draws the L
+tokens one at a time with a KV cache (``nets/token_transformer.py``), from softmax(l / temperature)
+restricted to the ``top_k`` most likely tokens and/or the smallest set of tokens holding ``top_p`` of the
+probability (nucleus sampling, Holtzman et al. 2020), then decodes them with the tokenizer: images in [0, 1].
 
 Likelihood. The token NLL is exact. Bits per dimension of an image go through the tokenizer: with the
 decoder's discretised Gaussian p(x | t) (mean decoder(t), std ``decoder_std`` of the tokenizer), the
