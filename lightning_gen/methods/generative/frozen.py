@@ -1,4 +1,5 @@
-"""Models a method uses but never trains: a token model's tokenizer, a distilled student's teacher.
+"""Models a method uses but never trains: latent diffusion's autoencoder, a token model's tokenizer, a
+distilled student's teacher.
 
 Such a model is a child module of the method, so it is saved in every checkpoint (a copied checkpoint
 samples on its own) and moves with the method to its device. ``FrozenChildren`` keeps it out of what
@@ -40,7 +41,8 @@ class FrozenChildren:
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        allow_frozen_modules_in_eval()
+        if self.present_frozen_children():
+            allow_frozen_modules_in_eval()
 
     def train(self, mode: bool = True):
         super().train(mode)
