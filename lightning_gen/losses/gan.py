@@ -32,11 +32,13 @@ def generator_loss(fake_logits: torch.Tensor, kind: str = "non_saturating") -> t
     raise ValueError(f"unknown generator loss {kind!r}: use one of {GENERATOR_LOSSES}")
 
 
+@full_precision
 def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Hinge loss of D (Lim & Ye 2017), halved as in VQGAN/LDM: 1/2 (E relu(1 - D(x)) + E relu(1 + D(x^)))."""
     return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
 
 
+@full_precision
 def hinge_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """The generator's side of the hinge loss: -E D(x^)."""
     return -fake_logits.mean()
@@ -60,4 +62,7 @@ def adaptive_weight(
     (rec_grad,) = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)
     (gan_grad,) = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)
     rec_grad, gan_grad = all_reduce_mean(rec_grad), all_reduce_mean(gan_grad)
-    return (rec_grad.norm() / (gan_grad.norm() + delta)).clamp(0.0, max_weight).detach()
+    # Not @full_precision: casting a bf16 last_layer would cut it from the graph. The losses arrive in
+    # float32 from their guarded functions; the norms are taken in float32 here.
+    rec_norm, gan_norm = rec_grad.float().norm(), gan_grad.float().norm()
+    return (rec_norm / (gan_norm + delta)).clamp(0.0, max_weight).detach()
