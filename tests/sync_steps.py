@@ -108,6 +108,15 @@ VARIANTS: dict[str, list[str]] = {
         "method.prediction=x",
         "method.conditional=true",
     ],
+    # latent diffusion: the frozen autoencoder encodes every batch ({autoencoder}: latent_autoencoder_file())
+    "latent_diffusion": [
+        "experiment=ldm_dit_digits",
+        "method.latents=ckpt:{autoencoder}",
+        "method.dit.patch_size=2",
+        "method.dit.depth=1",
+        "method.dit.width=16",
+        "method.dit.heads=2",
+    ],
 }
 # after COMMON: image sizes at which the tiles still move (their random jitter is part of the step)
 SIZES: dict[str, list[str]] = {
@@ -129,8 +138,36 @@ COMMON = [
 ]
 
 
+_autoencoder: list[str] = []
+
+
+def latent_autoencoder_file() -> str:
+    """A latent-autoencoder checkpoint of digits at 16 px (f = 2: 8x8x2 latents), written once per process."""
+    if not _autoencoder:
+        import tempfile
+
+        import torch
+
+        from lightning_gen.methods.base import DataInfo
+        from lightning_gen.methods.generative.latent_autoencoder import (
+            LatentAutoencoder,
+            LatentAutoencoderConfig,
+        )
+
+        cfg = LatentAutoencoderConfig(
+            name="latent_autoencoder", channels=(8, 8), norm_groups=4, latent_channels=2
+        )
+        module = LatentAutoencoder(cfg, DataInfo(name="digits", channels=1, image_size=16))
+        path = Path(tempfile.mkdtemp()) / "latent_autoencoder.ckpt"
+        torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+        _autoencoder.append(str(path))
+    return _autoencoder[0]
+
+
 def config(name: str, *extra: str):
     overrides = TINY.get(name) or VARIANTS[name]
+    if any("{autoencoder}" in o for o in overrides):
+        overrides = [o.replace("{autoencoder}", latent_autoencoder_file()) for o in overrides]
     cfg = compose([*overrides, *COMMON, *SIZES.get(name, []), *extra])
     for section in (cfg.callbacks or {}).values():  # evaluation callbacks run at epoch ends, not in a step
         section.enabled = False

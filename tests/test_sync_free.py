@@ -58,6 +58,7 @@ def sampling_cases():
         "ddpm/dpm++2m": ("diffusion", {"sampler": "dpm++2m", "steps": 3}),
         "flow": ("flow", {"steps": 3, "guidance": 1.0}),
         "dit-ve/heun": ("diffusion_dit", {"sampler": "heun", "steps": 3, "guidance": 1.0}),
+        "latent/heun": ("latent_diffusion", {"sampler": "heun", "steps": 3, "guidance": 1.0}),
         "gan": ("gan", {}),
         "vae": ("vae", {}),
         "pixelcnn": ("pixelcnn", {}),

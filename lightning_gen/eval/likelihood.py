@@ -63,6 +63,11 @@ def check_likelihood(method, k: int = 1) -> None:
             "this VAE has a Bernoulli decoder, which is no density of 8-bit images: train it with "
             "method.decoder=gaussian (or gaussian_learned) for bits/dim"
         )
+    if getattr(method, "latent", False):
+        raise EvalError(
+            "this diffusion model runs on an autoencoder's latents: its bound is on the latents, not on "
+            "the images, so it has no bits/dim of the pixels; lgen eval bpd takes pixel-space models"
+        )
     if not (hasattr(method, "bits_per_dim") or name in ("pixelcnn", "vae")):
         raise EvalError(
             f"a {name} checkpoint has no likelihood: lgen eval bpd / nll take pixelcnn, vae and diffusion models"

@@ -24,6 +24,7 @@ the diffusers layout (Stable Diffusion's f8c4 VAE), with its own scale and shift
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,12 +155,24 @@ class LatentAutoencoder(GenerativeMethod):
         self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Scaled latents (z - shift) * scale of images in [-1, 1]: the posterior mean, or a sample."""
+        mean, std = self.posterior(x)
+        return self.scale_latents(mean, std if sample else None, generator)
+
+    @torch.no_grad()
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of q(z|x) for images in [-1, 1], unscaled (what `lgen latents` caches)."""
         with evaluating(self.sampling_net()) as net:
             mean, logvar = net.encode(x)
+        return mean, (0.5 * logvar).exp()
+
+    def scale_latents(
+        self, mean: torch.Tensor, std: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(z - shift) * scale for z = mean, or z ~ N(mean, std^2) when ``std`` is given."""
         z = mean
-        if sample:
+        if std is not None:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + (0.5 * logvar).exp() * noise
+            z = mean + std * noise
         return (z - self.latent_shift) * self.latent_scale
 
     @torch.no_grad()
@@ -177,6 +190,19 @@ class LatentAutoencoder(GenerativeMethod):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The posterior mean, flattened: the latent as a representation (for lgen eval probe / knn)."""
         return self.sampling_net().encode(x)[0].flatten(1)
+
+    def architecture(self) -> dict:
+        """Config and data that rebuild this module without its file (the weights come from a state dict)."""
+        return {"cfg": dataclasses.asdict(self.cfg), "data": dataclasses.asdict(self.data_info)}
+
+    @classmethod
+    def from_architecture(cls, architecture: dict) -> LatentAutoencoder:
+        return cls(architecture["cfg"], architecture["data"]).frozen()
+
+    def frozen(self) -> LatentAutoencoder:
+        """As latent diffusion keeps it: eval mode, no gradients, no discriminator (only training uses it)."""
+        self.discriminator = None
+        return self.eval().requires_grad_(False)
 
     # ---------------------------------------------------------------- training
     def compile_networks(self) -> list[str]:
@@ -353,3 +379,31 @@ def load_latent_autoencoder(source: str | Path, map_location: str = "cpu") -> La
             f"method=latent_autoencoder, or give a diffusers AutoencoderKL folder"
         )
     return load_method(str(path), map_location).requires_grad_(False)
+
+
+def frozen_autoencoder(
+    latents: str, data: DataInfo, given: LatentAutoencoder | None = None
+) -> LatentAutoencoder:
+    """The frozen autoencoder of ``method.latents=<latents>`` for a model trained on ``data``: read from
+    ``ckpt:<path>`` unless ``given``; checked against ``data``; every problem a one-line ConfigError."""
+    where = f"method.latents={latents}"
+    if given is None:
+        if latents == "stage1":
+            raise ConfigError(
+                f"{where} names the experiment's stage-1 autoencoder, which `lgen train` resolves; "
+                "elsewhere give ckpt:<checkpoint>"
+            )
+        if not latents.startswith("ckpt:"):
+            raise ConfigError(
+                f"{where}: give ckpt:<latent_autoencoder checkpoint or diffusers AutoencoderKL folder>, "
+                "or stage1 (the experiment's stage-1 autoencoder)"
+            )
+        path = Path(latents.removeprefix("ckpt:")).expanduser()
+        if not path.exists():
+            raise ConfigError(
+                f"{where}: no such file or folder. Train one (lgen train experiment=latent_autoencoder_digits) "
+                "and name its checkpoint, or run an experiment whose stage1 section trains it first"
+            )
+        given = load_latent_autoencoder(path)
+    given.check_data(data, f"the autoencoder of {where}")
+    return given.frozen()
