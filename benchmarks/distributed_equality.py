@@ -91,12 +91,10 @@ def draws(kind: str, step: int) -> dict:
 def use_draws(method, kind: str, drawn: dict, rows: slice, device) -> dict:
     """Hand this process its rows of the step's draws (in place of the method's own random draws);
     returns its rows of the batch."""
-    import lightning_gen.methods.ssl.mae as mae
-
     mine = lambda t: t[rows].to(device)  # noqa: E731
     if kind == "mae":
         keep, mask = drawn["mask"]
-        mae.random_patch_mask = lambda n, length, ratio, device=None, generator=None: (mine(keep), mine(mask))
+        method.draw_mask = lambda n, device: (mine(keep), mine(mask))
     elif kind == "dino":
         method.make_views = lambda batch: [mine(v) for v in drawn["views"]]
         method.progress = lambda: None  # its schedules read the Trainer's progress, which this loop has not

@@ -37,3 +37,5 @@ python benchmarks/fashion_mnist_results.py $(for e in simclr moco_v2 moco_v3 din
 extractor
 python benchmarks/fashion_mnist_generators.py $(for e in $GENERATORS; do ckpt $e; done) \
   --n 5000 --guidance 0 1 3 --grids docs/images --out runs/fashion_mnist_generators.json
+python benchmarks/fashion_mnist_gen_metrics.py $(for e in $GENERATORS; do ckpt $e; done) \
+  --n 10000 --grids docs/images --out runs/fashion_mnist_gen_metrics.json

@@ -13,11 +13,22 @@ distill: steps (those the student was distilled for), guidance. The EMA weights 
 keeps them.
 A diffusion sampler reports its number of network evaluations (NFE); with guidance the conditional and
 unconditional passes run as one batch and count as one evaluation.
+
+Tools for looking at a generator (``data.KEY=VALUE`` overrides where they read the dataset, e.g. data.root=):
+
+    lgen sample ckpt=... n=16 nearest=8             + <out>_nearest.png: each sample beside its 8 nearest
+                                                      training images in pixels and in features (extractor=)
+    lgen sample ckpt=<vae> traverse=0,3,7           latent traversal grid (traverse=all: every dimension)
+    lgen sample ckpt=... interpolate=8 n=6          6 interpolations of 8 images between pairs of samples
+
+nearest: ``lightning_gen/eval/nearest.py``; traverse and interpolate (options base, image, range,
+points; path): ``lightning_gen/eval/latent_space.py``.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from torchvision.utils import save_image
@@ -34,6 +45,13 @@ METHOD_OPTIONS = {
     "top_k": int,
     "top_p": float,
 }
+# the tools, each with the options that belong to it (lightning_gen/eval/nearest.py, latent_space.py)
+TOOLS = {
+    "nearest": {"nearest": int, "extractor": str},
+    "traverse": {"traverse": str, "base": str, "image": int, "range": float, "points": int},
+    "interpolate": {"interpolate": int, "path": str},
+}
+TOOL_OPTIONS = {key: kind for options in TOOLS.values() for key, kind in options.items()}
 # (lowest allowed, whether the lowest itself is excluded, highest allowed) of the numeric options
 RANGES = {
     "n": (1, False, None),
@@ -45,6 +63,11 @@ RANGES = {
     "temperature": (0, True, None),
     "top_k": (1, False, None),
     "top_p": (0, True, 1),
+    "nearest": (1, False, None),
+    "interpolate": (2, False, None),  # both ends of the path at least
+    "points": (2, False, None),
+    "range": (0, True, None),
+    "image": (0, False, None),
 }
 
 
@@ -57,14 +80,17 @@ def check_range(key: str, value: float) -> None:
 
 
 def parse(items: list[str]) -> dict:
-    values = {}
+    values: dict = {"data": []}  # data.KEY=VALUE overrides of the checkpoint's dataset
     for item in items:
         key, sep, value = item.partition("=")
-        kind = COMMON.get(key) or METHOD_OPTIONS.get(key)
+        if sep and key.startswith("data."):
+            values["data"].append(item)
+            continue
+        kind = COMMON.get(key) or METHOD_OPTIONS.get(key) or TOOL_OPTIONS.get(key)
         if not sep or kind is None:
             raise ConfigError(
                 f"lgen sample: cannot read {item!r}; use key=value with keys "
-                f"{', '.join([*COMMON, *METHOD_OPTIONS])}"
+                f"{', '.join([*COMMON, *METHOD_OPTIONS, *TOOL_OPTIONS])} or data.KEY"
             )
         try:
             values[key] = kind(value)
@@ -76,6 +102,15 @@ def parse(items: list[str]) -> dict:
         raise ConfigError(
             "lgen sample: say which checkpoint: ckpt=runs/<experiment>/<run>/checkpoints/last.ckpt"
         )
+    tools = [tool for tool in TOOLS if tool in values]
+    if len(tools) > 1:
+        raise ConfigError(
+            f"lgen sample: {' and '.join(f'{t}=' for t in tools)} are separate commands: give one"
+        )
+    for key in TOOL_OPTIONS:
+        owner = next(tool for tool, options in TOOLS.items() if key in options)
+        if key in values and owner not in values:
+            raise ConfigError(f"lgen sample: {key}= goes with {owner}=, which is not given")
     return values
 
 
@@ -85,38 +120,59 @@ def add_arguments(parser) -> None:
     )
 
 
-def main(args) -> int:
+def load_generator(opts: dict, also: tuple[str, ...] = ()):
+    """(the checkpoint's method on its device, its sampling options from ``opts``), refusing a checkpoint
+    that is no generator (except methods named in ``also``) or options its method does not take."""
     from lightning_gen import registry
     from lightning_gen.checkpoint import load_checkpoint
     from lightning_gen.methods.base import load_method
 
-    opts = parse(args.options)
     hparams = load_checkpoint(opts["ckpt"]).get("hyper_parameters", {})
     name = hparams.get("method")
     if name is None:
         raise ConfigError(f"{opts['ckpt']} was not written by lgen train: it names no method")
     entry, _ = registry.checkpoint_method(name, hparams.get("cfg", {}))
-    if not getattr(entry.cls, "is_generative", False):  # refuse before building it
+    if not getattr(entry.cls, "is_generative", False) and entry.name not in also:  # refuse before building it
         raise ConfigError(
             f"{opts['ckpt']} is a {name} checkpoint, which is not a generator: "
             "lgen sample needs a vae, gan, diffusion (ddpm, flow), pixelcnn, token_ar or distill checkpoint"
         )
     method = load_method(opts["ckpt"])
     extra = {k: v for k, v in opts.items() if k in METHOD_OPTIONS}
-    unsupported = sorted(set(extra) - set(method.sample_options))
+    unsupported = sorted(set(extra) - set(getattr(method, "sample_options", ())))
     if unsupported:
         raise ConfigError(
             f"{method.registry_name} does not take sampling option(s) {', '.join(unsupported)}; "
-            f"it takes: {', '.join(method.sample_options) or 'none besides n, seed, out'}"
+            f"it takes: {', '.join(getattr(method, 'sample_options', ())) or 'none besides n, seed, out'}"
         )
     device = opts.get("device", "auto")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     method.to(device)
     cond = opts.get("class")
-    try:
-        method.check_sample_options(None if cond is None else torch.tensor([cond]), {})
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
+    if getattr(method, "is_generative", False):
+        try:
+            method.check_sample_options(None if cond is None else torch.tensor([cond]), {})
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+    return method, extra
+
+
+def main(args) -> int:
+    opts = parse(args.options)
+    if "traverse" in opts or "interpolate" in opts:
+        from lightning_gen.eval import latent_space
+
+        return latent_space.main(opts)
+    method, extra = load_generator(opts)
+    device = method.device
+    nearest = None
+    if "nearest" in opts:  # data, extractor and k checked before anything is drawn or written
+        from lightning_gen.eval.nearest import TrainingImages
+
+        nearest = TrainingImages(
+            opts["ckpt"], method, opts["nearest"], opts.get("extractor", "auto"), opts["data"], device
+        )
+    cond = opts.get("class")
     generator = torch.Generator(device).manual_seed(opts.get("seed", 0))
     started = time.time()
     try:
@@ -135,4 +191,14 @@ def main(args) -> int:
         f"[sample] {len(images)} {method.registry_name} samples{how} in {seconds:.1f}s "
         f"({seconds / len(images) * 1000:.1f} ms/image) -> {out}"
     )
+    if nearest is not None:
+        started = time.time()
+        found = nearest.search(images)
+        grid = nearest.write(images, found, Path(out), opts["ckpt"], method.registry_name)
+        closest = found["pixels"][0][:, 0]
+        print(
+            f"[sample] nearest {nearest.k} of {len(nearest.dataset)} training images, in pixels and in "
+            f"{nearest.extractor_name} features, in {time.time() - started:.1f}s: pixel L2 to the nearest "
+            f"median {closest.median().item():.3f}, min {closest.min().item():.3f} -> {grid} (+ .json)"
+        )
     return 0

@@ -36,6 +36,10 @@ def lgen_env(**extra: str) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
     )
     env.pop("LGEN_RUN_ID", None)
+    # wandb.init in this process (the in-process `lgen eval` tests) starts a W&B service and names it
+    # in WANDB_SERVICE; a child that inherits it sends its runs to that service instead of its own (its
+    # offline file is written when this process's service gets to it, and a resumed id is "in use").
+    env.pop("WANDB_SERVICE", None)
     for key in [k for k in env if k.startswith("SLURM_")]:
         env.pop(key)
     env.update(extra)

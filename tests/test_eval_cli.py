@@ -152,11 +152,16 @@ def test_k_larger_than_the_bank_and_unknown_keys_are_clear_errors(trained, capsy
     assert code == 2 and "ckpt=PATH is required" in err
 
 
-def test_checkpoint_of_a_method_without_embed_is_a_clear_error(tmp_path, capsys):
+def test_checkpoint_of_a_method_without_embed_is_a_clear_error(tmp_path, capsys, monkeypatch):
     from torch import nn
 
+    from lightning_gen import registry
     from lightning_gen.methods.base import DataInfo, Method, MethodConfig
     from lightning_gen.registry import register_method
+
+    # registered for this test only: later tests list every method (tests/test_sync_free.py)
+    registry.load_all()
+    monkeypatch.setitem(registry._REGISTRIES, "method", dict(registry._REGISTRIES["method"]))
 
     @register_method("test_no_embed", MethodConfig)
     class NoEmbed(Method):

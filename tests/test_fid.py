@@ -145,11 +145,17 @@ def test_pixel_by_pixel_multinomial_sampling_is_split_by_sample_too(one_thread):
     assert torch.equal(torch.cat(parts), whole)
 
 
-def test_metrics_list_and_the_older_kid_key():
-    assert metric_names(FIDConfig()) == ["fid", "kid"]
-    assert metric_names(FIDConfig(kid=False)) == ["fid"]
+def test_metrics_list_and_the_older_kid_key(tmp_path):
+    assert metric_names(FIDConfig()) is None  # all that the extractor, the model and the counts allow
+    assert metric_names(FIDConfig(metrics=["fid", "kid"], kid=False)) == ["fid"]
     assert metric_names(FIDConfig(metrics=["fid"], kid=True)) == ["fid", "kid"]
     with pytest.raises(ConfigError, match="did you mean 'kid'"):
         metric_names(FIDConfig(metrics=["fid", "kdi"]))
     with pytest.raises(ConfigError, match="leaves out fid"):
         metric_names(FIDConfig(metrics=["kid"]))
+    everything = fid_callback(tmp_path)  # unconditional, domain head, train + test splits
+    assert everything.metric_names == ["fid", "kid", "is", "prdc", "memorization"]
+    assert set(everything.skipped) == {"class_fid", "cas"}
+    assert "kid" not in fid_callback(tmp_path, kid=False).metric_names
+    few = fid_callback(tmp_path, num_samples=3)  # IS in 10 parts and 3-NN balls need more samples: left out
+    assert few.metric_names == ["fid", "kid", "memorization"] and "is_splits=10" in few.skipped["is"]

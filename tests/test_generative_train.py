@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from lightning_gen import schedules
-from lightning_gen.callbacks.fid import FID, FIDConfig, InceptionFeatures
+from lightning_gen.callbacks.fid import FID, FIDConfig
 from lightning_gen.config import ConfigError
+from lightning_gen.eval.extractors import ExtractorSettings, check_extractor
 from lightning_gen.methods.base import DataInfo, load_method
 from tests.conftest import FAST, lgen_env, run_lgen
 
@@ -187,7 +188,9 @@ def test_fid_errors_name_the_missing_file_and_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="lgen fid-extractor data=digits data.image_size=16"):
         callback.setup(None, module, "fit")
     with pytest.raises(ConfigError, match=r"nope\.pth.*weights-inception-2015-12-05"):
-        InceptionFeatures(str(tmp_path / "nope.pth"), antialias=True)
+        check_extractor(
+            "inception", module.data_info, ExtractorSettings(inception_path=str(tmp_path / "nope.pth"))
+        )
     not_generator = SimpleNamespace(is_generative=False, registry_name="simclr")
     with pytest.raises(ConfigError, match="needs a generator"):
         callback.setup(None, not_generator, "fit")

@@ -17,7 +17,12 @@ import lightning_gen.losses as losses_package
 from lightning_gen.losses.classification import labeled_cross_entropy
 from lightning_gen.losses.contrastive import info_nce, moco_loss, nt_xent
 from lightning_gen.losses.dino import DINOLoss
-from lightning_gen.losses.elbo import bernoulli_nll, gaussian_nll, kl_standard_normal
+from lightning_gen.losses.elbo import (
+    bernoulli_nll,
+    gaussian_nll,
+    importance_weighted_bound,
+    kl_standard_normal,
+)
 from lightning_gen.losses.gan import (
     discriminator_loss,
     generator_loss,
@@ -46,7 +51,8 @@ NOT_LOSSES = {
     "elbo.discrete_bits_per_dim": "an affine rescaling of an NLL already in float32",
     "noncontrastive.standardize": "a helper called inside barlow_twins_loss (guarded there)",
     "noncontrastive.off_diagonal": "a view of a matrix",
-    "gan.adaptive_weight": "a ratio of gradient norms of losses computed (in float32) before it",
+    "gan.adaptive_weight": "a ratio of gradient norms (float32 inside) of losses guarded themselves; "
+    "casting its last_layer argument would cut it from the graph",
 }
 
 
@@ -109,6 +115,8 @@ CASES = {
     "hinge_discriminator": (hinge_discriminator_loss, [g(39, 16, 1, scale=3), g(40, 16, 1, scale=3)]),
     "hinge_generator": (hinge_generator_loss, [g(41, 16, 1, scale=3)]),
     "commitment": (commitment_loss, [g(42, 4, 8, 3, 3), g(43, 4, 8, 3, 3)]),
+    # log-weights of images are thousands of nats: the bound's logsumexp must not round them
+    "importance_weighted_bound": (lambda w: importance_weighted_bound(w).float(), [g(44, 5, 4, scale=2000)]),
     "squared_error_mean": (squared_error, [g(34, 4, 3, 8, 8), g(35, 4, 3, 8, 8)]),
     "squared_error_sum": (lambda p, t: squared_error(p, t, "sum"), [g(36, 4, 3, 8, 8), g(37, 4, 3, 8, 8)]),
     "labeled_cross_entropy": (

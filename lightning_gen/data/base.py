@@ -39,12 +39,16 @@ class DataConfig:
     name: str = ""
     root: str = "data"  # where the torchvision on-disk layout lives
     download: bool = False  # prepare_data downloads (on one process) only when true
-    batch_size: int = bounded(128, 1, hint="images per device and step")  # the global batch is printed at start
+    batch_size: int = bounded(
+        128, 1, hint="images per device and step"
+    )  # the global batch is printed at start
     eval_batch_size: int = bounded(256, 1)
     num_workers: int = bounded(0, 0, hint="loader processes per device; 0 loads in the training process")
     # page-locked batches, so the copy to the GPU runs asynchronously; None: on when training on a CUDA GPU
     pin_memory: bool | None = None
-    image_size: int | None = bounded(None, 1, hint="pixels per side")  # resize at load time; None: native size
+    image_size: int | None = bounded(
+        None, 1, hint="pixels per side"
+    )  # resize at load time; None: native size
     val_fraction: float = bounded(0.1, 0, 0.9)  # held out from train, seeded; 0 -> validate on the test split
     max_train_samples: int | None = bounded(None, 1)  # a deterministic subset, for quick runs and tests
     split_seed: int = 0
@@ -70,7 +74,9 @@ def resize_uint8(images: torch.Tensor, size: int | None, chunk: int = 4096) -> t
         return images
     out = []
     for part in images.split(chunk):
-        x = F.interpolate(part.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(
+            part.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
         out.append(x.round().clamp_(0, 255).to(torch.uint8))
     return torch.cat(out)
 
@@ -109,8 +115,13 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def info(self) -> DataInfo:
         return DataInfo(
-            name=self.registry_name, channels=self.channels, image_size=self.image_size,
-            num_classes=self.num_classes, mean=tuple(self.mean), std=tuple(self.std), batch_size=self.cfg.batch_size,
+            name=self.registry_name,
+            channels=self.channels,
+            image_size=self.image_size,
+            num_classes=self.num_classes,
+            mean=tuple(self.mean),
+            std=tuple(self.std),
+            batch_size=self.cfg.batch_size,
         )
 
     @property
@@ -173,7 +184,9 @@ class ImageDataModule(L.LightningDataModule):
                 test=test,
             )
         sizes = ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items())
-        rank_zero_info(f"[data] {self.registry_name}: {sizes} images of {self.channels}x{self.image_size}x{self.image_size}")
+        rank_zero_info(
+            f"[data] {self.registry_name}: {sizes} images of {self.channels}x{self.image_size}x{self.image_size}"
+        )
 
     def _loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
         if split not in self.datasets:
@@ -186,8 +199,13 @@ class ImageDataModule(L.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         generator = torch.Generator().manual_seed(stream_seed(self.seed, rank, EVAL_LOADER))
         return DataLoader(
-            self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-            num_workers=workers, pin_memory=self.pins_memory(), persistent_workers=workers > 0,
+            self.datasets[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=workers,
+            pin_memory=self.pins_memory(),
+            persistent_workers=workers > 0,
             generator=generator,
         )
 

@@ -37,7 +37,9 @@ class _CifarDataModule(ImageDataModule):
         getattr(tvd, self.torchvision_class)(str(self.root), train=True, download=True)
 
     def load(self, split: str) -> ImageTensorDataset:
-        images, labels = read_cifar_batches([self.root / self.folder / n for n in self.splits[split]], self.label_key)
+        images, labels = read_cifar_batches(
+            [self.root / self.folder / n for n in self.splits[split]], self.label_key
+        )
         return ImageTensorDataset(resize_uint8(images, self.image_size), labels)
 
 

@@ -45,7 +45,15 @@ from lightning_gen.methods.base import DataInfo
 from lightning_gen.registry import register_datamodule
 
 META = "latents.json"
-OPTIONS = {"ckpt": str, "out": str, "splits": str, "batch": int, "device": str, "dtype": str, "overwrite": bool}
+OPTIONS = {
+    "ckpt": str,
+    "out": str,
+    "splits": str,
+    "batch": int,
+    "device": str,
+    "dtype": str,
+    "overwrite": bool,
+}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -78,15 +86,21 @@ def parse(items: list[str]) -> tuple[dict, list[str]]:
         kind = OPTIONS[key]
         options[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     if "ckpt" not in options:
-        raise ConfigError("lgen latents: say which autoencoder: ckpt=<latent_autoencoder checkpoint or diffusers folder>")
+        raise ConfigError(
+            "lgen latents: say which autoencoder: ckpt=<latent_autoencoder checkpoint or diffusers folder>"
+        )
     if not any(d.startswith("data=") for d in data):
-        raise ConfigError("lgen latents: say which dataset: data=<name> (and data.<key>=<value> as for lgen train)")
+        raise ConfigError(
+            "lgen latents: say which dataset: data=<name> (and data.<key>=<value> as for lgen train)"
+        )
     return options, data
 
 
 def add_arguments(parser) -> None:
     parser.add_argument(
-        "options", nargs="*", help="ckpt=<autoencoder> data=<name> [data.<key>=...] out= splits= batch= device= dtype="
+        "options",
+        nargs="*",
+        help="ckpt=<autoencoder> data=<name> [data.<key>=...] out= splits= batch= device= dtype=",
     )
 
 
@@ -116,7 +130,9 @@ def main(args) -> int:
     datamodule.setup()
     unknown = [s for s in splits if s not in datamodule.datasets]
     if unknown:
-        raise ConfigError(f"lgen latents: {info.name} has no split {unknown[0]!r}; splits: {', '.join(datamodule.datasets)}")
+        raise ConfigError(
+            f"lgen latents: {info.name} has no split {unknown[0]!r}; splits: {', '.join(datamodule.datasets)}"
+        )
     identity = fingerprint(autoencoder)
     autoencoder.to(device)
     started, sizes = time.time(), {}
@@ -139,7 +155,9 @@ def main(args) -> int:
         torch.save(blob, tmp)
         os.replace(tmp, out / f"{split}.pt")
         sizes[split] = len(blob["label"])
-        print(f"[latents] {split}: {sizes[split]} images -> {tuple(blob['mean'].shape[1:])} latents", flush=True)
+        print(
+            f"[latents] {split}: {sizes[split]} images -> {tuple(blob['mean'].shape[1:])} latents", flush=True
+        )
     meta = {
         "autoencoder": str(options["ckpt"]),
         "fingerprint": identity,
@@ -170,7 +188,12 @@ class LatentTensorDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        return {"latent_mean": self.mean[i], "latent_std": self.std[i], "label": int(self.labels[i]), "index": i}
+        return {
+            "latent_mean": self.mean[i],
+            "latent_std": self.std[i],
+            "label": int(self.labels[i]),
+            "index": i,
+        }
 
 
 @register_datamodule("latents", LatentsConfig)

@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_gen.data.base import DataConfig, DatasetMissingError, ImageDataModule, ImageTensorDataset, resize_uint8
+from lightning_gen.data.base import (
+    DataConfig,
+    DatasetMissingError,
+    ImageDataModule,
+    ImageTensorDataset,
+    resize_uint8,
+)
 from lightning_gen.registry import register_datamodule
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

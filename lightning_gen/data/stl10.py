@@ -68,6 +68,8 @@ class STL10DataModule(ImageDataModule):
         if split == "train" and "unlabeled" in self.cfg.train_split:
             if "labeled_train" not in self.datasets:
                 images, labels = self._split("train")
-                self.datasets["labeled_train"] = ImageTensorDataset(resize_uint8(images, self.image_size), labels)
+                self.datasets["labeled_train"] = ImageTensorDataset(
+                    resize_uint8(images, self.image_size), labels
+                )
             split = "labeled_train"
         return super().eval_dataloader(split)

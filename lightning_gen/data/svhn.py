@@ -38,7 +38,9 @@ class SVHNDataModule(ImageDataModule):
         from scipy.io import loadmat
 
         mat = loadmat(str(self.root / f"{name}_32x32.mat"))
-        images = torch.from_numpy(np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1)))  # (H, W, C, N) -> NCHW
+        images = torch.from_numpy(
+            np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1))
+        )  # (H, W, C, N) -> NCHW
         labels = torch.from_numpy(mat["y"].astype(np.int64).reshape(-1) % 10)  # the digit 0 is stored as 10
         return images, labels
 

@@ -49,13 +49,19 @@ class CropConfig:
 
     n: int | None = None  # how many views of this kind
     size: int | None = None  # output side in pixels; None: the image size (global) or 96/224 of it (local)
-    scale: tuple[float, float] | None = bounded(None, 0, 1, low_open=True)  # area fraction of the random resized crop
+    scale: tuple[float, float] | None = bounded(
+        None, 0, 1, low_open=True
+    )  # area fraction of the random resized crop
     ratio: tuple[float, float] | None = bounded(None, 0, low_open=True)  # aspect ratios of the crop
     flip_p: float | None = bounded(None, 0, 1)
     jitter_p: float | None = bounded(None, 0, 1)
-    jitter: tuple[float, float, float, float] | None = bounded(None, 0)  # brightness, contrast, saturation, hue
+    jitter: tuple[float, float, float, float] | None = bounded(
+        None, 0
+    )  # brightness, contrast, saturation, hue
     grayscale_p: float | None = bounded(None, 0, 1)
-    blur_p: list[float] | None = bounded(None, 0, 1)  # per view, cycled (DINO: [1.0, 0.1] for its two global crops)
+    blur_p: list[float] | None = bounded(
+        None, 0, 1
+    )  # per view, cycled (DINO: [1.0, 0.1] for its two global crops)
     blur_sigma: tuple[float, float] | None = bounded(None, 0, low_open=True)  # Gaussian blur's sigma range
     solarize_p: list[float] | None = bounded(None, 0, 1)
 

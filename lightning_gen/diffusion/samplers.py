@@ -45,6 +45,12 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_in, network t
 
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpm++2m")
 STARTS_AT_ONE = ("ddpm", "ddim", "euler")  # grid evenly spaced in t from t = 1
+DETERMINISTIC = (
+    "ddim",
+    "euler",
+    "heun",
+    "dpm++2m",
+)  # the sample is a function of the initial noise (ddim: eta = 0)
 EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = 0.002, 80.0, 7.0  # Karras et al. 2022, Table 1
 
 
@@ -266,16 +272,21 @@ def sample(
     device="cpu",
     shift: float = 1.0,
     variance: str | None = None,
+    initial: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Draw ``shape[0]`` samples; returns them (x at t = 0, or sigma = 0) and the number of network
     evaluations. ``shift``: the resolution shift applied to the t-grid of ddpm/ddim/euler on
     continuous-time processes. ``variance`` (ddpm): ``beta`` or ``posterior``; default beta on
-    DDPM's full chain (Algorithm 2), posterior otherwise."""
+    DDPM's full chain (Algorithm 2), posterior otherwise. ``initial``: the standard normal noise
+    (``shape``) to start from instead of a fresh draw, scaled here like a drawn one (by the prior's std,
+    or sigma_max): with a deterministic sampler the sample is then a function of it (interpolation in
+    noise space)."""
     check(sampler, steps, process, prediction)
     noise = lambda: _noise(shape, generator, device)  # noqa: E731
+    start = noise if initial is None else (lambda: initial.to(device))  # noqa: E731
     if sampler in STARTS_AT_ONE:
         den = Denoiser(model, prediction, uniform_grid(process, steps, shift), shape[0], device, clip)
-        x = process.prior_std * noise() if process.prior_std != 1.0 else noise()
+        x = process.prior_std * start() if process.prior_std != 1.0 else start()
         if sampler == "ddim":
             x = ddim_loop(den, x, eta, noise)
         elif sampler == "euler":
@@ -286,6 +297,6 @@ def sample(
     else:
         sigmas = edm_sigmas(process, steps)
         den = Denoiser(model, prediction, sigma_points(process, sigmas[:-1]), shape[0], device, clip)
-        x = sigmas[0] * noise()
+        x = sigmas[0] * start()
         x = heun_loop(den, x, sigmas) if sampler == "heun" else dpmpp_2m_loop(den, x, sigmas)
     return x, den.nfe

@@ -6,7 +6,10 @@
     lgen eval cluster  ckpt=... data=cifar10 data.root=/datasets
     lgen eval all      ckpt=...                       all four, features extracted once
     lgen eval bpd      ckpt=... split=test n=1000     bits/dim of a likelihood model (eval/likelihood.py)
+    lgen eval nll      ckpt=... k=64                  the same per image, ranked: most/least likely grid (eval/nll.py)
     lgen eval recon    ckpt=...                       an autoencoder's reconstruction MSE, PSNR and FID
+    lgen eval gen      ckpt=... | fake=DIR|NPZ real=DIR|NPZ|<data>:<split>   a generator's metrics (eval/gen_cli.py)
+    lgen eval stats    data=fashion_mnist split=test out=stats.npz          reference statistics (.npz)
 
 Arguments are key=value. The data is the run's own (its config.yaml next to checkpoints/) unless
 ``data=NAME`` picks another dataset; ``data.KEY=VALUE`` overrides its settings. Protocol settings
@@ -33,13 +36,16 @@ from lightning_gen.eval import EvalError
 from lightning_gen.eval.clustering import KMeansConfig, cluster_features
 from lightning_gen.eval.features import Features, require_embed, split_features
 from lightning_gen.eval.finetune import FinetuneConfig, balanced_subset, finetune
+from lightning_gen.eval.gen_cli import GenEvalConfig, StatsConfig
 from lightning_gen.eval.knn import KNNConfig, check_k, knn_accuracy
 from lightning_gen.eval.likelihood import LikelihoodConfig
+from lightning_gen.eval.nll import NLLConfig
 from lightning_gen.eval.probe import ProbeConfig, linear_probe
 from lightning_gen.eval.recon import ReconConfig
 
 COMMANDS = ("probe", "knn", "finetune", "cluster")  # the representation evaluations `all` runs
-SECTIONS = (*COMMANDS, "recon", "bpd")  # every command with its own settings section
+SECTIONS = (*COMMANDS, "recon", "bpd", "nll", "gen", "stats")  # every command with its own settings section
+WITHOUT_CKPT = ("gen", "stats")  # commands that may run without ckpt= (gen: fake=; stats: data=)
 
 
 @dataclass
@@ -58,11 +64,16 @@ class EvalConfig:
     cluster: KMeansConfig = field(default_factory=KMeansConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
     bpd: LikelihoodConfig = field(default_factory=LikelihoodConfig)
+    nll: NLLConfig = field(default_factory=NLLConfig)
+    gen: GenEvalConfig = field(default_factory=GenEvalConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
 
 
 def add_arguments(parser) -> None:
     parser.add_argument(
-        "protocol", choices=[*COMMANDS, "all", "recon", "bpd"], help="which evaluation to run"
+        "protocol",
+        choices=[*COMMANDS, "all", "recon", "bpd", "nll", "gen", "stats"],
+        help="which evaluation to run",
     )
     parser.add_argument("overrides", nargs="*", help="ckpt=PATH (required), data=NAME, data.KEY=V, KEY=VALUE")
 
@@ -91,7 +102,7 @@ def parse(protocol: str, args: list[str]) -> tuple[Any, list[str]]:
     node = OmegaConf.from_dotlist(dotted)
     _check_keys(node, EvalConfig, "")
     cfg = OmegaConf.to_object(_typed(node, EvalConfig, ""))
-    if not cfg.ckpt:
+    if not cfg.ckpt and protocol not in WITHOUT_CKPT:
         raise ConfigError(
             "ckpt=PATH is required: the checkpoint to evaluate, e.g. runs/<exp>/<run>/checkpoints/last.ckpt"
         )
@@ -265,6 +276,19 @@ def main(args) -> int:
 
             likelihood.run(cfg, data_overrides)
             return 0
+        if args.protocol == "nll":
+            from lightning_gen.eval import nll
+
+            nll.run(cfg, data_overrides)
+            return 0
+        if args.protocol in WITHOUT_CKPT:
+            from lightning_gen.eval import gen_cli
+
+            if args.protocol == "stats":
+                gen_cli.run_stats(cfg, data_overrides)
+            else:
+                gen_cli.report(gen_cli.run_gen(cfg, data_overrides))
+            return 0
         evaluation = Evaluation(cfg, data_overrides)
         protocols = COMMANDS if args.protocol == "all" else (args.protocol,)
         everything = {}
@@ -283,7 +307,7 @@ def main(args) -> int:
         if where:
             print(f"results added to the run's W&B run: {where}")
     except (EvalError, ConfigError) as error:
-        print(f"lgen eval: error: {error}", file=sys.stderr)
+        print(f"lgen: error: {error}", file=sys.stderr)
         return 2
     return 0
 

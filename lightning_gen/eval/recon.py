@@ -34,23 +34,20 @@ class ReconConfig:
 
 def feature_extractor(cfg: ReconConfig, data_name: str, image_size: int, root: str | None):
     """The FID feature network: (name, module taking [0, 1] float images)."""
-    from lightning_gen.callbacks.fid import DOMAIN_DATASETS, InceptionFeatures
-    from lightning_gen.eval.fid_extractor import default_path, ensure_extractor, load_extractor
+    from lightning_gen.config import ConfigError
+    from lightning_gen.eval.extractors import ExtractorSettings, load_extractor
+    from lightning_gen.methods.base import DataInfo
 
-    kind = cfg.extractor
-    if kind == "auto":
-        kind = "domain" if data_name in DOMAIN_DATASETS else "inception"
-    if kind == "inception":
-        return "inception", InceptionFeatures(cfg.inception_path, cfg.antialias)
-    if kind != "domain":
-        raise EvalError(f"recon.extractor must be auto, domain or inception, got {kind!r}")
-    path = default_path(data_name, image_size)
-    if cfg.domain_extractor_path:
-        path = type(path)(cfg.domain_extractor_path).expanduser()
-        if not path.is_file():
-            raise EvalError(f"recon.domain_extractor_path={path}: no such file")
-    ensure_extractor(data_name, image_size, path, [f"data.root={root}"] if root else [])
-    return data_name, load_extractor(path)[0]
+    if cfg.extractor not in ("auto", "domain", "inception"):
+        raise EvalError(f"recon.extractor must be auto, domain or inception, got {cfg.extractor!r}")
+    settings = ExtractorSettings.of(cfg, resize="antialias" if cfg.antialias else "legacy")
+    try:
+        extractor, _ = load_extractor(
+            cfg.extractor, DataInfo(name=data_name, image_size=image_size), settings, data_root=root
+        )
+    except ConfigError as error:
+        raise EvalError(f"recon: {error}") from error
+    return extractor.name, extractor
 
 
 @torch.no_grad()

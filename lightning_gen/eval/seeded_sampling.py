@@ -203,13 +203,14 @@ def requested_labels(indices: range, num_classes: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def seeded_samples(module, indices: range, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def seeded_samples(module, indices: range, seed: int, **options) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images (float in [0, 1]) of samples ``indices`` from ``module.sample`` with per-chunk seeded
-    noise, and the classes they were asked for (None for an unconditional model)."""
+    noise, and the classes they were asked for (None for an unconditional model). ``options``: the
+    model's own sampling options (sampler, steps, guidance...)."""
     labels = None
     if getattr(module, "conditional", False):
         labels = requested_labels(indices, module.data_info.num_classes, module.device)
     handle = torch.Generator(module.device)
     with ChunkSeededDraws(handle, indices.start, len(indices), seed):
-        images = module.sample(len(indices), cond=labels, generator=handle)
+        images = module.sample(len(indices), cond=labels, generator=handle, **options)
     return images, labels

@@ -25,8 +25,11 @@ def run_dir_of_checkpoint(ckpt: str | Path) -> Path | None:
     return run_dir if (run_dir / "config.yaml").is_file() else None
 
 
-def append_to_run(run_dir: Path | None, results: dict[str, float], prefix: str) -> str | None:
-    """Add ``results`` to the summary (and a history row) of the run's W&B run; returns its folder or None."""
+def append_to_run(
+    run_dir: Path | None, results: dict[str, float], prefix: str, summary: dict[str, Any] | None = None
+) -> str | None:
+    """Add ``results`` to the summary (and a history row) of the run's W&B run, and ``summary`` (any
+    JSON values, e.g. the provenance of the results) to its summary only; returns its folder or None."""
     if run_dir is None or not (run_dir / "wandb_id").is_file():
         return None
     from lightning_gen.run import wandb_mode
@@ -52,6 +55,8 @@ def append_to_run(run_dir: Path | None, results: dict[str, float], prefix: str) 
     values = {f"{prefix}/{k}": v for k, v in results.items() if isinstance(v, int | float)}
     run.log(values)
     run.summary.update(values)
+    if summary:
+        run.summary.update({f"{prefix}/{k}": v for k, v in summary.items()})
     where = str(Path(run.dir).parent)
     run.finish()
     return where

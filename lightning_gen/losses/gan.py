@@ -62,4 +62,7 @@ def adaptive_weight(
     (rec_grad,) = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)
     (gan_grad,) = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)
     rec_grad, gan_grad = all_reduce_mean(rec_grad), all_reduce_mean(gan_grad)
-    return (rec_grad.norm() / (gan_grad.norm() + delta)).clamp(0.0, max_weight).detach()
+    # Not @full_precision: casting a bf16 last_layer would cut it from the graph. The losses arrive in
+    # float32 from their guarded functions; the norms are taken in float32 here.
+    rec_norm, gan_norm = rec_grad.float().norm(), gan_grad.float().norm()
+    return (rec_norm / (gan_norm + delta)).clamp(0.0, max_weight).detach()

@@ -296,8 +296,15 @@ class Diffusion(FrozenChildren, GenerativeMethod):
         fn = lambda x, t, y: self.prediction_of(net(x.float(), t.float(), y))  # noqa: E731  (float64 in: likelihoods)
         return guided(fn, labels, self.data_info.num_classes, float(guidance))
 
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        return self.model_shape  # x_T, the initial noise of the samplers
+
     @torch.no_grad()
-    def sample(self, n, cond=None, generator=None, sampler=None, steps=None, guidance=None, eta=None):
+    def sample(
+        self, n, cond=None, generator=None, sampler=None, steps=None, guidance=None, eta=None, noise=None
+    ):
+        """``noise``: the standard normal x_T (n, *noise_shape) to start from instead of a fresh draw."""
         self.check_sample_options(cond, {})
         sampler = sampler or self.cfg.sampler
         if eta is not None and sampler != "ddim":
@@ -322,6 +329,7 @@ class Diffusion(FrozenChildren, GenerativeMethod):
                 generator=generator,
                 device=self.device,
                 shift=self.time_shift,
+                initial=noise,
             )
         # a guided evaluation runs the conditional and unconditional halves as one batch: one NFE
         self.last_sample = {

@@ -123,9 +123,15 @@ class GAN(GenerativeMethod):
         self.log("val/d_loss", d_loss, on_epoch=True, sync_dist=True)
         self.log("val/loss", d_loss, on_epoch=True, sync_dist=True)
 
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        return (self.cfg.z_dim,)
+
     @torch.no_grad()
-    def sample(self, n, cond=None, generator=None):
+    def sample(self, n, cond=None, generator=None, noise=None):
+        """``noise``: the generator's input z (n, z_dim) instead of fresh draws."""
         self.check_sample_options(cond, {})
         labels = self.sample_labels(n, cond)
+        z = self.noise(n, generator) if noise is None else noise.to(self.device)
         with evaluating(self.sampling_net()) as g:
-            return ((g(self.noise(n, generator), labels) + 1) / 2).clamp(0, 1)
+            return ((g(z, labels) + 1) / 2).clamp(0, 1)

@@ -34,6 +34,12 @@ class GenerativeMethod(Method):
     sample_options: tuple[str, ...] = ()
     conditional: bool = False  # whether sample(cond=labels) is meaningful
 
+    @property
+    def noise_shape(self) -> tuple[int, ...] | None:
+        """Shape of one sample's standard normal input, which ``sample(n, noise=...)`` then takes instead of
+        drawing it (interpolation between samples); None: the samples come from no such noise (PixelCNN)."""
+        return None
+
     def setup_ema(self, source: str) -> None:
         self._ema_source = source
         if self.cfg.ema_decay > 0:

@@ -115,17 +115,30 @@ class VAE(GenerativeMethod):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.nets.encode(x)[0]
 
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        return (self.cfg.latent_dim,)
+
     @torch.no_grad()
-    def sample(self, n, cond=None, generator=None):
+    def sample(self, n, cond=None, generator=None, noise=None):
+        """``noise``: latents z (n, latent_dim) to decode instead of draws from the prior."""
         self.check_sample_options(cond, {})
         with evaluating(self.sampling_net()) as nets:
-            z = torch.randn(
-                n,
-                self.cfg.latent_dim,
-                generator=generator,
-                device=generator.device if generator else self.device,
-            )
+            z = noise
+            if z is None:
+                z = torch.randn(
+                    n,
+                    self.cfg.latent_dim,
+                    generator=generator,
+                    device=generator.device if generator else self.device,
+                )
             return self.decoder_mean(nets.decode(z.to(self.device)).float())
+
+    @torch.no_grad()
+    def posterior_mean(self, images: torch.Tensor) -> torch.Tensor:
+        """mu(x) of q(z|x) for uint8 images, by the sampling weights (latent traversals start there)."""
+        with evaluating(self.sampling_net()) as nets:
+            return nets.encode(self.to_float(images, "unit"))[0].float()
 
     @torch.no_grad()
     def images_for_logging(self, batch):

@@ -132,8 +132,12 @@ class MAE(PretextMethod):
             target = (target - mean) / (var + 1e-6).sqrt()
         return target
 
+    def draw_mask(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's random draw: which patches of each image stay visible (``keep``) and which are masked."""
+        return random_patch_mask(n, self.encoder.num_patches, self.cfg.mask_ratio, device)
+
     def forward_mae(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        keep, mask = random_patch_mask(len(x), self.encoder.num_patches, self.cfg.mask_ratio, x.device)
+        keep, mask = self.draw_mask(len(x), x.device)
         prediction = self.decoder(self.encode_visible(x, keep), keep, self.encoder.num_patches)
         return prediction, mask, keep
 
