@@ -147,6 +147,10 @@ class Stage1Input:
     methods: tuple[str, ...]  # the methods that train one
     example: str  # a stage-1 experiment that trains one
 
+    @property
+    def a_what(self) -> str:
+        return ("an " if self.what[0] in "aeiou" else "a ") + self.what
+
 
 @dataclass
 class Stage1:
@@ -191,7 +195,7 @@ class Stage1:
 
         if self.cfg.method.name not in self.input.methods:
             raise ConfigError(
-                f"stage1.experiment={self.cfg.experiment} trains {self.cfg.method.name}, not a {self.input.what}: "
+                f"stage1.experiment={self.cfg.experiment} trains {self.cfg.method.name}, not {self.input.a_what}: "
                 f"name a method={' | '.join(self.input.methods)} experiment (e.g. {self.input.example})"
             )
         return build_method(self.cfg, build_datamodule(self.cfg))
