@@ -385,12 +385,14 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> Run:
 
         # Everything is built and checked before anything is written: a run that fails here leaves no
         # run directory and no W&B run behind (a later run with the same id starts clean).
-        stage1 = stages.plan(cfg)  # the autoencoder that method.latents names, trained first if need be
+        stage1 = stages.plan(
+            cfg
+        )  # the model method.latents (tokenizer, teacher) names, trained first if need be
         reused = stage1 is not None and stage1.finished
         if stage1 is not None and not reused:
-            # stage 2 checked with an untrained autoencoder of the stage-1 recipe before stage 1 trains
-            untrained = stage1.untrained_autoencoder()
-            build_checked(cfg, run_dir, settled["wandb_id"], extra_callbacks, autoencoder=untrained)
+            # stage 2 checked with an untrained model of the stage-1 recipe before stage 1 trains
+            untrained = {stage1.input.keyword: stage1.untrained_model()}
+            build_checked(cfg, run_dir, settled["wandb_id"], extra_callbacks, **untrained)
             stage1.run()
             L.seed_everything(cfg.seed, workers=True, verbose=False)  # as if stage 1 had been there
         built = build_checked(cfg, run_dir, settled["wandb_id"], extra_callbacks)

@@ -1,4 +1,8 @@
-"""Two-stage experiments: the autoencoder of latent diffusion (stage 1), then the model on its latents.
+"""Two-stage experiments: a model the experiment's method is built on (stage 1), then that method.
+
+Stage 1 is latent diffusion's autoencoder, a token model's tokenizer or a distilled student's teacher:
+each method says which config field names it (``stage1_input``: ``method.latents``, ``method.tokenizer``,
+``method.teacher``). The rest of this text speaks of latent diffusion; the others work alike.
 
 An experiment names its stage 1 in a root-level ``stage1:`` section: the stage-1 experiment and any
 overrides of it, in the same nested form as the experiment file itself (on the command line
@@ -132,13 +136,30 @@ def check_section(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"stage1 (experiment {section.experiment}): {error}") from error
 
 
+@dataclass(frozen=True)
+class Stage1Input:
+    """What a method is built on that an experiment's stage 1 can train (a method's ``stage1_input``):
+    latent diffusion's autoencoder, a token model's tokenizer, a distilled student's teacher."""
+
+    field: str  # the method's config field naming its checkpoint (ckpt:<path> or stage1)
+    keyword: str  # the method's constructor argument taking the model itself
+    what: str  # what it is, for messages
+    methods: tuple[str, ...]  # the methods that train one
+    example: str  # a stage-1 experiment that trains one
+
+    @property
+    def a_what(self) -> str:
+        return ("an " if self.what[0] in "aeiou" else "a ") + self.what
+
+
 @dataclass
 class Stage1:
-    """The stage-1 run a config's ``method.latents`` depends on."""
+    """The stage-1 run a config's ``method.<field>`` (``Stage1Input``) depends on."""
 
     cfg: DictConfig  # the composed stage-1 config
     overrides: list[str]  # its `lgen train` command line
     run_dir: Path
+    input: Stage1Input
 
     @property
     def checkpoint(self) -> Path:
@@ -166,19 +187,18 @@ class Stage1:
                 )
 
     def announce_reuse(self) -> None:
-        rank_zero_info(f"[lgen] stage 1: reusing the finished autoencoder {self.checkpoint}")
+        rank_zero_info(f"[lgen] stage 1: reusing the finished {self.input.what} {self.checkpoint}")
 
-    def untrained_autoencoder(self):
-        """The stage-1 recipe's autoencoder with its initial weights: shapes and data for stage 2's checks."""
+    def untrained_model(self):
+        """The stage-1 recipe's model with its initial weights: shapes and data for stage 2's checks."""
         from lightning_gen.run import build_datamodule, build_method
 
-        method = build_method(self.cfg, build_datamodule(self.cfg))
-        if not hasattr(method, "latent_shape"):
+        if self.cfg.method.name not in self.input.methods:
             raise ConfigError(
-                f"stage1.experiment={self.cfg.experiment} trains {self.cfg.method.name}, not an autoencoder "
-                "of latents: name a method=latent_autoencoder experiment"
+                f"stage1.experiment={self.cfg.experiment} trains {self.cfg.method.name}, not {self.input.a_what}: "
+                f"name a method={' | '.join(self.input.methods)} experiment (e.g. {self.input.example})"
             )
-        return method
+        return build_method(self.cfg, build_datamodule(self.cfg))
 
     def run(self) -> None:
         """Train stage 1 (global rank 0 of the launch) or wait until it has (every other process)."""
@@ -187,7 +207,7 @@ class Stage1:
                 time.sleep(5)
             return
         rank_zero_info(
-            f"[lgen] stage 1: training the autoencoder (experiment {self.cfg.experiment}) into {self.run_dir}/; "
+            f"[lgen] stage 1: training the {self.input.what} (experiment {self.cfg.experiment}) into {self.run_dir}/; "
             "stage 2 starts when it has finished"
         )
         started = time.time()
@@ -221,27 +241,39 @@ class Stage1:
         rank_zero_info(f"[lgen] stage 1 finished in {time.time() - started:.0f} s: {self.checkpoint}")
 
 
+def stage1_input(cfg: DictConfig) -> Stage1Input | None:
+    """What the method of ``cfg`` builds on that a stage 1 can train (None: nothing)."""
+    from lightning_gen import registry
+
+    return getattr(registry.get("method", cfg.method.name).cls, "stage1_input", None)
+
+
 def plan(cfg: DictConfig) -> Stage1 | None:
-    """The stage 1 that ``cfg.method.latents`` depends on, or None. ``latents=stage1`` is resolved to
-    ``ckpt:<stage 1's last checkpoint>`` in ``cfg`` (what config.yaml then records)."""
-    latents = cfg.method.get("latents") if "latents" in cfg.method else None
-    if not latents:
+    """The stage 1 that ``cfg.method.<field>`` depends on (``latents``, ``tokenizer``, ``teacher``), or
+    None. ``<field>=stage1`` is resolved to ``ckpt:<stage 1's last checkpoint>`` in ``cfg`` (what
+    config.yaml then records)."""
+    spec = stage1_input(cfg)
+    if spec is None:
+        return None
+    value = cfg.method.get(spec.field) if spec.field in cfg.method else None
+    if not value:
         return None
     if cfg.get("stage1") is None:
-        if latents == "stage1":
+        if value == "stage1":
             raise ConfigError(
-                f"method.latents=stage1, but experiment {cfg.experiment} has no stage1 section naming the "
-                "autoencoder's experiment: add one (stage1.experiment=latent_autoencoder_digits) or give "
-                "method.latents=ckpt:<checkpoint>"
+                f"method.{spec.field}=stage1, but experiment {cfg.experiment} has no stage1 section naming the "
+                f"{spec.what}'s experiment: add one (stage1.experiment={spec.example}) or give "
+                f"method.{spec.field}=ckpt:<checkpoint>"
             )
         return None
     overrides = stage1_overrides(cfg)
     stage_cfg = compose(overrides)
-    stage1 = Stage1(stage_cfg, overrides, Path(stage_cfg.runs_dir) / stage_cfg.experiment / stage_cfg.run_id)
-    if latents == "stage1":
-        cfg.method.latents = f"ckpt:{stage1.checkpoint}"
-    elif Path(str(latents).removeprefix("ckpt:")).resolve() != stage1.checkpoint.resolve():
-        return None  # another autoencoder: the method reads it (or says it is missing)
+    run_dir = Path(stage_cfg.runs_dir) / stage_cfg.experiment / stage_cfg.run_id
+    stage1 = Stage1(stage_cfg, overrides, run_dir, spec)
+    if value == "stage1":
+        cfg.method[spec.field] = f"ckpt:{stage1.checkpoint}"
+    elif Path(str(value).removeprefix("ckpt:")).resolve() != stage1.checkpoint.resolve():
+        return None  # another model: the method reads it (or says it is missing)
     stage1.check_reusable()
     return stage1
 

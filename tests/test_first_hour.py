@@ -131,7 +131,7 @@ LATENT_BAD_INPUT = [
     ),
     (
         ["train", "experiment=ldm_dit_digits", "stage1.experiment=ddpm_digits"],
-        "stage1.experiment=ddpm_digits trains diffusion, not an autoencoder of latents",
+        "stage1.experiment=ddpm_digits trains diffusion, not an autoencoder: name a method=latent_autoencoder",
     ),
     (["train", "experiment=ldm_dit_digits", "method.latents=vae.ckpt"], "give ckpt:<latent_autoencoder"),
     (["latents", "ckpt={ae}", "data=digits", "data.image_size=28"], "this run's data is digits at 28 px"),

@@ -141,8 +141,23 @@ class UNet(nn.Module):
             return h
         return block(h)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the time (+ class) embedding that conditions every block."""
+        return self.time_mlp[-1].out_features
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        embedding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``embedding`` (N, embedding_dim): one more conditioning vector added to the time embedding
+        (a distilled student's guidance weight)."""
         emb = self.time_mlp(sinusoidal_embedding(t, self.width))
+        if embedding is not None:
+            emb = emb + embedding
         if self.class_emb is not None:
             y = torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y
             emb = emb + self.class_emb(y)

@@ -44,12 +44,14 @@ from lightning_gen.config import ConfigError, bounded, choice
 from lightning_gen.diffusion import guided, likelihood, samplers
 from lightning_gen.diffusion.predictions import PREDICTIONS, training_target
 from lightning_gen.diffusion.processes import PROCESSES, Coefficients, build_process
+from lightning_gen.losses.regression import squared_error
+from lightning_gen.methods.generative.frozen import FrozenChildren
 from lightning_gen.methods.generative.generator import GenerativeConfig, GenerativeMethod, evaluating
 from lightning_gen.methods.generative.latent_autoencoder import LatentAutoencoder, frozen_autoencoder
 from lightning_gen.nets.dit import DiT, DiTConfig
 from lightning_gen.nets.unet import UNet
-from lightning_gen.quiet import allow_frozen_modules_in_eval
 from lightning_gen.registry import register_legacy_method, register_method
+from lightning_gen.stages import Stage1Input
 
 
 @dataclass
@@ -132,11 +134,17 @@ def _view(coef: Coefficients, like: torch.Tensor) -> Coefficients:
 
 
 @register_method("diffusion", DiffusionConfig)
-class Diffusion(GenerativeMethod):
+class Diffusion(FrozenChildren, GenerativeMethod):
     """Generalised diffusion: VP / VE / flow, eps / x / v prediction, CFG, five samplers, bits/dim."""
 
     config_class = DiffusionConfig
     sample_options = ("sampler", "steps", "guidance", "eta")
+    frozen_children = (
+        "autoencoder",
+    )  # latent diffusion's: out of optimizer, EMA and DDP syncs, in eval mode
+    stage1_input = Stage1Input(
+        "latents", "autoencoder", "autoencoder", ("latent_autoencoder",), "latent_autoencoder_digits"
+    )
 
     def __init__(self, cfg: DiffusionConfig, data=None, autoencoder: LatentAutoencoder | None = None):
         """``autoencoder``: the frozen autoencoder of ``latents``, when it is not to be read from there
@@ -176,33 +184,12 @@ class Diffusion(GenerativeMethod):
         return cls(cfg, data)
 
     def buffers_identical_on_all_ranks(self) -> list[str]:
-        # The schedule tables are built from the config on every rank: nothing to broadcast. The frozen
-        # autoencoder is read from the same file by every rank and never changes: no sync of its
-        # parameters or buffers at all (DDP ignores what this list names).
-        frozen = [f"autoencoder.{n}" for n, _ in self.named_frozen_autoencoder()]
+        # The schedule tables are built from the config on every rank: nothing to broadcast. (The frozen
+        # autoencoder, read from the same file by every rank: FrozenChildren.)
         return [
             *super().buffers_identical_on_all_ranks(),
             *(f"process.{n}" for n, _ in self.process.named_buffers()),
-            *frozen,
         ]
-
-    def frozen_module_names(self) -> set[str]:
-        return {*super().frozen_module_names(), "autoencoder"}
-
-    def named_frozen_autoencoder(self):
-        if not self.latent:
-            return []
-        return [*self.autoencoder.named_parameters(), *self.autoencoder.named_buffers()]
-
-    def on_fit_start(self) -> None:
-        if self.latent:
-            allow_frozen_modules_in_eval()
-
-    def train(self, mode: bool = True) -> Diffusion:
-        super().train(mode)
-        if self.latent:  # frozen: always in eval mode, whatever the trainer switches
-            self.autoencoder.eval()
-        return self
 
     # ------------------------------------------------------------------ the space diffusion runs in
     # Pixels in [-1, 1], or the scaled latents of the frozen autoencoder.
@@ -287,8 +274,7 @@ class Diffusion(GenerativeMethod):
         coef = _view(coef, x)
         xt = coef.a * x + coef.b * z
         target = training_target(self.cfg.prediction, x, z, coef)
-        err = (self.predict(self.net, xt, coef, t_net, y).float() - target.float()).pow(2)  # fp32 loss
-        loss = err.mean() if self.cfg.loss_reduction == "mean" else err.flatten(1).sum(1).mean()
+        loss = squared_error(self.predict(self.net, xt, coef, t_net, y), target, self.cfg.loss_reduction)
         self.log_loss(stage, loss)
         return loss
 
