@@ -67,7 +67,7 @@ def real_images(datamodule, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fid_kid(real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
     out = fid_kid_from_shards(
-        real, fake, "cpu", kid=True, kid_subsets=50, kid_subset_size=min(1000, len(fake))
+        real, fake, "cpu", kid=True, kid_subsets=50, kid_subset_size=min(1000, len(fake), len(real))
     )
     return {"fid": out[("fid", "")], "kid": out[("kid", "")], "kid_std": out[("kid", "_std")]}
 
@@ -85,12 +85,15 @@ def draw(method, n: int, batch: int, **options) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(out), labels, (time.perf_counter() - started) / n
 
 
-def test_bits_per_dim(method, datamodule) -> float | None:
-    """Mean bits/dim on the test split (``lgen eval bpd``'s numbers); None for generators without one."""
+def test_bits_per_dim(method, datamodule, n: int = 0) -> float | None:
+    """Mean bits/dim on the test split (its first ``n`` images; 0: all) as ``lgen eval bpd`` gives it; None
+    for generators without one (GANs, and latent diffusion, whose bound is on its latents)."""
+    if getattr(method, "latent", False):
+        return None
     if not (hasattr(method, "bits_per_dim") or method.registry_name in ("pixelcnn", "vae")):
         return None
     # the loader's own batches, so the VAE's posterior samples are drawn as they always were
-    cfg = LikelihoodConfig(split="test", batch_size=datamodule.cfg.eval_batch_size)
+    cfg = LikelihoodConfig(split="test", n=n, batch_size=datamodule.cfg.eval_batch_size)
     return evaluate(method, datamodule, cfg, seed=0, device=torch.device("cpu"))["bits_per_dim"]
 
 

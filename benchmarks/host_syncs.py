@@ -1,7 +1,7 @@
 """Host synchronisations per training step of every method, the cost of the one allowed exception,
 and what computing the losses in float32 under bf16 autocast costs.
 
-    python benchmarks/host_syncs.py [--methods simclr ddpm ...] [--skip-steps] [--repeats 200]
+    python benchmarks/host_syncs.py [--methods simclr diffusion ...] [--skip-steps] [--repeats 200]
 
 1. For every registered method (tests/sync_steps.py: the tiny configs of tests/test_sync_free.py), the
    ops of one training step that would make the host wait for a GPU, counted two ways by

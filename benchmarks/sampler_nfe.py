@@ -37,6 +37,24 @@ from lightning_gen.eval.fid_extractor import default_path, load_extractor  # noq
 from lightning_gen.methods.base import load_method  # noqa: E402
 
 
+def nfe_points(method, extractor, test, n, batch, sampler_names, step_counts, **options) -> list[dict]:
+    """FID, KID, NFE and ms/image of ``n`` samples per sampler and number of steps (or why it is refused)."""
+    rows = []
+    for sampler in sampler_names:
+        for steps in step_counts:
+            try:
+                samplers.check(sampler, steps, method.process, method.cfg.prediction)
+            except samplers.SamplerError as refused:
+                rows.append({"sampler": sampler, "steps": steps, "refused": str(refused)})
+                continue
+            images, _, seconds = draw(method, n, batch, sampler=sampler, steps=steps, **options)
+            row = {"sampler": sampler, "steps": steps, "nfe": method.last_sample["nfe"]}
+            row.update(fid_kid(test, features(extractor, images)), ms_per_image=1000 * seconds)
+            rows.append(row)
+            print(f"[sampler_nfe] {json.dumps(row)}", flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+")
@@ -79,19 +97,8 @@ def main() -> int:
         where = Path(path).resolve()  # runs/<experiment>/<run>/checkpoints/<name>.ckpt, or any file
         experiment = where.parents[2].name if where.parent.name == "checkpoints" else where.stem
         options = {} if args.guidance is None or not method.conditional else {"guidance": args.guidance}
-        rows = []
-        for sampler in args.samplers:
-            for steps in args.steps:
-                try:
-                    samplers.check(sampler, steps, method.process, method.cfg.prediction)
-                except samplers.SamplerError as refused:
-                    rows.append({"sampler": sampler, "steps": steps, "refused": str(refused)})
-                    continue
-                images, _, seconds = draw(method, args.n, args.batch, sampler=sampler, steps=steps, **options)
-                row = {"sampler": sampler, "steps": steps, "nfe": method.last_sample["nfe"]}
-                row.update(fid_kid(test, features(extractor, images)), ms_per_image=1000 * seconds)
-                rows.append(row)
-                print(f"[sampler_nfe] {experiment}: {json.dumps(row)}", flush=True)
+        print(f"[sampler_nfe] {experiment}", flush=True)
+        rows = nfe_points(method, extractor, test, args.n, args.batch, args.samplers, args.steps, **options)
         results["models"][experiment] = rows
         print(f"\n{experiment}: {args.n} samples vs the {len(test)} test images\n")
         print("| sampler | steps | NFE | FID | KID x 1000 | ms / image |")

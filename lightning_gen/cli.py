@@ -48,6 +48,10 @@ PLUGINS = {
         "lightning_gen.export",
         "take a trained encoder out: backbone weights (torchvision names) or embeddings of a split",
     ),
+    "latents": (
+        "lightning_gen.data.latents",
+        "encode a dataset once with a frozen autoencoder, for latent diffusion on data=latents",
+    ),
     "fid-extractor": (
         "lightning_gen.eval.fid_extractor",
         "build the domain feature extractor for FID on digits/MNIST ahead of time (training builds it on first use)",

@@ -160,6 +160,10 @@ class RootConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     callbacks: Any = None  # name -> section, each checked against its registered schema
+    # A stage trained first when the method needs its output (latent diffusion's autoencoder): the
+    # stage-1 experiment and its overrides, e.g. {experiment: latent_autoencoder_digits, trainer:
+    # {max_epochs: 20}}; checked by composing that config (lightning_gen/stages.py)
+    stage1: Any = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,6 +327,10 @@ def validate(cfg: DictConfig) -> DictConfig:
         schema = registry.get(kind, section.name).config
         _check_keys(section, schema, kind)
         typed[kind] = _typed(section, schema, kind)
+    if typed.get("stage1") is not None:
+        from lightning_gen.stages import check_section
+
+        check_section(typed)
     callbacks = cfg.get("callbacks") or OmegaConf.create({})
     known = registry.entries("callback")
     typed.callbacks = OmegaConf.create({})

@@ -12,6 +12,9 @@
   torch's deprecation of ``isinstance(x, LeafSpec)`` (called inside Lightning's ``_pytree``), and
   Lightning's model summary saying it cannot size bf16-mixed models (it then counts 32 bits, which
   is what the summary shows anyway). Every other warning still shows.
+- Lightning's warning that modules are in eval mode at the start of training, for a method whose
+  frozen modules are in eval mode on purpose (latent diffusion's autoencoder): that method calls
+  ``allow_frozen_modules_in_eval`` when training starts.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import lightning as L
 LITLOGGER_TIP = "💡 Tip: For seamless cloud logging and experiment tracking"
 LEAFSPEC_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 SUMMARY_PRECISION = r"Precision \S+ is not supported by the model summary"
+FROZEN_IN_EVAL = r"Found \d+ module\(s\) in eval mode at the start of training"
 
 
 class _DropMessage(logging.Filter):
@@ -69,3 +73,8 @@ class LogEveryEpoch(L.Callback):
             batches = int(batches * limit)
         if 0 < batches < trainer.log_every_n_steps:
             trainer.log_every_n_steps = batches
+
+
+def allow_frozen_modules_in_eval() -> None:
+    """For a method that keeps frozen modules in eval mode on purpose (see the module docstring)."""
+    warnings.filterwarnings("ignore", message=FROZEN_IN_EVAL)

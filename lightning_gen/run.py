@@ -33,7 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
-from lightning_gen import registry
+from lightning_gen import registry, stages
 from lightning_gen.checkpoint import AtomicCheckpointIO, LastCheckpoint, resume_path
 from lightning_gen.cluster.launch import agree, external_launch, torchelastic_run_id
 from lightning_gen.config import ConfigError, section_object, to_dict, to_yaml
@@ -131,10 +131,12 @@ def build_datamodule(cfg: DictConfig):
     return datamodule
 
 
-def build_method(cfg: DictConfig, datamodule) -> Method:
+def build_method(cfg: DictConfig, datamodule, **extra) -> Method:
+    """``extra``: keyword arguments of the method's constructor besides its config and data (latent
+    diffusion's ``autoencoder``)."""
     info = datamodule.info
     try:
-        method = registry.build("method", section_object(cfg.method), data=info)
+        method = registry.build("method", section_object(cfg.method), data=info, **extra)
     except ValueError as error:  # built from the config alone: a network that cannot take this data's images
         raise ConfigError(
             f"method={cfg.method.name} cannot be built for data={cfg.data.name} "
@@ -352,10 +354,14 @@ def save_run_files(cfg: DictConfig, run_dir: Path, loggers: list) -> None:
 
 def preflight(cfg: DictConfig, datamodule, method: Method, callbacks: list) -> None:
     """What would otherwise fail once the run has started: the dataset's download (``data.download=true``;
-    without it ``train`` checked the files first of all), and each callback's own checks against the
-    method (``preflight(method)``)."""
+    without it ``train`` checked the files first of all), the DataModule's checks against the method
+    (``check_method``, where it has them: latents made by another autoencoder), and each callback's own
+    checks against the method (``preflight(method)``)."""
     if cfg.data.download and rank_zero_only.rank == 0:
         datamodule.prepare_data()  # global rank 0 only, as Lightning does; then its prepare_data finds the files
+    check_method = getattr(datamodule, "check_method", None)
+    if check_method is not None:
+        check_method(method)
     for callback in callbacks:
         check = getattr(callback, "preflight", None)
         if check is not None:
@@ -379,31 +385,20 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> Run:
 
         # Everything is built and checked before anything is written: a run that fails here leaves no
         # run directory and no W&B run behind (a later run with the same id starts clean).
-        datamodule = build_datamodule(cfg)
-        if not cfg.data.download:  # a missing dataset is named before anything is built from its settings
-            datamodule.check_files()
-        method = build_method(cfg, datamodule)
-        if cfg.trainer.strategy == "fsdp":
-            from lightning_gen.sharding import unsupported_reason
-
-            reason = unsupported_reason(method, cfg.trainer.sync_batchnorm or not _multi_process(cfg))
-            if reason:
-                raise ConfigError(f"trainer.strategy=fsdp: {reason}")
-        validates = cfg.trainer.limit_val_batches != 0
-        callbacks = [*extra_callbacks, *build_callbacks(cfg, method, run_dir, validates)]
-        loggers = build_loggers(cfg, run_dir, settled["wandb_id"])
-        if getattr(method, "ddp_find_unused_parameters", False) and cfg.trainer.strategy in ("auto", "ddp"):
-            # e.g. a GAN's D step leaves G without gradients: DDP must be told (only matters with >1 process)
-            cfg.trainer.strategy = (
-                "ddp_find_unused_parameters_true" if _multi_process(cfg) else cfg.trainer.strategy
-            )
-        trainer = build_trainer(cfg, callbacks, loggers, run_dir)
-        for (
-            callback
-        ) in extra_callbacks:  # those that place themselves among the others (host_sync.CountStepSyncs)
-            if hasattr(callback, "install"):
-                callback.install(trainer)
-        preflight(cfg, datamodule, method, callbacks)
+        stage1 = stages.plan(
+            cfg
+        )  # the model method.latents (tokenizer, teacher) names, trained first if need be
+        reused = stage1 is not None and stage1.finished
+        if stage1 is not None and not reused:
+            # stage 2 checked with an untrained model of the stage-1 recipe before stage 1 trains
+            untrained = {stage1.input.keyword: stage1.untrained_model()}
+            build_checked(cfg, run_dir, settled["wandb_id"], extra_callbacks, **untrained)
+            stage1.run()
+            L.seed_everything(cfg.seed, workers=True, verbose=False)  # as if stage 1 had been there
+        built = build_checked(cfg, run_dir, settled["wandb_id"], extra_callbacks)
+        datamodule, method, callbacks, loggers, trainer = built
+        if reused:
+            stage1.announce_reuse()
 
         save_run_files(cfg, run_dir, loggers)
         for logger in loggers:
@@ -420,6 +415,39 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> Run:
             os.environ.pop(RUN_ID_ENV, None)
         else:
             os.environ[RUN_ID_ENV] = previous_env
+
+
+def build_checked(
+    cfg: DictConfig, run_dir: Path, wandb_id: str, extra_callbacks: tuple = (), **method_extra
+) -> tuple:
+    """DataModule, method, callbacks, loggers and Trainer of a run, with every check that needs no
+    training; nothing is written. ``method_extra``: passed to the method's constructor."""
+    datamodule = build_datamodule(cfg)
+    if not cfg.data.download:  # a missing dataset is named before anything is built from its settings
+        datamodule.check_files()
+    method = build_method(cfg, datamodule, **method_extra)
+    if cfg.trainer.strategy == "fsdp":
+        from lightning_gen.sharding import unsupported_reason
+
+        reason = unsupported_reason(method, cfg.trainer.sync_batchnorm or not _multi_process(cfg))
+        if reason:
+            raise ConfigError(f"trainer.strategy=fsdp: {reason}")
+    validates = cfg.trainer.limit_val_batches != 0
+    callbacks = [*extra_callbacks, *build_callbacks(cfg, method, run_dir, validates)]
+    loggers = build_loggers(cfg, run_dir, wandb_id)
+    if getattr(method, "ddp_find_unused_parameters", False) and cfg.trainer.strategy in ("auto", "ddp"):
+        # e.g. a GAN's D step leaves G without gradients: DDP must be told (only matters with >1 process)
+        cfg.trainer.strategy = (
+            "ddp_find_unused_parameters_true" if _multi_process(cfg) else cfg.trainer.strategy
+        )
+    trainer = build_trainer(cfg, callbacks, loggers, run_dir)
+    for (
+        callback
+    ) in extra_callbacks:  # those that place themselves among the others (host_sync.CountStepSyncs)
+        if hasattr(callback, "install"):
+            callback.install(trainer)
+    preflight(cfg, datamodule, method, callbacks)
+    return datamodule, method, callbacks, loggers, trainer
 
 
 def _multi_process(cfg: DictConfig) -> bool:

@@ -3,11 +3,14 @@
     lgen sample ckpt=runs/ddpm_digits/<run>/checkpoints/last.ckpt n=64 sampler=ddim steps=50 out=grid.png
     lgen sample ckpt=... sampler=heun steps=18          (35 network evaluations)
     lgen sample ckpt=... n=64 guidance=3 class=7        (class-conditional diffusion with CFG)
+    lgen sample ckpt=runs/token_ar_digits/<run>/checkpoints/last.ckpt top_k=50 top_p=0.9 temperature=1
 
 Arguments are key=value: ckpt (required), n (64), out (samples.png), nrow (8), seed (0),
 device (auto), class (a class index for conditional models), and the method's own sampling options:
 diffusion (the ddpm and flow presets included): sampler (ddpm|ddim|euler|heun|dpm++2m), steps (solver
-steps), guidance, eta (ddim); pixelcnn: temperature. The EMA weights sample where the method keeps them.
+steps), guidance, eta (ddim); pixelcnn: temperature; token_ar: temperature, top_k, top_p, guidance;
+distill: steps (those the student was distilled for), guidance. The EMA weights sample where the method
+keeps them.
 A diffusion sampler reports its number of network evaluations (NFE); with guidance the conditional and
 unconditional passes run as one batch and count as one evaluation.
 
@@ -33,7 +36,15 @@ from torchvision.utils import save_image
 from lightning_gen.config import ConfigError
 
 COMMON = {"ckpt": str, "n": int, "out": str, "nrow": int, "seed": int, "device": str, "class": int}
-METHOD_OPTIONS = {"sampler": str, "steps": int, "guidance": float, "eta": float, "temperature": float}
+METHOD_OPTIONS = {
+    "sampler": str,
+    "steps": int,
+    "guidance": float,
+    "eta": float,
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+}
 # the tools, each with the options that belong to it (lightning_gen/eval/nearest.py, latent_space.py)
 TOOLS = {
     "nearest": {"nearest": int, "extractor": str},
@@ -50,6 +61,8 @@ RANGES = {
     "guidance": (0, False, None),
     "eta": (0, False, None),
     "temperature": (0, True, None),
+    "top_k": (1, False, None),
+    "top_p": (0, True, 1),
     "nearest": (1, False, None),
     "interpolate": (2, False, None),  # both ends of the path at least
     "points": (2, False, None),
@@ -122,7 +135,7 @@ def load_generator(opts: dict, also: tuple[str, ...] = ()):
     if not getattr(entry.cls, "is_generative", False) and entry.name not in also:  # refuse before building it
         raise ConfigError(
             f"{opts['ckpt']} is a {name} checkpoint, which is not a generator: "
-            "lgen sample needs a vae, gan, diffusion (ddpm, flow) or pixelcnn checkpoint"
+            "lgen sample needs a vae, gan, diffusion (ddpm, flow), pixelcnn, token_ar or distill checkpoint"
         )
     method = load_method(opts["ckpt"])
     extra = {k: v for k, v in opts.items() if k in METHOD_OPTIONS}

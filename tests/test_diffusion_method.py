@@ -288,3 +288,22 @@ def test_sampler_benchmark_runs_tiny(tmp_path):
     assert by[("heun", 2)]["nfe"] == 3 and by[("ddim", 2)]["nfe"] == 2 and by[("heun", 30)]["nfe"] == 59
     assert "at most T=20" in by[("ddim", 30)]["refused"]
     assert "| heun | 2 | 3 |" in proc.stdout
+
+
+def test_log_normal_time_sampling_draws_the_noise_levels_of_karras_et_al_for_every_process():
+    """t_sampling=log_normal: the noise level sigma = b/a of each drawn time is exp(m + s u) for the same
+    normal draws u, whatever the process (the EDM training distribution, Karras et al. 2022)."""
+    for process in ("vp", "ve", "flow"):
+        method = preset(
+            "diffusion",
+            f"method.process={process}",
+            "method.t_sampling=log_normal",
+            "method.log_sigma_mean=-0.5",
+            "method.log_sigma_std=0.8",
+        )
+        torch.manual_seed(0)
+        coef, t_net = method.draw_time(2048, "cpu")
+        torch.manual_seed(0)
+        expected = -0.5 + 0.8 * torch.randn(2048)
+        assert torch.allclose((coef.b / coef.a).log(), expected, atol=2e-3), process
+        assert torch.equal(t_net, method.process.network_time(method.process.t_of_sigma(expected.exp())))

@@ -74,8 +74,107 @@ BAD_INPUT = [
 ]
 
 
+# Latent diffusion. {ae}: a latent-autoencoder checkpoint of digits at 16 px (8x8x2 latents), written
+# outside the working folder; an experiment's stage 1 that would train is checked before it does.
+LATENT_BAD_INPUT = [
+    (  # another resolution
+        ["train", "experiment=ldm_dit_digits", "method.latents=ckpt:{ae}", "data.image_size=28"],
+        "was trained on digits at 16 px with 1 channel(s), but this run's data is digits at 28 px",
+    ),
+    (  # another dataset
+        [
+            "train",
+            "experiment=ldm_dit_digits",
+            "method.latents=ckpt:{ae}",
+            "data=fashion_mnist",
+            "data.image_size=16",
+        ],
+        "but this run's data is fashion_mnist at 16 px",
+    ),
+    (  # another channel count
+        [
+            "train",
+            "experiment=ldm_dit_digits",
+            "method.latents=ckpt:{ae}",
+            "data=color_digits",
+            "data.image_size=16",
+        ],
+        "but this run's data is color_digits at 16 px with 3 channel(s)",
+    ),
+    (
+        [
+            "train",
+            "experiment=ldm_dit_digits",
+            "method.latents=ckpt:{ae}",
+            "data.image_size=16",
+            "method.dit.patch_size=3",
+        ],
+        "method.dit.patch_size=3 does not divide the latent size 8",
+    ),
+    (  # the stage-1 recipe's 7x7 latents, before stage 1 trains
+        ["train", "experiment=ldm_dit_digits", "method.dit.patch_size=2"],
+        "method.dit.patch_size=2 does not divide the latent size 7",
+    ),
+    (
+        ["train", "experiment=ldm_unet_fashion_mnist", "method.mults=[1,2,2,2]"],
+        "method.mults=[1, 2, 2, 2] on the latent size 7: image size 7 is too small for 3 downsamplings",
+    ),
+    (
+        ["train", "experiment=ldm_dit_digits", "method.latents=ckpt:nope.ckpt"],
+        "method.latents=ckpt:nope.ckpt: no such file or folder",
+    ),
+    (["train", "experiment=ddpm_digits", "method.latents=stage1"], "has no stage1 section"),
+    (
+        ["train", "experiment=ldm_dit_digits", "stage1.trainer.max_epoch=2"],
+        "stage1 (experiment latent_autoencoder_digits): unknown config key trainer.max_epoch "
+        "(did you mean 'max_epochs'?)",
+    ),
+    (
+        ["train", "experiment=ldm_dit_digits", "stage1.experiment=ddpm_digits"],
+        "stage1.experiment=ddpm_digits trains diffusion, not an autoencoder: name a method=latent_autoencoder",
+    ),
+    (["train", "experiment=ldm_dit_digits", "method.latents=vae.ckpt"], "give ckpt:<latent_autoencoder"),
+    (["latents", "ckpt={ae}", "data=digits", "data.image_size=28"], "this run's data is digits at 28 px"),
+    (["latents", "ckpt={ae}", "data=digits", "data.image_size=16", "splits=train,bogus"], "no split 'bogus'"),
+    (["latents", "data=digits"], "say which autoencoder: ckpt="),
+    (["latents", "ckpt={ae}", "data=digits", "dtype=int8"], "dtype=int8: use one of float32"),
+    (
+        ["train", "experiment=ldm_dit_digits", "data=latents", "data.path=nowhere"],
+        "no complete latents under data.path=nowhere",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def digits_autoencoder(tmp_path_factory) -> str:
+    from lightning_gen.methods.base import DataInfo
+    from lightning_gen.methods.generative.latent_autoencoder import LatentAutoencoder, LatentAutoencoderConfig
+
+    cfg = LatentAutoencoderConfig(
+        name="latent_autoencoder", channels=(8, 16), norm_groups=4, latent_channels=2
+    )
+    module = LatentAutoencoder(cfg, DataInfo(name="digits", channels=1, image_size=16))
+    path = tmp_path_factory.mktemp("autoencoder") / "ae.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    return str(path)
+
+
 @pytest.mark.parametrize("argv, message", BAD_INPUT, ids=[" ".join(a[1:]) for a, _ in BAD_INPUT])
 def test_bad_input_is_one_line_error_exit_2_and_creates_nothing(argv, message, tmp_path, monkeypatch, capsys):
+    assert_one_line_error(argv, message, tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize(
+    "argv, message", LATENT_BAD_INPUT, ids=[" ".join(a[2:]) for a, _ in LATENT_BAD_INPUT]
+)
+def test_bad_latent_diffusion_input_is_one_line_and_creates_nothing(
+    argv, message, digits_autoencoder, tmp_path, monkeypatch, capsys
+):
+    argv = [a.replace("{ae}", digits_autoencoder) for a in argv]
+    assert_one_line_error(argv, message, tmp_path, monkeypatch, capsys)
+
+
+def assert_one_line_error(argv, message, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # nothing listens there: no network, as offline

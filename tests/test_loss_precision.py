@@ -37,6 +37,7 @@ from lightning_gen.losses.noncontrastive import (
     variance_term,
     vicreg_loss,
 )
+from lightning_gen.losses.quantization import commitment_loss
 from lightning_gen.losses.regression import squared_error
 from lightning_gen.losses.swav import assign_codes, sinkhorn_knopp, swapped_prediction_loss
 
@@ -113,8 +114,9 @@ CASES = {
     "generator_minimax": (lambda f: generator_loss(f, "minimax"), [g(33, 16, 1, scale=3)]),
     "hinge_discriminator": (hinge_discriminator_loss, [g(39, 16, 1, scale=3), g(40, 16, 1, scale=3)]),
     "hinge_generator": (hinge_generator_loss, [g(41, 16, 1, scale=3)]),
+    "commitment": (commitment_loss, [g(42, 4, 8, 3, 3), g(43, 4, 8, 3, 3)]),
     # log-weights of images are thousands of nats: the bound's logsumexp must not round them
-    "importance_weighted_bound": (lambda w: importance_weighted_bound(w).float(), [g(42, 5, 4, scale=2000)]),
+    "importance_weighted_bound": (lambda w: importance_weighted_bound(w).float(), [g(44, 5, 4, scale=2000)]),
     "squared_error_mean": (squared_error, [g(34, 4, 3, 8, 8), g(35, 4, 3, 8, 8)]),
     "squared_error_sum": (lambda p, t: squared_error(p, t, "sum"), [g(36, 4, 3, 8, 8), g(37, 4, 3, 8, 8)]),
     "labeled_cross_entropy": (

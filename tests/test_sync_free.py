@@ -58,17 +58,22 @@ def sampling_cases():
         "ddpm/dpm++2m": ("diffusion", {"sampler": "dpm++2m", "steps": 3}),
         "flow": ("flow", {"steps": 3, "guidance": 1.0}),
         "dit-ve/heun": ("diffusion_dit", {"sampler": "heun", "steps": 3, "guidance": 1.0}),
+        "latent/heun": ("latent_diffusion", {"sampler": "heun", "steps": 3, "guidance": 1.0}),
         "gan": ("gan", {}),
         "vae": ("vae", {}),
         "pixelcnn": ("pixelcnn", {}),
+        "token_ar": ("token_ar", {"top_k": 4, "top_p": 0.9, "guidance": 1.0}),
+        "distill/progressive": ("distill", {"steps": 2, "guidance": 1.0}),
+        "distill/consistency": ("distill_consistency", {"steps": 2, "guidance": 1.0}),
     }
 
 
 @pytest.mark.parametrize("case", list(sampling_cases()))
-def test_sampling_makes_no_host_sync(case):
+def test_sampling_makes_no_host_sync(case, tmp_path):
     """A whole (short) sampling run after a first one: no per-step copies, no reads of device values."""
     name, options = sampling_cases()[case]
-    cfg = config(name, "method.timesteps=6", "data.image_size=8") if name == "diffusion" else config(name)
+    extra = ("method.timesteps=6", "data.image_size=8") if name == "diffusion" else ()
+    cfg = config(name, *extra, run_dir=tmp_path)
     if name == "pixelcnn":
         cfg.data.image_size = 4
     method = run.build_method(cfg, run.build_datamodule(cfg)).eval()

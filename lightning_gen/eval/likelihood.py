@@ -20,6 +20,8 @@ the VAE and diffusion models share one column. What each number is:
   images uniformly dequantised within their 8-bit bins (Hutchinson's trace, one probe per image), also
   a bound on the discrete likelihood up to the ODE's integration error. A class-conditional diffusion
   model is evaluated unconditionally (its null class), i.e. -log p(x).
+- Token models (token_ar): the exact NLL of the image's tokens plus the tokenizer decoder's discretised
+  Gaussian NLL of the image given them: an upper bound on -log2 p(x) / D (null class, as diffusion).
 
 The result goes to ``<run>/eval/<checkpoint>/bpd.json`` with the per-image values and to the run's W&B
 run. ``bits_per_dim(method, images, labels)`` is the function behind it, for other evaluations;
@@ -38,6 +40,8 @@ import torch
 
 from lightning_gen.config import bounded, choice
 from lightning_gen.losses import elbo
+
+BOUND_THROUGH_TOKENS = "bound: token NLL + decoder NLL given the tokens"
 
 
 @dataclass
@@ -63,9 +67,18 @@ def check_likelihood(method, k: int = 1) -> None:
             "this VAE has a Bernoulli decoder, which is no density of 8-bit images: train it with "
             "method.decoder=gaussian (or gaussian_learned) for bits/dim"
         )
-    if not (hasattr(method, "bits_per_dim") or name in ("pixelcnn", "vae")):
+    if getattr(method, "latent", False):
         raise EvalError(
-            f"a {name} checkpoint has no likelihood: lgen eval bpd / nll take pixelcnn, vae and diffusion models"
+            "this diffusion model runs on an autoencoder's latents: its bound is on the latents, not on "
+            "the images, so it has no bits/dim of the pixels; lgen eval bpd takes pixel-space models"
+        )
+    if not (
+        hasattr(method, "bits_per_dim")
+        or hasattr(method, "bits_per_dim_bound")
+        or name in ("pixelcnn", "vae")
+    ):
+        raise EvalError(
+            f"a {name} checkpoint has no likelihood: lgen eval bpd / nll take pixelcnn, vae, diffusion and token_ar models"
         )
     if k != 1 and name != "vae":
         raise EvalError(
@@ -89,6 +102,12 @@ def bits_per_dim(method, images: torch.Tensor, labels=None, generator=None, **op
         settings = {k: options[k] for k in ("draws", "steps", "sigma_lo") if k in options}
         bpd, var = method.bits_per_dim(images, None, estimator, generator=generator, **settings)
         return bpd, var, f"diffusion {estimator}"
+    if hasattr(method, "bits_per_dim_bound"):  # a token model: through its tokenizer, null class
+        return (
+            method.bits_per_dim_bound(images)["bits_per_dim"],
+            torch.zeros(len(images)),
+            BOUND_THROUGH_TOKENS,
+        )
     if name == "pixelcnn":
         nll = method.nll(net, images, labels if method.conditional else None)
         return elbo.discrete_bits_per_dim(nll, dims), torch.zeros(len(images)), "exact"

@@ -1,10 +1,12 @@
 """``lgen eval recon``: how well an autoencoder reconstructs a split: MSE, PSNR and FID of reconstructions.
 
     lgen eval recon ckpt=runs/latent_autoencoder_digits/<run>/checkpoints/last.ckpt
+    lgen eval recon ckpt=runs/vq_digits/<run>/checkpoints/last.ckpt               (a VQ tokenizer)
     lgen eval recon ckpt=path/to/sd-vae data=cifar10 data.root=/datasets   (a diffusers AutoencoderKL folder)
 
 Every image of ``recon.split`` (default test; ``recon.max_images`` for the first N) is encoded to its
-posterior mean and decoded. MSE is per pixel on [0, 1]; PSNR = 10 log10(1 / MSE) per image, averaged.
+posterior mean (a VQ tokenizer: to its codes) and decoded. MSE is per pixel on [0, 1]; PSNR = 10
+log10(1 / MSE) per image, averaged.
 FID compares the extractor features of the reconstructions with those of the same real images: the
 domain extractor on digits/MNIST/Fashion-MNIST (as the FID callback; built once and cached), the FID
 Inception from a local file elsewhere. Results go to ``<run>/eval/<checkpoint>/recon.json`` (or ``out=``).
@@ -85,6 +87,22 @@ def reconstruction_metrics(module, loader, device, extractor=None, max_images: i
     return results
 
 
+def load_reconstructor(path: str):
+    """A VQ tokenizer checkpoint, or a latent autoencoder (checkpoint or diffusers folder)."""
+    from pathlib import Path
+
+    from lightning_gen.checkpoint import load_checkpoint
+    from lightning_gen.methods.generative.latent_autoencoder import load_latent_autoencoder
+    from lightning_gen.methods.generative.vq_autoencoder import load_tokenizer
+
+    if (
+        Path(path).is_file()
+        and load_checkpoint(path).get("hyper_parameters", {}).get("method") == "vq_autoencoder"
+    ):
+        return load_tokenizer(path)
+    return load_latent_autoencoder(path)
+
+
 def evaluate(cfg, data_overrides: list[str]) -> tuple[dict, object, str]:
     """(results, output folder, data name) of ``lgen eval recon`` for the EvalConfig ``cfg``."""
     from pathlib import Path
@@ -92,12 +110,11 @@ def evaluate(cfg, data_overrides: list[str]) -> tuple[dict, object, str]:
     from lightning_gen.config import ConfigError
     from lightning_gen.eval.cli import build_data
     from lightning_gen.eval.wandb_run import run_dir_of_checkpoint
-    from lightning_gen.methods.generative.latent_autoencoder import load_latent_autoencoder
 
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
-    module = load_latent_autoencoder(cfg.ckpt)
+    module = load_reconstructor(cfg.ckpt)
     run_dir = run_dir_of_checkpoint(cfg.ckpt) if Path(cfg.ckpt).is_file() else None
     pretrained = not module.data_info.name
     if pretrained and cfg.data is None:

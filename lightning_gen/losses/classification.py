@@ -1,4 +1,5 @@
-"""Cross-entropy over the labeled samples of a batch (online probe, supervised baseline).
+"""Cross-entropy over the labeled samples of a batch (online probe, supervised baseline), and the
+negative log-likelihood of token sequences (autoregressive token models).
 
 Unlabeled samples carry label -1 (STL-10's unlabeled split, semi-supervised data). They are masked
 out of the mean rather than indexed away: ``logits[labels >= 0]`` has a shape that depends on the
@@ -26,3 +27,10 @@ def labeled_cross_entropy(
     )
     correct = (logits.argmax(1) == labels) & labeled
     return losses.sum() / count, correct.sum() / count
+
+
+@full_precision
+def sequence_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """-log p(sequence) per sequence in nats: the cross-entropies of logits (N, L, V) against tokens (N, L),
+    summed over the L positions (an autoregressive model's exact negative log-likelihood)."""
+    return F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none").sum(1)

@@ -93,6 +93,13 @@ class Method(L.LightningModule):
         )
         self.online_probe: nn.Module | None = None
 
+    @classmethod
+    def from_hyperparameters(cls, cfg: MethodConfig, data: DataInfo, hparams: dict) -> Method:
+        """The method as ``load_method`` builds it from a checkpoint's hyperparameters, before loading its
+        state dict. A method whose networks depend on more than its config and data (latent diffusion: the
+        frozen autoencoder's architecture, stored beside them) reads the rest of ``hparams`` here."""
+        return cls(cfg, data)
+
     def compile_networks(self) -> list[str]:
         """``torch.compile`` the networks in ``compiled_networks`` in place; returns their names.
 
@@ -344,8 +351,8 @@ def load_method(checkpoint_path: str, map_location: str = "cpu") -> Method:
             f"{checkpoint_path} was not written by lightning_gen: it has no method name in its hyperparameters"
         )
     entry, cfg = registry.checkpoint_method(hparams["method"], hparams["cfg"])
-    model = entry.cls(
-        _dataclass_from_dict(entry.config, cfg), _dataclass_from_dict(DataInfo, hparams["data"])
+    model = entry.cls.from_hyperparameters(
+        _dataclass_from_dict(entry.config, cfg), _dataclass_from_dict(DataInfo, hparams["data"]), hparams
     )
     model.on_load_checkpoint(checkpoint)  # as Lightning does: before the state dict, which it may adapt
     model.load_state_dict(checkpoint["state_dict"])

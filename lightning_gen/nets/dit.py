@@ -240,6 +240,11 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the conditioning vector c (time + class) of the adaLN modulation."""
+        return self.t_embedder[-1].out_features
+
     def conditioning(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """c = MLP(sinusoidal(t)) + class embedding (the null class when no label is given)."""
         c = self.t_embedder(sinusoidal_embedding(t, TIME_FREQUENCIES).to(self.x_embedder.weight.dtype))
@@ -263,12 +268,17 @@ class DiT(nn.Module):
         y: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (N, C, H, W), t (N,) on the diffusion method's time scale, y (N,) labels or None,
-        context (N, L, D_ctx) with optional context_mask (N, L), True where a token is real."""
+        context (N, L, D_ctx) with optional context_mask (N, L), True where a token is real;
+        ``embedding`` (N, width): one more vector added to the conditioning c (a distilled student's
+        guidance weight)."""
         tokens = self.x_embedder(x).flatten(2).transpose(1, 2)
         tokens = tokens + self.pos_embed.to(tokens.dtype)
         c = self.conditioning(t, y)
+        if embedding is not None:
+            c = c + embedding
         if self.context_mode == "none":
             if context is not None:
                 raise ValueError(

@@ -121,7 +121,11 @@ class MidBlock2D(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, in_channels, widths, layers_per_block, latent_channels, groups, attention):
+    """``double_z``: 2 C output channels, the mean and log-variance of q(z|x); else C (a VQ encoder's)."""
+
+    def __init__(
+        self, in_channels, widths, layers_per_block, latent_channels, groups, attention, double_z=True
+    ):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
@@ -136,7 +140,7 @@ class Encoder(nn.Module):
         )
         self.mid_block = MidBlock2D(widths[-1], groups, attention)
         self.conv_norm_out = group_norm(groups, widths[-1])
-        self.conv_out = nn.Conv2d(widths[-1], 2 * latent_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(widths[-1], (2 if double_z else 1) * latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)

@@ -77,17 +77,17 @@ class UNet(nn.Module):
         num_classes: int = 0,
     ):
         super().__init__()
-        if image_size % 2 ** (len(mults) - 1):
-            raise ValueError(
-                f"image size {image_size} is not divisible by 2^{len(mults) - 1} (mults={mults})"
-            )
+        if image_size < 2 ** (len(mults) - 1):
+            raise ValueError(f"image size {image_size} is too small for {len(mults) - 1} downsamplings")
         self.width, self.num_classes = width, num_classes
         emb_dim = 4 * width
         self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
         self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
 
-        self.down, channels, skips, res = nn.ModuleList(), width, [width], image_size
+        # An odd size halves to its ceiling (7 -> 4: latents of 28 px images at f = 4); on the way up each
+        # level is resized back to the size of the skip it meets, so res walks the same sizes back.
+        self.down, channels, skips, res, sizes = nn.ModuleList(), width, [width], image_size, []
         for level, mult in enumerate(mults):
             for _ in range(blocks_per_level):
                 out = width * mult
@@ -97,7 +97,8 @@ class UNet(nn.Module):
             if level < len(mults) - 1:
                 self.down.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1))
                 skips.append(channels)
-                res //= 2
+                sizes.append(res)
+                res = (res + 1) // 2
         self.mid = nn.ModuleList(
             [
                 ResBlock(channels, channels, emb_dim, dropout),
@@ -120,7 +121,7 @@ class UNet(nn.Module):
                         nn.Conv2d(channels, channels, 3, padding=1),
                     )
                 )
-                res *= 2
+                res = sizes.pop()
         self.head = nn.Sequential(_norm(channels), nn.SiLU(), nn.Conv2d(channels, in_channels, 3, padding=1))
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
@@ -140,8 +141,23 @@ class UNet(nn.Module):
             return h
         return block(h)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the time (+ class) embedding that conditions every block."""
+        return self.time_mlp[-1].out_features
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        embedding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``embedding`` (N, embedding_dim): one more conditioning vector added to the time embedding
+        (a distilled student's guidance weight)."""
         emb = self.time_mlp(sinusoidal_embedding(t, self.width))
+        if embedding is not None:
+            emb = emb + embedding
         if self.class_emb is not None:
             y = torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y
             emb = emb + self.class_emb(y)
@@ -156,6 +172,7 @@ class UNet(nn.Module):
         for block in self.up:
             if isinstance(block, nn.ModuleList):
                 h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb)
-            else:
-                h = block(h)
+            else:  # upsampling: nearest to the next skip's size (2x, or 2x - 1 back to an odd size)
+                upsample, conv = block
+                h = conv(F.interpolate(h, size=hs[-1].shape[-2:], mode=upsample.mode))
         return self.head(h)

@@ -2,13 +2,15 @@
 
 Training step (Ho et al. 2020, Algorithm 1, generalised; Liu et al. 2023 for the flow instance):
 
-    x ~ data (pixels in [-1, 1], or an autoencoder's latents), z ~ N(0, I), t ~ p(t)
+    x ~ data (pixels in [-1, 1], or a frozen autoencoder's latents), z ~ N(0, I), t ~ p(t)
     x_t = a(t) x + b(t) z                   process: vp | ve | flow   (diffusion/processes.py)
     y   = c(t) x + d(t) z                   prediction: eps | x | v   (diffusion/predictions.py)
     minimise  w(t) || f_theta(x_t, t, class) - y ||^2,   w(t) = 1
 
 p(t): ``uniform`` (DDPM's t ~ U{1..T} on its discrete chain), or ``logit_normal``: t = sigmoid(m + s u),
-u ~ N(0, 1), which weights the middle noise levels (Esser et al. 2024). The resolution shift of Esser et
+u ~ N(0, 1), which weights the middle noise levels (Esser et al. 2024), or ``log_normal``: the noise level
+sigma = b/a with ln sigma ~ N(m, s^2), t = sigma^-1 of it (Karras et al. 2022's training distribution, for any
+process). The resolution shift of Esser et
 al. moves t toward noise on larger inputs: t' = alpha t / (1 + (alpha - 1) t), alpha = sqrt(H W) / base
 (``shift_base_size``), in training and on the t-grid of the samplers that start at t = 1. With label
 dropout the network is also unconditional, and sampling guides it with classifier-free guidance
@@ -17,6 +19,14 @@ dropout the network is also unconditional, and sampling guides it with classifie
 Sampling converts the prediction to what each sampler needs (diffusion/samplers.py): ``ddpm``
 (ancestral), ``ddim``, ``euler``, ``heun`` and ``dpm++2m``, on the EMA weights. ``bits_per_dim`` gives
 the variational bound or the probability-flow ODE likelihood (diffusion/likelihood.py).
+
+Latent diffusion (Rombach et al. 2022, arXiv:2112.10752): with ``latents=ckpt:<file or folder>`` the
+model runs on the scaled latents of a frozen KL autoencoder (an ``lgen train method=latent_autoencoder``
+checkpoint, or a diffusers AutoencoderKL folder such as Stable Diffusion's f8 VAE): every rank encodes
+its own batch, drawing z ~ q(z|x) as LDM and DiT train; sampling decodes. The autoencoder is a frozen
+child module, out of the optimizer, the EMA and DDP's gradient and buffer syncs, always in eval mode,
+and it is saved in this model's checkpoints with its architecture, so a copied checkpoint samples on
+its own. ``latents=stage1`` names the last checkpoint of the experiment's stage 1 (lightning_gen/stages.py).
 
 The ``ddpm``, ``ddpm_cfg`` and ``flow`` presets (conf/method/) train bitwise like the methods of those
 names that this one replaced (the same random draws in the same order), and their checkpoints load.
@@ -34,10 +44,14 @@ from lightning_gen.config import ConfigError, bounded, choice
 from lightning_gen.diffusion import guided, likelihood, samplers
 from lightning_gen.diffusion.predictions import PREDICTIONS, training_target
 from lightning_gen.diffusion.processes import PROCESSES, Coefficients, build_process
+from lightning_gen.losses.regression import squared_error
+from lightning_gen.methods.generative.frozen import FrozenChildren
 from lightning_gen.methods.generative.generator import GenerativeConfig, GenerativeMethod, evaluating
+from lightning_gen.methods.generative.latent_autoencoder import LatentAutoencoder, frozen_autoencoder
 from lightning_gen.nets.dit import DiT, DiTConfig
 from lightning_gen.nets.unet import UNet
 from lightning_gen.registry import register_legacy_method, register_method
+from lightning_gen.stages import Stage1Input
 
 
 @dataclass
@@ -49,9 +63,12 @@ class DiffusionConfig(GenerativeConfig):
     noise_schedule: str = choice("cosine", "linear", "cosine")  # vp: abar(t) linear-beta or cosine
     sigma_min: float = bounded(0.01, 0, low_open=True)  # ve: sigma(0) (Song et al. 2021)
     sigma_max: float = bounded(50.0, 0, low_open=True)  # ve: sigma(1), the std of the prior
-    t_sampling: str = choice("uniform", "uniform", "logit_normal")  # p(t) in training
+    t_sampling: str = choice("uniform", "uniform", "logit_normal", "log_normal")  # p(t) in training
     logit_mean: float = 0.0  # logit_normal: t = sigmoid(logit_mean + logit_std u)
     logit_std: float = bounded(1.0, 0, low_open=True)
+    # log_normal: the noise level sigma = b/a with ln sigma = log_sigma_mean + log_sigma_std u (Karras et al.)
+    log_sigma_mean: float = -1.2
+    log_sigma_std: float = bounded(1.2, 0, low_open=True)
     shift_base_size: int = bounded(0, 0)  # > 0: shift t toward noise by sqrt(H W) / this (Esser et al.)
     loss_reduction: str = choice("mean", "mean", "sum")  # over pixels: mean keeps the LR resolution-free
     net: str = choice("unet", "unet", "dit")  # the denoising network: U-Net, or Diffusion Transformer
@@ -67,26 +84,37 @@ class DiffusionConfig(GenerativeConfig):
     sample_steps: int = bounded(18, 1)  # solver steps (Heun: 2 steps - 1 network evaluations)
     sample_eta: float = bounded(0.0, 0)  # DDIM's eta: 0 deterministic, 1 the DDPM posterior's noise
     guidance: float = bounded(0.0, 0)  # default CFG weight w at sampling time
-    clip_x0: bool = True  # clamp the predicted x to [-1, 1] while sampling (pixels; off for latents)
+    clip_x0: bool = True  # clamp the predicted x to [-1, 1] while sampling (pixels; ignored for latents)
+    # The space diffusion runs in. null: pixels. ckpt:<path>: the latents of a frozen autoencoder, an
+    # lgen latent_autoencoder checkpoint or a diffusers AutoencoderKL folder. stage1: the last checkpoint
+    # of the experiment's stage 1 (its `stage1:` section), trained first when it does not exist yet.
+    latents: str | None = None
+    latent_sample: bool = True  # train on z ~ q(z|x) (LDM, DiT); false: on the posterior mean
     lr: float = 2e-4
     ema_decay: float = 0.999
 
 
 def _unet(cfg: DiffusionConfig, channels: int, image_size: int, num_classes: int) -> nn.Module:
-    return UNet(
-        channels,
-        image_size,
-        cfg.width,
-        tuple(cfg.mults),
-        cfg.blocks_per_level,
-        tuple(cfg.attention_resolutions),
-        cfg.dropout,
-        num_classes,
-    )
+    try:
+        return UNet(
+            channels,
+            image_size,
+            cfg.width,
+            tuple(cfg.mults),
+            cfg.blocks_per_level,
+            tuple(cfg.attention_resolutions),
+            cfg.dropout,
+            num_classes,
+        )
+    except ValueError as error:  # sizes that do not fit the (latent) image
+        space = "latent" if cfg.latents else "image"
+        raise ConfigError(
+            f"method.mults={list(cfg.mults)} on the {space} size {image_size}: {error}"
+        ) from error
 
 
 def _dit(cfg: DiffusionConfig, channels: int, image_size: int, num_classes: int) -> nn.Module:
-    return DiT.from_config(cfg.dit, channels, image_size, num_classes)
+    return DiT.from_config(cfg.dit, channels, image_size, num_classes, "latent" if cfg.latents else "image")
 
 
 # Networks f(x_t, t, y) by ``method.net``: the same call and time input; ``num_classes`` > 0 adds the
@@ -106,15 +134,27 @@ def _view(coef: Coefficients, like: torch.Tensor) -> Coefficients:
 
 
 @register_method("diffusion", DiffusionConfig)
-class Diffusion(GenerativeMethod):
+class Diffusion(FrozenChildren, GenerativeMethod):
     """Generalised diffusion: VP / VE / flow, eps / x / v prediction, CFG, five samplers, bits/dim."""
 
     config_class = DiffusionConfig
     sample_options = ("sampler", "steps", "guidance", "eta")
+    frozen_children = (
+        "autoencoder",
+    )  # latent diffusion's: out of optimizer, EMA and DDP syncs, in eval mode
+    stage1_input = Stage1Input(
+        "latents", "autoencoder", "autoencoder", ("latent_autoencoder",), "latent_autoencoder_digits"
+    )
 
-    def __init__(self, cfg: DiffusionConfig, data=None):
+    def __init__(self, cfg: DiffusionConfig, data=None, autoencoder: LatentAutoencoder | None = None):
+        """``autoencoder``: the frozen autoencoder of ``latents``, when it is not to be read from there
+        (rebuilt from a checkpoint's hyperparameters, or an untrained one of the stage-1 recipe whose
+        shapes are checked before stage 1 trains)."""
         super().__init__(cfg, data)
         cfg, info = self.cfg, self.data_info  # cfg: a dataclass even when rebuilt from a checkpoint's dict
+        if cfg.latents:  # before the network: its input is the latent shape
+            self.autoencoder = frozen_autoencoder(cfg.latents, info, autoencoder)
+            self.hparams["latent_autoencoder"] = self.autoencoder.architecture()
         if cfg.timesteps > 0 and cfg.process != "vp":
             raise ConfigError(
                 f"method.timesteps={cfg.timesteps} (a discrete chain) exists for process=vp only (DDPM); "
@@ -135,24 +175,56 @@ class Diffusion(GenerativeMethod):
         self.time_shift = math.sqrt(size * size) / cfg.shift_base_size if cfg.shift_base_size else 1.0
         self.last_sample: dict = {}  # sampler, steps and network evaluations of the latest sample() call
 
+    @classmethod
+    def from_hyperparameters(cls, cfg: DiffusionConfig, data, hparams: dict) -> Diffusion:
+        # a latent model's checkpoint holds the autoencoder's architecture and (in its state dict) weights
+        architecture = hparams.get("latent_autoencoder")
+        if cfg.latents and architecture is not None:
+            return cls(cfg, data, autoencoder=LatentAutoencoder.from_architecture(architecture))
+        return cls(cfg, data)
+
     def buffers_identical_on_all_ranks(self) -> list[str]:
-        # the schedule tables are built from the config on every rank: nothing to broadcast
+        # The schedule tables are built from the config on every rank: nothing to broadcast. (The frozen
+        # autoencoder, read from the same file by every rank: FrozenChildren.)
         return [
             *super().buffers_identical_on_all_ranks(),
             *(f"process.{n}" for n, _ in self.process.named_buffers()),
         ]
 
     # ------------------------------------------------------------------ the space diffusion runs in
-    # Pixels in [-1, 1]. A frozen autoencoder's latents slot in here: encode, decode and the shape.
+    # Pixels in [-1, 1], or the scaled latents of the frozen autoencoder.
+    @property
+    def latent(self) -> bool:
+        return "autoencoder" in self._modules
+
     @property
     def model_shape(self) -> tuple[int, int, int]:
+        if self.latent:
+            return self.autoencoder.latent_shape
         info = self.data_info
         return info.channels, info.image_size, info.image_size
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.to_float(images, "symmetric")
+        x = self.to_float(images, "symmetric")
+        if not self.latent:
+            return x
+        # under the trainer's autocast (the encoder is frozen: no gradients), the latents in float32
+        return self.autoencoder.encode_latents(x, sample=self.cfg.latent_sample).float()
+
+    def encode_batch(self, batch: dict) -> torch.Tensor:
+        """The data x of a batch: its images encoded, or latents cached by `lgen latents` (data=latents),
+        drawn from the cached posterior and scaled exactly as ``encode`` does."""
+        if "latent_mean" not in batch:
+            return self.encode(batch["image"])
+        # in the memory layout the encoder's output has (channels_last when the trainer uses it), so that
+        # the noise drawn like it (randn_like follows the layout) is the noise of encoding on the fly
+        mean, std = (self.to_float(batch[k]) for k in ("latent_mean", "latent_std"))
+        return self.autoencoder.scale_latents(mean, std if self.cfg.latent_sample else None).float()
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (what FID and the grids expect) from pixels in [-1, 1] or latents."""
+        if self.latent:
+            x = self.autoencoder.decode_latents(x).float()
         return ((x + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------ training
@@ -164,6 +236,9 @@ class Diffusion(GenerativeMethod):
             return process.at_step(step), step
         if cfg.t_sampling == "logit_normal":
             t = (cfg.logit_mean + cfg.logit_std * torch.randn(n, device=device)).sigmoid()
+        elif cfg.t_sampling == "log_normal":
+            sigma = (cfg.log_sigma_mean + cfg.log_sigma_std * torch.randn(n, device=device)).exp()
+            t = process.t_of_sigma(sigma)
         else:
             t = torch.rand(n, device=device)
         if self.time_shift != 1.0:
@@ -193,14 +268,13 @@ class Diffusion(GenerativeMethod):
         return coef, t_net, z
 
     def step(self, batch, stage: str) -> torch.Tensor:
-        x = self.encode(batch["image"])
+        x = self.encode_batch(batch)
         coef, t_net, z = self.draw_noise(x)
         y = self.drop_labels(batch["label"], self.cfg.label_dropout) if self.conditional else None
         coef = _view(coef, x)
         xt = coef.a * x + coef.b * z
         target = training_target(self.cfg.prediction, x, z, coef)
-        err = (self.predict(self.net, xt, coef, t_net, y).float() - target.float()).pow(2)  # fp32 loss
-        loss = err.mean() if self.cfg.loss_reduction == "mean" else err.flatten(1).sum(1).mean()
+        loss = squared_error(self.predict(self.net, xt, coef, t_net, y), target, self.cfg.loss_reduction)
         self.log_loss(stage, loss)
         return loss
 
@@ -251,7 +325,7 @@ class Diffusion(GenerativeMethod):
                 sampler,
                 steps,
                 eta=eta,
-                clip=1.0 if self.cfg.clip_x0 else None,
+                clip=1.0 if self.cfg.clip_x0 and not self.latent else None,
                 generator=generator,
                 device=self.device,
                 shift=self.time_shift,
@@ -286,6 +360,11 @@ class Diffusion(GenerativeMethod):
         trace, of images uniformly dequantised within their bin (a bound on the discrete likelihood).
         A conditional model gives -log p(x | y) for ``labels``, else the unconditional -log p(x) (null class).
         """
+        if self.latent:
+            raise ValueError(
+                "a latent diffusion model bounds the likelihood of its latents, not of the images: "
+                "bits/dim of the pixels is defined for pixel-space diffusion models"
+            )
         x = self.encode(images).double()
         dims = x[0].numel()
         cond = None

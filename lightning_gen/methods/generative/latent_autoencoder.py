@@ -29,19 +29,17 @@ from pathlib import Path
 
 import torch
 
-from lightning_gen.config import ConfigError, bounded, choice
+from lightning_gen.config import ConfigError, bounded
 from lightning_gen.losses import elbo
-from lightning_gen.losses.gan import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss
 from lightning_gen.methods.base import DataInfo
-from lightning_gen.methods.generative.generator import GenerativeConfig, GenerativeMethod, evaluating
+from lightning_gen.methods.generative.gan_autoencoder import GANAutoencoder, GANAutoencoderConfig
+from lightning_gen.methods.generative.generator import evaluating
 from lightning_gen.nets.kl_autoencoder import KLAutoencoder
-from lightning_gen.nets.patch_discriminator import PatchDiscriminator
-from lightning_gen.randomness import isolated
 from lightning_gen.registry import register_method
 
 
 @dataclass
-class LatentAutoencoderConfig(GenerativeConfig):
+class LatentAutoencoderConfig(GANAutoencoderConfig):
     # architecture: one level per entry, f = 2^(levels - 1) (28 px: 3 levels -> 7x7 latents, 2 -> 14x14)
     channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = bounded(1, 1)  # residual blocks per encoder level (the decoder has one more)
@@ -49,40 +47,21 @@ class LatentAutoencoderConfig(GenerativeConfig):
     norm_groups: int = bounded(8, 1)  # GroupNorm groups; must divide every width
     attention: bool = True  # self-attention in the middle blocks, at the lowest resolution
     quant_conv: bool = True  # the 1x1 convs around the latent (Stable Diffusion 1/2 have them, SD3/FLUX not)
-    # objective
-    reconstruction: str = choice("l1", "l1", "l2")
+    # objective (reconstruction, discriminator and optimizer: GANAutoencoderConfig)
     kl_weight: float = bounded(1e-6, 0)
-    disc_start_epochs: float = bounded(
-        1.0, 0, hint="epochs of training before the discriminator is switched on"
-    )
-    disc_weight: float = bounded(0.5, 0)  # multiplies the adaptive weight
-    disc_width: int = bounded(64, 1)
-    disc_layers: int = bounded(2, 1, hint="stride-2 convs of the PatchGAN; 3 is the paper's 70-px patch")
-    disc_lr: float | None = bounded(None, 0)  # defaults to lr
-    adaptive_weight_max: float = bounded(1e4, 0)  # the adaptive weight is clamped to [0, this] (LDM: 1e4)
     scale_images: int = bounded(512, 1, hint="training images whose latents set latent_scale")
-    # Adam with LDM's betas; LDM scales 4.5e-6 per image of the global batch, i.e. 4.5e-4 at batch 96
-    optimizer: str = choice("adam", "adam", "adamw", "sgd", "lars")
-    lr: float = bounded(4.5e-4, 0)
-    betas: tuple[float, float] = (0.5, 0.9)
-    ema_decay: float = 0.0  # optional EMA of the autoencoder (then it encodes and decodes)
     pretrained: str | None = None  # set by from_pretrained: the diffusers folder the weights came from
 
 
 @register_method("latent_autoencoder", LatentAutoencoderConfig)
-class LatentAutoencoder(GenerativeMethod):
+class LatentAutoencoder(GANAutoencoder):
     """Latent-diffusion KL autoencoder: L1/L2 + tiny KL + PatchGAN with the adaptive weight; latents for LDM."""
 
     config_class = LatentAutoencoderConfig
-    is_generative = False  # it reconstructs; the prior to sample latents from is the diffusion model's
-    monitor = ("val/loss", "min")  # the validation reconstruction error
-    ddp_find_unused_parameters = True  # the D step leaves the autoencoder without gradients and vice versa
-    embed_value_range = "symmetric"
 
     def __init__(self, cfg: LatentAutoencoderConfig, data=None):
         super().__init__(cfg, data)
         cfg, info = self.cfg, self.data_info
-        self.automatic_optimization = False
         levels = len(cfg.channels)
         factor = 2 ** (levels - 1)
         if info.image_size % factor:
@@ -105,11 +84,10 @@ class LatentAutoencoder(GenerativeMethod):
             )
         except ValueError as error:
             raise ConfigError(f"method.channels / method.norm_groups: {error}") from error
-        self.discriminator = PatchDiscriminator(info.channels, cfg.disc_width, cfg.disc_layers)
+        self.build_discriminator()
         # (z - shift) * scale are the latents diffusion sees; set from the data at every epoch end
         self.register_buffer("latent_scale", torch.ones(()))
         self.register_buffer("latent_shift", torch.zeros(()))
-        self._scale_images: torch.Tensor | None = None
         self.setup_ema("autoencoder")
 
     # ---------------------------------------------------------------- what latent diffusion uses
@@ -154,12 +132,24 @@ class LatentAutoencoder(GenerativeMethod):
         self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Scaled latents (z - shift) * scale of images in [-1, 1]: the posterior mean, or a sample."""
+        mean, std = self.posterior(x)
+        return self.scale_latents(mean, std if sample else None, generator)
+
+    @torch.no_grad()
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of q(z|x) for images in [-1, 1], unscaled (what `lgen latents` caches)."""
         with evaluating(self.sampling_net()) as net:
             mean, logvar = net.encode(x)
+        return mean, (0.5 * logvar).exp()
+
+    def scale_latents(
+        self, mean: torch.Tensor, std: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(z - shift) * scale for z = mean, or z ~ N(mean, std^2) when ``std`` is given."""
         z = mean
-        if sample:
+        if std is not None:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + (0.5 * logvar).exp() * noise
+            z = mean + std * noise
         return (z - self.latent_shift) * self.latent_scale
 
     @torch.no_grad()
@@ -179,83 +169,23 @@ class LatentAutoencoder(GenerativeMethod):
         return self.sampling_net().encode(x)[0].flatten(1)
 
     # ---------------------------------------------------------------- training
-    def compile_networks(self) -> list[str]:
-        for net in (self.autoencoder.encoder, self.autoencoder.decoder, self.discriminator):
-            net.compile()
-        return ["autoencoder.encoder", "autoencoder.decoder", "discriminator"]
-
-    def configure_optimizers(self):
-        lr = self.scaled_lr()
-        d_lr = self.scaled_lr(self.cfg.disc_lr) if self.cfg.disc_lr is not None else lr
-        ae = self.build_optimizer(self.parameter_groups({"ae": self.autoencoder}, lr, self.cfg.weight_decay))
-        d = self.build_optimizer(
-            self.parameter_groups({"d": self.discriminator}, d_lr, self.cfg.weight_decay)
-        )
-        return [ae, d]
-
-    def discriminator_on(self, batch_idx: int) -> bool:
-        """Whether the discriminator trains at this batch: after ``disc_start_epochs`` of training progress
-        (``schedules.training_progress``: data seen, the same on any world size)."""
-        progress = self.progress()
-        return progress.step >= progress.steps(self.cfg.disc_start_epochs)
-
-    def reconstruction_loss(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-        """Summed over pixels, averaged over the batch (LDM's scale, against which kl_weight is set)."""
-        error = reconstruction.float() - x.float()
-        error = error.abs() if self.cfg.reconstruction == "l1" else error.square()
-        return error.flatten(1).sum(1).mean()
-
     def training_step(self, batch, batch_idx):
-        ae_opt, d_opt = self.optimizers()
-        x = self.to_float(batch["image"], "symmetric")
-        gan_on = self.discriminator_on(batch_idx)
+        self.adversarial_step(self.to_float(batch["image"], "symmetric"), self.autoencoder_loss, batch_idx)
 
-        self.toggle_optimizer(ae_opt)
+    def autoencoder_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x^, L_rec, L_rec + kl_weight KL) with z ~ q(z|x)."""
         mean, logvar = self.autoencoder.encode(x)
         reconstruction = self.autoencoder.decode(elbo.reparameterize(mean, logvar))
         rec = self.reconstruction_loss(x, reconstruction)
         kl = elbo.kl_standard_normal(mean.float(), logvar.float()).mean()
-        loss = rec + self.cfg.kl_weight * kl
-        if gan_on:
-            g_loss = hinge_generator_loss(self.discriminator(reconstruction).float())
-            weight = self.cfg.disc_weight * adaptive_weight(
-                rec, g_loss, self.autoencoder.last_layer, max_weight=self.cfg.adaptive_weight_max
-            )
-            loss = loss + weight * g_loss
-            self.log("train/g_loss", g_loss, on_step=True, on_epoch=True)
-            self.log("train/disc_weight", weight, on_step=True, on_epoch=True)
-        ae_opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        ae_opt.step()
-        self.update_ema()  # manual optimisation: Lightning's optimizer_step hook does not run
-        self.untoggle_optimizer(ae_opt)
-
-        if gan_on:
-            self.toggle_optimizer(d_opt)
-            d_loss = hinge_discriminator_loss(
-                self.discriminator(x).float(), self.discriminator(reconstruction.detach()).float()
-            )
-            d_opt.zero_grad(set_to_none=True)
-            self.manual_backward(d_loss)
-            d_opt.step()
-            self.untoggle_optimizer(d_opt)
-            self.log("train/d_loss", d_loss, on_step=True, on_epoch=True, prog_bar=True)
-        pixels = x[0].numel()
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/reconstruction", rec / pixels, on_step=True, on_epoch=True)
         self.log("train/kl", kl, on_step=True, on_epoch=True)
+        return reconstruction, rec, rec + self.cfg.kl_weight * kl
 
     def validation_step(self, batch, batch_idx):
         x = self.to_float(batch["image"], "symmetric")
         mean, logvar = self.autoencoder.encode(x)
-        reconstruction = self.autoencoder.decode(mean).float()
-        kl = elbo.kl_standard_normal(mean.float(), logvar.float()).mean()
-        # PSNR of [0, 1] images; in [-1, 1] the squared error is 4x larger
-        mse = ((reconstruction.clamp(-1, 1) - x.float()) / 2).square().flatten(1).mean(1)
-        psnr = (-10 * torch.log10(mse.clamp_min(1e-10))).mean()
-        self.log("val/loss", self.reconstruction_loss(x, reconstruction) / x[0].numel(), sync_dist=True)
-        self.log("val/kl", kl, sync_dist=True)
-        self.log("val/psnr", psnr, sync_dist=True, prog_bar=True)
+        self.log_reconstruction(x, self.autoencoder.decode(mean))
+        self.log("val/kl", elbo.kl_standard_normal(mean.float(), logvar.float()).mean(), sync_dist=True)
 
     # ---------------------------------------------------------------- the latent scale
     def buffers_identical_on_all_ranks(self) -> list[str]:
@@ -270,7 +200,7 @@ class LatentAutoencoder(GenerativeMethod):
     def update_latent_scale(self) -> None:
         """latent_scale = 1 / std of the posterior means of the first ``scale_images`` training images
         (as LDM computes its scale factor from data). The same images on every rank: equal buffers."""
-        images = self.scale_images()
+        images = self.reference_images(self.cfg.scale_images)
         if images is None:
             return
         with evaluating(self.sampling_net()) as net, torch.autocast(self.device.type, enabled=False):
@@ -279,22 +209,6 @@ class LatentAutoencoder(GenerativeMethod):
                 for chunk in images.split(256)
             ]
         self.latent_scale.copy_(torch.cat(means).float().std().reciprocal())
-
-    def scale_images(self) -> torch.Tensor | None:
-        """The first ``scale_images`` images of the train split in order (read once, drawing no randomness)."""
-        if self._scale_images is None:
-            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            if datamodule is None or not hasattr(datamodule, "eval_dataloader"):
-                return None
-            images, count = [], 0
-            with isolated():  # a DataLoader draws its base seed from the global generator
-                for batch in datamodule.eval_dataloader("train"):
-                    images.append(batch["image"])
-                    count += len(batch["image"])
-                    if count >= self.cfg.scale_images:
-                        break
-            self._scale_images = torch.cat(images)[: self.cfg.scale_images]
-        return self._scale_images
 
     # ---------------------------------------------------------------- images, pretrained weights
     @torch.no_grad()
@@ -353,3 +267,31 @@ def load_latent_autoencoder(source: str | Path, map_location: str = "cpu") -> La
             f"method=latent_autoencoder, or give a diffusers AutoencoderKL folder"
         )
     return load_method(str(path), map_location).requires_grad_(False)
+
+
+def frozen_autoencoder(
+    latents: str, data: DataInfo, given: LatentAutoencoder | None = None
+) -> LatentAutoencoder:
+    """The frozen autoencoder of ``method.latents=<latents>`` for a model trained on ``data``: read from
+    ``ckpt:<path>`` unless ``given``; checked against ``data``; every problem a one-line ConfigError."""
+    where = f"method.latents={latents}"
+    if given is None:
+        if latents == "stage1":
+            raise ConfigError(
+                f"{where} names the experiment's stage-1 autoencoder, which `lgen train` resolves; "
+                "elsewhere give ckpt:<checkpoint>"
+            )
+        if not latents.startswith("ckpt:"):
+            raise ConfigError(
+                f"{where}: give ckpt:<latent_autoencoder checkpoint or diffusers AutoencoderKL folder>, "
+                "or stage1 (the experiment's stage-1 autoencoder)"
+            )
+        path = Path(latents.removeprefix("ckpt:")).expanduser()
+        if not path.exists():
+            raise ConfigError(
+                f"{where}: no such file or folder. Train one (lgen train experiment=latent_autoencoder_digits) "
+                "and name its checkpoint, or run an experiment whose stage1 section trains it first"
+            )
+        given = load_latent_autoencoder(path)
+    given.check_data(data, f"the autoencoder of {where}")
+    return given.frozen()
