@@ -14,12 +14,16 @@ Protocol, the same for every row:
   and on 1 % (550; mean of 3 draws, ``eval.finetune.balanced_subset``); its L2 weight is chosen from
   ``WEIGHT_DECAYS`` by accuracy on the val split; top-1 on the test split;
 - kNN: k = 20, cosine similarity, votes weighted exp(s / 0.07), the 55,000 train features as the bank;
+- k-means: NMI of k-means (k = 10, L2-normalised features, 5 restarts, seed 0) on the test features;
 - random init: the same method rebuilt from the checkpoint's config with fresh weights (seed 0);
-- raw pixels: the 28x28 images as 784 values in [0, 1] (not resized), same probe and kNN;
+- raw pixels: the 28x28 images as 784 values in [0, 1] (not resized), same probe, kNN and k-means;
 - supervised: its backbone features through the same protocol, and its own classifier on the test split.
 
-Prints a markdown table; ``--out`` writes every number as JSON; ``--plots DIR`` writes
-``DIR/fashion_mnist_<experiment>_curves.png`` from each run's metrics.csv.
+Prints a markdown table; ``--out`` writes every number as JSON; ``--append FILE`` adds each row to a
+JSON-lines file the moment it is measured (with the run's seed, epochs and ``--cpu-seconds``), which
+``benchmarks/fashion_mnist_table.py`` turns into the page's table (mean ± std over seeds) and the
+probe-vs-CPU-time plot; ``--plots DIR`` writes ``DIR/fashion_mnist_<experiment>_curves.png`` from each
+run's metrics.csv. ``--limit N`` keeps the first N images of every split (a quick check of the script).
 """
 
 from __future__ import annotations
@@ -34,11 +38,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # fashion_mnist_table beside this script
 
 from lightning_gen import registry  # noqa: E402
 from lightning_gen.checkpoint import load_checkpoint  # noqa: E402
 from lightning_gen.config import compose, section_object  # noqa: E402
+from lightning_gen.data.base import ImageTensorDataset  # noqa: E402
 from lightning_gen.eval.cli import EvalConfig, build_data  # noqa: E402
+from lightning_gen.eval.clustering import KMeansConfig, cluster_features  # noqa: E402
 from lightning_gen.eval.features import Features, split_features  # noqa: E402
 from lightning_gen.eval.finetune import balanced_subset  # noqa: E402
 from lightning_gen.eval.knn import KNNConfig, knn_accuracy  # noqa: E402
@@ -69,9 +76,54 @@ def probe_top1(train: Features, val: Features, test: Features, fraction: float) 
 
 def evaluate(train: Features, val: Features, test: Features, fractions=tuple(FRACTIONS)) -> dict[str, float]:
     row = {name: probe_top1(train, val, test, FRACTIONS[name]) for name in fractions}
-    knn = knn_accuracy(train.features, train.labels, test.features, test.labels, 10, KNNConfig(k=[20]))
-    row["knn20"] = knn["top1_k20"]
+    k = min(20, len(train))
+    knn = knn_accuracy(train.features, train.labels, test.features, test.labels, 10, KNNConfig(k=[k]))
+    row["knn20"] = knn[f"top1_k{k}"]
+    row["nmi"] = cluster_features(test.features, test.labels, 10, KMeansConfig(seed=0))["nmi"]
     return row
+
+
+# experiment -> (name on the page, its method page)
+TITLES = {
+    "simclr": ("SimCLR", "simclr"),
+    "moco_v1": ("MoCo v1", "moco"),
+    "moco_v2": ("MoCo v2", "moco"),
+    "moco_v3": ("MoCo v3", "moco"),
+    "dino": ("DINO", "dino"),
+    "cpc": ("CPC", "cpc"),
+    "byol": ("BYOL", "byol"),
+    "simsiam": ("SimSiam", "simsiam"),
+    "barlow_twins": ("Barlow Twins", "barlow_twins"),
+    "vicreg": ("VICReg", "vicreg"),
+    "swav": ("SwAV", "swav"),
+    "mae": ("MAE", "mae"),
+    "rotation": ("RotNet", "rotation"),
+    "relative_patch": ("Relative patch location", "relative_patch"),
+    "jigsaw": ("Jigsaw puzzles", "jigsaw"),
+    "inpainting": ("Context encoder", "inpainting"),
+    "supervised": ("supervised baseline", None),
+}
+
+
+def row_name(experiment: str) -> str:
+    title, page = TITLES.get(experiment.removesuffix("_fashion_mnist"), (experiment, None))
+    linked = f"[{title}](methods/{page}.md)" if page else title
+    return f"{linked} (`{experiment}`)"
+
+
+def limit_splits(datamodule, n: int | None) -> None:
+    """Keep the first ``n`` images of every in-memory split (a quick check of the whole script)."""
+    if n:
+        for split, data in list(datamodule.datasets.items()):
+            datamodule.datasets[split] = ImageTensorDataset(data.images[:n], data.labels[:n])
+
+
+def run_config(run_dir: Path | None) -> dict:
+    from omegaconf import OmegaConf
+
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return {}
+    return OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
 
 
 def method_features(method, datamodule) -> tuple[Features, Features, Features]:
@@ -154,56 +206,70 @@ def main() -> int:
     parser.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel baseline")
     parser.add_argument("--plots", help="folder for the online-probe / loss curves")
     parser.add_argument("--out", help="write all numbers to this JSON file")
+    parser.add_argument("--append", help="add every row to this JSON-lines file as soon as it is measured")
+    parser.add_argument("--cpu-seconds", type=float, help="training CPU time of the (single) checkpoint")
+    parser.add_argument("--limit", type=int, help="first N images of every split only (a quick check)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     results: dict[str, dict] = {}
     fractions = ("all",) if args.quick else tuple(FRACTIONS)
 
-    def report(name: str, row: dict) -> None:
+    def report(name: str, row: dict, kind: str, **facts) -> None:
         results[name] = row
         print(f"[fashion_mnist_results] {name}: " + json.dumps(row), flush=True)
+        if args.append:
+            Path(args.append).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.append, "a") as handle:
+                handle.write(json.dumps({"name": name, "kind": kind, **facts, **row}) + "\n")
 
+    datamodule = None
     for path in [*args.checkpoints, *([args.supervised] if args.supervised else [])]:
         started = time.time()
         trained = load_method(path)
         run_dir = run_dir_of_checkpoint(path)
         datamodule = build_data(EvalConfig(ckpt=path), trained, run_dir, [])
+        limit_splits(datamodule, args.limit)
         experiment = run_dir.parent.name if run_dir else Path(path).stem
+        config = run_config(run_dir)
+        facts = {
+            "experiment": experiment,
+            "seed": config.get("seed", 0),
+            "epochs": config.get("trainer", {}).get("max_epochs"),
+            "cpu_seconds": args.cpu_seconds,
+            "checkpoint": str(path),
+        }
         row = evaluate(*method_features(trained, datamodule), fractions)
         if run_dir is not None:
             val_probe = read_metrics(run_dir).get("val/probe_acc", {})
             row["online_probe"] = val_probe[max(val_probe)] if val_probe else None
             if args.plots:
                 row["plot"] = str(plot_curves(run_dir, experiment, Path(args.plots)))
-        if path == args.supervised:
-            row["own_classifier"] = own_classifier_top1(trained, datamodule)
         row["seconds"] = time.time() - started
-        report(experiment, row)
+        name = row_name(experiment)
+        report(
+            name + (": its encoder's features" if path == args.supervised else ""), row, "trained", **facts
+        )
+        if path == args.supervised:
+            own = {"all": own_classifier_top1(trained, datamodule)}
+            report(f"{name}: its own classifier, end to end", own, "own classifier", **facts)
         if not args.no_random and path != args.supervised:
-            report(
-                f"{experiment} (random init)",
-                evaluate(*method_features(random_twin(path), datamodule), fractions),
-            )
+            twin = evaluate(*method_features(random_twin(path), datamodule), fractions)
+            report(f"`{experiment}`, random init", twin, "random init", experiment=experiment, seed=0)
 
     if not args.no_pixels:
         pixels = registry.build(
             "data", section_object(compose(["data=fashion_mnist", "data.image_size=null"]).data)
         )
         pixels.setup()
-        report("raw pixels (28x28)", evaluate(*raw_pixel_features(pixels), fractions))
+        limit_splits(pixels, args.limit)
+        report(
+            "raw pixels (784 values)", evaluate(*raw_pixel_features(pixels), fractions), "raw pixels", seed=0
+        )
 
-    print(
-        "\n| features | linear probe, all labels | 10 % labels | 1 % labels | kNN k=20 | online probe (val) |"
-    )
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, row in results.items():
-        online = row.get("online_probe")
-        cells = [f"{row[k]:.4f}" if k in row else "-" for k in (*FRACTIONS, "knn20")] + [
-            "-" if online is None else f"{online:.4f}"
-        ]
-        print(f"| {name} | " + " | ".join(cells) + " |")
-        if "own_classifier" in row:
-            print(f"| {name}: its own classifier, end to end | {row['own_classifier']:.4f} | | | | |")
+    from fashion_mnist_table import aggregate, markdown  # noqa: E402 (beside this script)
+
+    rows = [{"name": n, "kind": "trained", **r} for n, r in results.items()]
+    print("\n" + markdown(aggregate(rows)))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0

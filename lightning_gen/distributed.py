@@ -40,11 +40,37 @@ class _GatherWithGrad(torch.autograd.Function):
         return stacked[dist.get_rank()]
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (same shape on every rank) over ranks along dim 0, keeping gradients."""
+class _GatherWithOwnGrad(torch.autograd.Function):
+    """all_gather whose backward keeps only this rank's own loss gradient of its own slice.
+
+    Every rank computes the same loss L on the gathered batch; the gradient that reaches this
+    rank's slice is dL/d(slice) from this rank's copy of L alone, with no all-reduce. DDP's average
+    over ranks then gives dL/dθ / world_size: the convention of code that all-reduces a batch
+    statistic *without* gradient (Barlow Twins' official cross-correlation), reproduced exactly.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        return grads[dist.get_rank()].contiguous()
+
+
+def gather_with_grad(x: torch.Tensor, own_grad_only: bool = False) -> torch.Tensor:
+    """Concatenate ``x`` (same shape on every rank) over ranks along dim 0, keeping gradients.
+
+    By default the backward sums every rank's gradient of its slice (``_GatherWithGrad``: with DDP's
+    average, the exact gradient of the loss on the global batch). ``own_grad_only`` keeps only this
+    rank's own (``_GatherWithOwnGrad``: 1 / world_size of it, when every rank computes the same loss).
+    """
     if not is_distributed():
         return x
-    return torch.cat(_GatherWithGrad.apply(x), dim=0)
+    gather = _GatherWithOwnGrad if own_grad_only else _GatherWithGrad
+    return torch.cat(gather.apply(x), dim=0)
 
 
 @torch.no_grad()

@@ -76,6 +76,16 @@ def warmup_constant(step: int, total: int, warmup: int, min_ratio: float = 0.0) 
     return 1.0
 
 
+def warmup_step_decay(step: int, total: float, warmup: int, milestones, factor: float = 0.1) -> float:
+    """LR multiplier: linear warm-up, then ``factor`` once more at every milestone passed.
+
+    ``milestones`` are fractions of the planned training (MoCo v1's epochs 120 and 160 of 200 are
+    0.6 and 0.8), so a shorter or longer run keeps the shape of the recipe."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    return factor ** sum(step >= m * total for m in milestones)
+
+
 def linear_warmup(step: int, warmup: int, start: float, end: float) -> float:
     """Linear ramp from ``start`` to ``end`` over ``warmup`` steps (e.g. DINO's teacher temperature)."""
     if warmup <= 0 or step >= warmup:

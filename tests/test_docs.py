@@ -125,3 +125,32 @@ def test_outside_reference_pattern_matches_what_it_names():
         assert OUTSIDE_REFERENCES.search(line), line
     for line in ["docs/methods/index.md", "ssl_" + "methods" + ".md", "lightning_gen/methods/base.py"]:
         assert not OUTSIDE_REFERENCES.search(line), line
+
+
+def table_rows_with_wrong_cell_counts(markdown: str) -> list[str]:
+    """Rows of every markdown table (outside code blocks) whose number of cells differs from the header's,
+    or that do not start at the margin (a row cut short reads as a continuation of nothing)."""
+
+    def cells(line: str) -> int:
+        line = re.sub(r"\$[^$\n]*\$", "m", CODE_SPAN.sub("c", line.strip()))  # a | inside code or maths
+        return len(line.strip("|").split("|"))
+
+    lines, bad, i = FENCE.sub("", markdown).splitlines(), [], 0
+    while i < len(lines) - 1:
+        if lines[i].lstrip().startswith("|") and re.match(r"^\s*\|?\s*:?-{3,}", lines[i + 1]):
+            width, i = cells(lines[i]), i + 2
+            while i < len(lines) and lines[i].strip().startswith("|"):
+                if cells(lines[i]) != width or not lines[i].startswith("|"):
+                    bad.append(lines[i].strip()[:80])
+                i += 1
+        else:
+            i += 1
+    return bad
+
+
+def test_every_table_row_has_its_headers_cells():
+    assert table_rows_with_wrong_cell_counts("| a | b |\n|---|---|\n| 1 | `x|y` |\n | 2 |\n") == ["| 2 |"]
+    bad = {
+        str(p.relative_to(ROOT)): table_rows_with_wrong_cell_counts(p.read_text()) for p in markdown_files()
+    }
+    assert not {k: v for k, v in bad.items() if v}, "table rows cut short or with extra cells"

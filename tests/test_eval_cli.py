@@ -133,6 +133,32 @@ def test_offline_eval_all_writes_results_subsets_and_appends_to_the_wandb_run(tr
     )
 
 
+def test_papers_protocols_through_the_cli_semi_frozen_finetune_and_augmented_probe(trained, tmp_path):
+    """`lgen eval finetune freeze=K` (RotNet) and `lgen eval probe augment=true` (MoCo's main_lincls.py),
+    in one `lgen eval all` (tests/test_eval_protocols.py checks what each does)."""
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    run_lgen(
+        "eval",
+        "all",
+        f"ckpt={ckpt}",
+        f"out={tmp_path}",
+        "wandb=false",
+        "probe.augment=true",
+        "probe.epochs=1",
+        "finetune.freeze=2",
+        "finetune.fractions=[0.1]",
+        "finetune.epochs=[1]",
+        "finetune.min_steps=2",
+        "finetune.batch_size=32",
+        cwd=trained.parents[2],
+        env=ENV,
+    )
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    finetune = json.loads((tmp_path / "finetune.json").read_text())
+    assert probe["config"]["probe"]["augment"] is True and 0.0 <= probe["results"]["top1"] <= 1.0
+    assert finetune["results"]["10pct_frozen_stages"] == 2 and 0.0 <= finetune["results"]["10pct_top1"] <= 1.0
+
+
 def eval_main(capsys, protocol: str, *overrides: str) -> tuple[int, str]:
     from lightning_gen.eval import cli
 

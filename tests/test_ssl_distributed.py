@@ -49,7 +49,11 @@ def info_nce_problem(model, views, first_index=0, gather=True):
 
 
 def barlow_twins_problem(model, views, first_index=0):
-    return barlow_twins_loss(model(views[0]), model(views[1]), lambd=0.1)
+    return barlow_twins_loss(model(views[0]), model(views[1]), lambd=0.1, grad_scale="global")
+
+
+def barlow_twins_official_problem(model, views, first_index=0):
+    return barlow_twins_loss(model(views[0]), model(views[1]), lambd=0.1, grad_scale="official")
 
 
 def vicreg_problem(model, views, first_index=0):
@@ -86,6 +90,9 @@ PROBLEMS = {
 }
 # Problems whose cross-rank terms change the loss: computed on each rank's slice alone, they differ.
 BATCH_LEVEL = ("info_nce", "barlow_twins", "vicreg", "swav")
+# The official Barlow Twins code's convention: the same loss, each rank's own gradient share only, so
+# the step of 2 processes is exactly half that of 1 process on the concatenated batch.
+ONE_OVER_WORLD = {"barlow_twins_official": barlow_twins_official_problem}
 
 
 def rank_mean_loss_and_grads(model, problem, local, first_index):
@@ -112,7 +119,7 @@ def worker(r: int, init_file: str, out_dir: str) -> None:
     # (CPC, MoCo v3) where queries *and* keys come from the trained network, as CPC's future patch
     # codes do: in both, the other rank's candidates need their gradient back.
     local = local_slice(views, r)
-    for name, problem in PROBLEMS.items():
+    for name, problem in {**PROBLEMS, **ONE_OVER_WORLD}.items():
         results[name] = rank_mean_loss_and_grads(model, problem, local, first_index=r * N)
 
     # MoCo queue: every rank enqueues its own keys; the dictionaries must end identical.
@@ -193,6 +200,18 @@ def test_two_gloo_processes_match_one_process(tmp_path):
             assert torch.allclose(got_loss, loss.detach(), atol=tol), (name, got_loss, loss)
             for got, want in zip(got_grads, [p.grad for p in model.parameters()]):
                 assert torch.allclose(got, want, atol=tol), (name, (got - want).abs().max())
+    for name, problem in ONE_OVER_WORLD.items():
+        model.zero_grad()
+        loss = problem(model, views)
+        loss.backward()
+        tol = 1e-6 * max(1.0, abs(loss.item()))
+        wanted = [p.grad for p in model.parameters()]
+        assert max(w.abs().max() for w in wanted) > 100 * tol  # a ratio of nonzero gradients, not 0 == 0 / 2
+        for result in ranks:
+            got_loss, got_grads = result[name]
+            assert torch.allclose(got_loss, loss.detach(), atol=tol), (name, got_loss, loss)
+            for got, want in zip(got_grads, wanted):
+                assert torch.allclose(got, want / WORLD, atol=tol), (name, (got - want / WORLD).abs().max())
     for name in BATCH_LEVEL:  # each rank on its own: a different loss (the comparison above can fail)
         whole = PROBLEMS[name](model, views).item()
         halves = [PROBLEMS[name](model, local_slice(views, r)).item() for r in range(WORLD)]

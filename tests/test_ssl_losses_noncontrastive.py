@@ -57,7 +57,8 @@ def test_barlow_twins_loss_matches_the_normalised_cross_correlation():
     assert barlow_twins_loss(white, white, lambd=1.0).item() == pytest.approx(0.0, abs=1e-4)
 
 
-def vicreg_numpy(a, b, lam, mu, nu, gamma=1.0, eps=1e-4):
+def vicreg_numpy(a, b, lam, mu, nu, gamma=1.0, eps=1e-4, views_averaged=True):
+    """The paper's Eq. (6) sums the two views' variance hinges; the official code averages them."""
     n, d = a.shape
     inv = ((a - b) ** 2).mean()
 
@@ -68,11 +69,8 @@ def vicreg_numpy(a, b, lam, mu, nu, gamma=1.0, eps=1e-4):
         c = np.cov(z, rowvar=False)  # unbiased, as the paper's C(Z)
         return (c[~np.eye(d, dtype=bool)] ** 2).sum() / d
 
-    return lam * inv + mu * (var(a) + var(b)) + nu * (cov(a) + cov(b)), (
-        inv,
-        var(a) + var(b),
-        cov(a) + cov(b),
-    )
+    variance = (var(a) + var(b)) / (2 if views_averaged else 1)
+    return lam * inv + mu * variance + nu * (cov(a) + cov(b)), (inv, variance, cov(a) + cov(b))
 
 
 def test_vicreg_loss_and_terms_match_numpy():
@@ -81,12 +79,13 @@ def test_vicreg_loss_and_terms_match_numpy():
         [0.2, 0.5, 1.0, 2.0, 0.1], dtype=torch.float64
     )
     z2 = z1 + 0.3 * torch.randn(12, 5, dtype=torch.float64)
-    loss, terms = vicreg_loss(z1, z2, 25.0, 20.0, 3.0)
-    want, (inv, var, cov) = vicreg_numpy(z1.numpy(), z2.numpy(), 25.0, 20.0, 3.0)
-    assert loss.item() == pytest.approx(want, rel=1e-5)
-    assert terms["invariance"].item() == pytest.approx(inv, rel=1e-5)
-    assert terms["variance"].item() == pytest.approx(var, rel=1e-5) and var > 0  # some stds are below 1
-    assert terms["covariance"].item() == pytest.approx(cov, rel=1e-5)
+    for reduction, averaged in [("official", True), ("paper", False)]:
+        loss, terms = vicreg_loss(z1, z2, 25.0, 20.0, 3.0, variance_reduction=reduction)
+        want, (inv, var, cov) = vicreg_numpy(z1.numpy(), z2.numpy(), 25.0, 20.0, 3.0, views_averaged=averaged)
+        assert loss.item() == pytest.approx(want, rel=1e-5)
+        assert terms["invariance"].item() == pytest.approx(inv, rel=1e-5)
+        assert terms["variance"].item() == pytest.approx(var, rel=1e-5) and var > 0  # some stds are below 1
+        assert terms["covariance"].item() == pytest.approx(cov, rel=1e-5)
 
 
 def sinkhorn_numpy(scores: np.ndarray, eps: float, iterations: int) -> np.ndarray:

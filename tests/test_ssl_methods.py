@@ -550,7 +550,9 @@ def test_moco_one_device_shuffle_bn_uses_sub_batch_statistics():
 
 
 def test_moco_v3_heads_follow_the_official_code():
-    """ResNet: 2-layer projector, ViT: 3-layer; both end in an affine-free BN; the predictor does not."""
+    """moco-v3 moco/builder.py: ResNet 2-layer projector, ViT 3-layer, both ending in an affine-free BN;
+    the predictor ends in that BN for ViTs (MoCo_ViT keeps _build_mlp's last_bn=True) and in a plain
+    linear layer for ResNets (last_bn=False); no linear layer of either head has a bias."""
     from lightning_gen.methods.base import DataInfo
     from lightning_gen.methods.ssl.moco import MoCo, MoCoConfig
     from lightning_gen.nets.backbones import BackboneConfig
@@ -567,7 +569,15 @@ def test_moco_v3_heads_follow_the_official_code():
         assert len(linears) == layers, backbone.name
         last = list(method.projector.net)[-1]
         assert isinstance(last, torch.nn.BatchNorm1d) and not last.affine
-        assert isinstance(list(method.predictor.net)[-1], torch.nn.Linear)
+        predictor_end = list(method.predictor.net)[-1]
+        if backbone.name == "vit":
+            assert isinstance(predictor_end, torch.nn.BatchNorm1d) and not predictor_end.affine
+        else:
+            assert isinstance(predictor_end, torch.nn.Linear)
+        for head in (method.projector, method.predictor):
+            assert all(m.bias is None for m in head.modules() if isinstance(m, torch.nn.Linear)), (
+                backbone.name
+            )
 
 
 def test_dino_clips_each_parameter_gradient_to_its_own_norm():

@@ -2,7 +2,9 @@
 
     lgen eval probe    ckpt=runs/ae_digits/<run>/checkpoints/last.ckpt
     lgen eval knn      ckpt=... knn.k=[10,20,200] knn.temperature=0.07
+    lgen eval probe    ckpt=... augment=true epochs=90 the papers' augmented linear evaluation
     lgen eval finetune ckpt=... finetune.fractions=[0.01,0.1] seed=0
+    lgen eval finetune ckpt=... freeze=3               RotNet's semi-frozen protocol: first 3 stages fixed
     lgen eval cluster  ckpt=... data=cifar10 data.root=/datasets
     lgen eval all      ckpt=...                       all four, features extracted once
     lgen eval bpd      ckpt=... split=test n=1000     bits/dim of a likelihood model (eval/likelihood.py)
@@ -40,7 +42,7 @@ from lightning_gen.eval.gen_cli import GenEvalConfig, StatsConfig
 from lightning_gen.eval.knn import KNNConfig, check_k, knn_accuracy
 from lightning_gen.eval.likelihood import LikelihoodConfig
 from lightning_gen.eval.nll import NLLConfig
-from lightning_gen.eval.probe import ProbeConfig, linear_probe
+from lightning_gen.eval.probe import ProbeConfig, augmented_linear_probe, linear_probe
 from lightning_gen.eval.recon import ReconConfig
 
 COMMANDS = ("probe", "knn", "finetune", "cluster")  # the representation evaluations `all` runs
@@ -168,6 +170,18 @@ class Evaluation:
             self.features(self.cfg.eval_split, "the linear probe"),
         )
         probe_cfg = ProbeConfig(**{**asdict(self.cfg.probe), "seed": self.cfg.seed})
+        if probe_cfg.augment:
+            train_set = self.datamodule.eval_dataloader(self.cfg.train_split).dataset
+            return augmented_linear_probe(
+                self.method,
+                train_set,
+                train.features,
+                test.features,
+                test.labels,
+                self.num_classes,
+                probe_cfg,
+                self.device,
+            )
         return linear_probe(
             train.features, train.labels, test.features, test.labels, self.num_classes, probe_cfg
         )

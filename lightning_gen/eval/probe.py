@@ -9,6 +9,12 @@ BatchNorm without affine would, or L2), then fit ``W x + b`` by cross-entropy fo
   ``mean CE + weight_decay / 2 * ||W||^2`` (bias unpenalised): deterministic, and the optimum of
   multinomial logistic regression, which is what the tests compare with scikit-learn.
 
+``augment=true`` is the papers' augmented linear evaluation instead (MoCo's ``main_lincls.py``, as
+SimCLR, BYOL, SimSiam, DINO and MAE evaluate): every SGD step sees a fresh random resized crop and flip
+of each training image, through the encoder frozen in eval mode (its BatchNorm statistics fixed), and
+the classifier is scored on the whole, unaugmented evaluation images. It costs an encoder forward per
+image and epoch where the fixed-feature probes cost one in total.
+
 Everything runs on the device the features are on.
 """
 
@@ -21,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_gen.config import choice
+from lightning_gen.config import bounded, choice
 from lightning_gen.eval import EvalError
 from lightning_gen.randomness import isolated
 
@@ -37,6 +43,11 @@ class ProbeConfig:
     lbfgs_iterations: int = 200
     normalize: str = choice("standardize", "standardize", "l2", "none")
     seed: int = 0
+    # the papers' augmented linear evaluation (MoCo's main_lincls.py): fresh crops and flips of the training
+    # images through the frozen encoder (eval mode) at every SGD step, instead of fixed features
+    augment: bool = False
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # augment: area fraction of the random resized crops
+    flip_p: float = bounded(0.5, 0, 1)  # augment: horizontal flip probability
 
 
 class LinearProbe(nn.Module):
@@ -167,4 +178,70 @@ def linear_probe(
         probe = train_linear_probe(train_x, train_y, num_classes, cfg)
     result = evaluate_probe(probe, test_x, test_y)
     result["train_top1"] = evaluate_probe(probe, train_x, train_y)["top1"]
+    return result
+
+
+def augmented_linear_probe(
+    method,
+    train_set,
+    train_features: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    cfg: ProbeConfig,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """The augmented linear evaluation: a linear classifier trained by SGD (momentum, cosine lr) on the
+    frozen encoder's features of randomly cropped and flipped training images, fresh at every step.
+
+    ``train_set`` yields the uint8 training images; ``train_features`` (their unaugmented features)
+    fix the normalisation; the result is scored on ``test_x``, ``test_y`` (unaugmented features).
+    """
+    from torch.utils.data import DataLoader, RandomSampler, default_collate
+
+    from lightning_gen.data.views import random_resized_crop
+
+    if cfg.optimizer != "sgd":
+        raise EvalError(
+            "probe.augment=true trains on fresh crops at every step, by SGD: set probe.optimizer=sgd"
+        )
+    check_labels(test_y, num_classes, "the linear probe's evaluation")
+    was_training = method.training
+    method.eval()  # main_lincls.py: the encoder in eval mode, BatchNorm statistics fixed
+    batch = min(cfg.batch_size, len(train_set))
+    total = cfg.epochs * math.ceil(len(train_set) / batch)
+    lr = cfg.lr * batch / 256
+    with isolated(cfg.seed), torch.enable_grad():  # crops, flips, order and init from the seed alone
+        probe = LinearProbe(train_features.shape[1], num_classes, cfg.normalize).to(device)
+        probe.fit_normalization(train_features.float().to(device))
+        optimizer = torch.optim.SGD(
+            probe.linear.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        generator = torch.Generator().manual_seed(cfg.seed)
+        sampler = RandomSampler(train_set, generator=generator)
+        loader = DataLoader(train_set, batch_size=batch, sampler=sampler, collate_fn=default_collate)
+        step = 0
+        for _ in range(cfg.epochs):
+            for items in loader:
+                labels = torch.as_tensor(items["label"]).long().to(device)
+                images = items["image"].to(device)
+                images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+                views = random_resized_crop(
+                    images, images.shape[-1], cfg.crop_scale, (3 / 4, 4 / 3), cfg.flip_p
+                )
+                with torch.no_grad():
+                    features = method.embed_images(views).float().flatten(1)
+                for group in optimizer.param_groups:  # cosine to zero over the fixed budget
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                labeled = labels >= 0  # unlabeled samples (-1) train nothing; a mask, not an index
+                losses = F.cross_entropy(probe(features), labels.clamp(min=0), reduction="none")
+                loss = (losses * labeled).sum() / labeled.sum().clamp(min=1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+    method.train(was_training)
+    probe.eval()
+    result = evaluate_probe(probe, test_x.to(device), test_y.to(device))
+    result["final_train_loss"] = float(loss.detach())
     return result

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -53,9 +53,13 @@ class MethodConfig:
     momentum: float = bounded(0.9, 0, 1, high_open=True)  # SGD / LARS momentum
     betas: tuple[float, float] = bounded((0.9, 0.999), 0, 1, high_open=True)  # Adam(W)'s moment decays
     exclude_bias_norm: bool = True  # no weight decay (and no LARS adaptation) on biases and norms
-    schedule: str = choice("cosine", "cosine", "constant")
+    schedule: str = choice("cosine", "cosine", "constant", "step")
     warmup_epochs: float = bounded(0.0, 0)
     min_lr_ratio: float = bounded(0.0, 0, 1)
+    # schedule=step: the LR is multiplied by lr_step_factor at each of these fractions of training
+    # (MoCo v1: epochs 120 and 160 of 200)
+    lr_steps: list[float] = field(default_factory=lambda: [0.6, 0.8])
+    lr_step_factor: float = bounded(0.1, 0, 1)
     online_probe: bool = True  # linear classifier on detached features, trained alongside
     probe_lr: float = bounded(1e-2, 0)
 
@@ -276,6 +280,10 @@ class Method(L.LightningModule):
 
     def lr_factor(self, progress: schedules.Progress) -> float:
         warmup = progress.steps(self.cfg.warmup_epochs)
+        if self.cfg.schedule == "step":
+            return schedules.warmup_step_decay(
+                progress.step, progress.total, warmup, self.cfg.lr_steps, self.cfg.lr_step_factor
+            )
         return schedules.LR_SCHEDULES[self.cfg.schedule](
             progress.step, progress.total, warmup, self.cfg.min_lr_ratio
         )

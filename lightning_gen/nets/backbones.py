@@ -36,7 +36,14 @@ class BackboneConfig:
     width: int = 192
     heads: int = 3
     mlp_ratio: float = bounded(4.0, 0, low_open=True)  # ViT MLP width / block width
-    pos_embed: str = choice("learned", "learned", "sincos")  # sincos: MAE's fixed 2-D sine-cosine embeddings
+    # learned; sincos: fixed 2-D sine-cosine embeddings, MAE's layout (column first); sincos_rows_first: MoCo v3's
+    pos_embed: str = choice("learned", "learned", "sincos", "sincos_rows_first")
+    # stochastic depth of the last block, rising linearly from 0 at the first (DINO's student: 0.1)
+    drop_path: float = bounded(0.0, 0, 1)
+    # 1e-6 as the timm ViTs of MoCo v3, DINO and MAE (PyTorch's default is 1e-5)
+    layer_norm_eps: float = bounded(1e-6, 0)
+    # weights as an official ViT initialises them (nets/vit.py): torch (PyTorch's), moco_v3, dino or mae
+    vit_init: str = choice("torch", "torch", "moco_v3", "dino", "mae")
     # small conv encoder
     conv_width: int = 32
     conv_dim: int = 256
@@ -113,6 +120,28 @@ class ConvBackbone(nn.Module):
         return self.encoder.head(h.flatten(1))
 
 
+def encoder_stages(net: nn.Module) -> list[list[nn.Module | nn.Parameter]]:
+    """The stages of an encoder, in the order its input goes through them (RotNet's "blocks").
+
+    ResNet: the stem (first conv and norm), then layer1 .. layer4. ViT: the patch embedding with the
+    [CLS] token and the position embedding, each transformer block, the final norm. The small conv
+    encoder: each conv block (conv, norm, activation), then its linear map. ``lgen eval finetune
+    freeze=k`` keeps the first k of them fixed (Gidaris et al. 2018's semi-frozen evaluation)."""
+    if isinstance(net, ResNetBackbone):
+        r = net.net
+        return [[r.conv1, r.bn1], [r.layer1], [r.layer2], [r.layer3], [r.layer4]]
+    if isinstance(net, VisionTransformer):
+        return [[net.patch_embed, net.cls_token, net.pos_embed], *([b] for b in net.blocks), [net.norm]]
+    if isinstance(net, ConvBackbone):
+        net = net.encoder
+    if isinstance(net, ConvEncoder):
+        layers = list(net.features)
+        return [layers[i : i + 3] for i in range(0, len(layers), 3)] + [[net.head]]
+    raise ValueError(
+        f"{type(net).__name__} has no known stages: freezing blocks needs a ResNet, ViT or conv encoder"
+    )
+
+
 def build_backbone(cfg: BackboneConfig, in_channels: int, image_size: int) -> nn.Module:
     if cfg.name in ("resnet18", "resnet50"):
         stem = cfg.cifar_stem if cfg.cifar_stem is not None else image_size <= 64
@@ -129,6 +158,9 @@ def build_backbone(cfg: BackboneConfig, in_channels: int, image_size: int) -> nn
             heads=cfg.heads,
             mlp_ratio=cfg.mlp_ratio,
             pos_embed=cfg.pos_embed,
+            drop_path=cfg.drop_path,
+            layer_norm_eps=cfg.layer_norm_eps,
+            init=cfg.vit_init,
         )
     if cfg.name == "conv":
         return ConvBackbone(in_channels, image_size, cfg.conv_width, cfg.conv_dim)

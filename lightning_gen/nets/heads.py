@@ -11,9 +11,11 @@ class MLPHead(nn.Module):
     """``layers`` linear layers in -> hidden -> ... -> out, with BN + ReLU between them.
 
     ``layers=1`` is a linear projection (MoCo v1); ``last_bn`` adds an affine-free BN on the output
-    (MoCo v3's projector and predictor-free variants); ``bn=False`` gives MoCo v2's plain MLP;
-    ``last_bias=False`` drops the output bias where the loss standardises each dimension over the
-    batch anyway (Barlow Twins, VICReg), so a bias would be a parameter without gradient.
+    (MoCo v3's projector and ViT predictor, SimSiam's projector); ``last_bn_scale`` gives that BN a
+    learned scale but no shift (SimCLR's projection head: BN with ``center=False``); ``bn=False`` gives
+    MoCo v2's plain MLP; ``last_bias=False`` drops the output bias (BYOL's and MoCo v3's heads have none;
+    in Barlow Twins and VICReg the loss standardises each dimension over the batch anyway, so a bias
+    would be a parameter without gradient). A linear layer followed by BN never has a bias.
     """
 
     def __init__(
@@ -25,6 +27,7 @@ class MLPHead(nn.Module):
         bn: bool = True,
         last_bn: bool = False,
         last_bias: bool = True,
+        last_bn_scale: bool = False,
     ):
         super().__init__()
         if layers < 1:
@@ -38,7 +41,10 @@ class MLPHead(nn.Module):
             if not last:
                 blocks += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)] if bn else [nn.ReLU(inplace=True)]
             elif last_bn:
-                blocks.append(nn.BatchNorm1d(b, affine=False))
+                norm = nn.BatchNorm1d(b, affine=last_bn_scale)
+                if last_bn_scale:
+                    norm.register_parameter("bias", None)  # a scale γ, no shift β
+                blocks.append(norm)
         self.net = nn.Sequential(*blocks)
         self.out_dim = out_dim
 

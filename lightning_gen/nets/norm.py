@@ -66,8 +66,10 @@ class GlobalBatchNorm(_GroupedBatchNorm):
         var = gather_with_grad((xf - mean.view(shape)).pow(2).sum(dims)[None]).sum(0) / count
         self._update_running_stats(mean.detach(), var.detach(), count)
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.weight is not None:
+            y = y * self.weight.view(shape)
+        if self.bias is not None:  # None: a scale-only BatchNorm (SimCLR's projection output)
+            y = y + self.bias.view(shape)
         return y.to(x.dtype)
 
 
@@ -88,8 +90,8 @@ class SplitBatchNorm(_GroupedBatchNorm):
         n, c = x.shape[:2]
         if n % g:
             raise ValueError(f"SplitBatchNorm: a batch of {n} does not split into {g} equal sub-batches")
-        weight = self.weight.repeat(g) if self.affine else None
-        bias = self.bias.repeat(g) if self.affine else None
+        weight = self.weight.repeat(g) if self.weight is not None else None
+        bias = self.bias.repeat(g) if self.bias is not None else None
         y = F.batch_norm(
             x.reshape(n // g, c * g, *x.shape[2:]), None, None, weight, bias, True, 0.0, self.eps
         ).reshape(x.shape)

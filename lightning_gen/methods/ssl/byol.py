@@ -12,8 +12,9 @@ representation from collapsing.
 τ goes from τ_base = 0.996 at step 0 to 1 at the last step K: the shared momentum-pair machinery's
 cosine from ``momentum_start`` to ``momentum_end`` over the planned optimizer steps, a pure function
 of training progress (so gradient accumulation counts updates and a resumed run uses the same τ). Published recipe (``conf/method/byol.yaml``): ResNet-50, 4096-256 projector and
-predictor MLPs, LARS lr 0.2 x B/256 with 10 warm-up epochs and cosine decay, weight decay 1.5e-6
-(biases and BN excluded from decay and LARS), BYOL's asymmetric augmentation pair. Under DDP the
+predictor MLPs (Linear-BN-ReLU-Linear, the output layer without bias), LARS lr 0.2 x B/256 with 10
+warm-up epochs and cosine decay, weight decay 1.5e-6 (biases and BN excluded from decay and LARS),
+BYOL's asymmetric augmentation pair: deepmind-research/byol ``configs/byol.py`` for 1000 epochs. Under DDP the
 BatchNorm statistics are those of all ranks (``global_bn``, the paper's cross-replica BN); the loss
 is a per-sample mean, so nothing else crosses ranks.
 """
@@ -55,8 +56,11 @@ class BYOL(SSLMethod):
     def __init__(self, cfg: BYOLConfig, data=None):
         super().__init__(cfg, data)
         cfg = self.cfg  # a dataclass even when rebuilt from a checkpoint's dict
-        self.projector = MLPHead(self.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, layers=2)
-        self.predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, layers=2)
+        # byol/utils/networks.py's MLP: linear, BN, ReLU, then a linear layer *without* bias
+        self.projector = MLPHead(
+            self.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, layers=2, last_bias=False
+        )
+        self.predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, layers=2, last_bias=False)
         self.target_backbone = self.momentum_copy(self.backbone)
         self.target_projector = self.momentum_copy(self.projector)
 

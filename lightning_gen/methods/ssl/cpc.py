@@ -45,7 +45,7 @@ class CPCConfig(SSLConfig):
     optimizer: str = choice("adam", "adam", "adamw", "sgd", "lars")
     lr: float = 2e-4
     grid: int = 7  # patches per side (50% overlap: patch side = 2 * image / (grid + 1))
-    pred_steps: int = 3  # predict rows i+1 .. i+pred_steps
+    pred_steps: int = 5  # predict rows i+1 .. i+pred_steps (CPC v1: "up to five rows")
     context_dim: int = 256
     context_layers: int = 3
     temperature: float = bounded(1.0, 0, low_open=True)

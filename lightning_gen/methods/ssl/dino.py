@@ -6,7 +6,10 @@
     θ_t <- l θ_t + (1 - l) θ_s,   C <- m C + (1 - m) mean_all_ranks(t)
 
 Notation: ``momentum_start/end`` is the teacher momentum l (cosine 0.996 -> 1),
-``center_momentum`` is m, ``teacher_temp`` is τ_t, warmed up linearly from ``teacher_temp_start``.
+``center_momentum`` is m, ``teacher_temp`` is τ_t, warmed up linearly from ``teacher_temp_start``
+(0.04 throughout by default, main_dino.py's; its "boosted" command goes to 0.07 over 30 epochs).
+The student's ViT drops residual paths (stochastic depth, ``backbone.drop_path``, 0.1 in
+``conf/method/dino.yaml``), the teacher never does.
 τ_t and l are pure functions of training progress (``schedules.training_progress``), so a resumed run
 uses the same values as an uninterrupted one, on the same allocation or another, and so is the weight decay, a cosine from ``weight_decay`` to ``weight_decay_end``
 (0.04 -> 0.4 in the paper). The head's last layer is frozen for ``freeze_last_layer_epochs`` (stability),
@@ -25,6 +28,7 @@ from lightning_gen.config import bounded, choice
 from lightning_gen.losses.dino import DINOLoss
 from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
 from lightning_gen.nets.heads import DINOHead
+from lightning_gen.nets.vit import disable_drop_path
 from lightning_gen.registry import register_method
 
 
@@ -44,10 +48,9 @@ class DINOConfig(SSLConfig):
     bottleneck_dim: int = 256
     student_temp: float = bounded(0.1, 0, low_open=True)
     teacher_temp_start: float = bounded(0.04, 0, low_open=True)
-    teacher_temp: float = bounded(
-        0.04, 0, low_open=True
-    )  # final τ_t; the paper goes up to 0.07 (above is unstable)
-    teacher_temp_warmup_epochs: float = 30.0
+    # final τ_t (main_dino.py's default); its "boosted" command: 0.07, warmed up over 30 epochs
+    teacher_temp: float = bounded(0.04, 0, low_open=True)
+    teacher_temp_warmup_epochs: float = bounded(0.0, 0)
     center_momentum: float = bounded(0.9, 0, 1)
     momentum_start: float = 0.996
     momentum_end: float = 1.0
@@ -69,7 +72,9 @@ class DINO(SSLMethod):
         if self.views.num_global < 2:
             raise ValueError("DINO needs at least 2 global crops: set method.views.global_crops.n >= 2")
         self.head = DINOHead(self.feature_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim)
-        self.teacher_backbone = self.momentum_copy(self.backbone)
+        # the teacher is the student's architecture without stochastic depth (main_dino.py builds it
+        # without drop_path_rate); only the student drops paths (backbone.drop_path, 0.1 for ViTs)
+        self.teacher_backbone = disable_drop_path(self.momentum_copy(self.backbone))
         self.teacher_head = self.momentum_copy(self.head)
         self.loss_fn = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
 

@@ -9,8 +9,14 @@ mean, over its std), which the paper found gives better representations:
 
     L = 1/|M| sum_{i in M} || dec(enc(x_visible))_i - (x_i - mean(x_i)) / std(x_i) ||^2 / (p^2 C)
 
+Each training image is first cut by a random resized crop of 20-100 % of its area and flipped
+horizontally with probability 0.5 (``crop_scale``, ``flip_p``: facebookresearch/mae ``main_pretrain.py``).
+The encoder and decoder are initialised as ``models_mae.py`` does (``backbone.vit_init: mae``: Xavier
+linears, the patch projection as a linear map, LayerNorm eps 1e-6, fixed sine-cosine positions).
+
 The decoder is thrown away afterwards; ``embed`` runs the encoder on all patches of the image and
-averages the patch tokens (``embed_pool: cls`` takes the [CLS] token instead).
+returns the [CLS] token, as the official linear probe does (``embed_pool: mean`` averages the patch
+tokens instead, the pooling of its fine-tuning).
 """
 
 from __future__ import annotations
@@ -21,21 +27,31 @@ import torch
 from torch import nn
 
 from lightning_gen.config import bounded, choice
+from lightning_gen.data.views import random_resized_crop
 from lightning_gen.methods.ssl.pretext import PretextConfig, PretextMethod, random_patch_mask
 from lightning_gen.nets.backbones import BackboneConfig, build_backbone
-from lightning_gen.nets.vit import Block, VisionTransformer, position_embedding
+from lightning_gen.nets.vit import Block, VisionTransformer, init_transformer_layers, position_embedding
 from lightning_gen.registry import register_method
+
+
+def _mae_vit() -> BackboneConfig:
+    return BackboneConfig(name="vit", pos_embed="sincos", vit_init="mae")
 
 
 @dataclass
 class MAEConfig(PretextConfig):
-    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="vit"))
+    backbone: BackboneConfig = field(default_factory=_mae_vit)
     mask_ratio: float = bounded(0.75, 0, 1, low_open=True, high_open=True)  # of the patches
+    # pre-training augmentation (main_pretrain.py): random resized crop of this area fraction, then a flip
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    flip_p: float = bounded(0.5, 0, 1)
     decoder_width: int = 128  # paper: 512 (with a 768-1280 wide encoder)
     decoder_depth: int = 2  # paper: 8; the decoder is < 10% of the encoder's compute per token
     decoder_heads: int = 4
     norm_pix_loss: bool = True  # per-patch normalised targets
-    embed_pool: str = choice("mean", "mean", "cls")
+    # the representation: the [CLS] token, as the official linear probe (main_linprobe.py --cls_token), or the
+    # mean of the patch tokens (its fine-tuning's global pool)
+    embed_pool: str = choice("cls", "mean", "cls")
     optimizer: str = "adamw"
     lr: float = 1.5e-4  # x global batch / 256 (paper)
     lr_scaling: str = "linear"
@@ -69,14 +85,17 @@ class MAEDecoder(nn.Module):
         depth: int,
         heads: int,
         pos_embed: str = "learned",
+        layer_norm_eps: float = 1e-6,
+        init: str = "torch",
     ):
         super().__init__()
         self.embed = nn.Linear(encoder_width, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = position_embedding(pos_embed, int(round(num_patches**0.5)), width)
-        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList(Block(width, heads, layer_norm_eps=layer_norm_eps) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=layer_norm_eps)
         self.predict = nn.Linear(width, patch_dim)
+        init_transformer_layers(self, init)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, encoded: torch.Tensor, keep: torch.Tensor, num_patches: int) -> torch.Tensor:
@@ -112,6 +131,8 @@ class MAE(PretextMethod):
             cfg.decoder_depth,
             cfg.decoder_heads,
             cfg.backbone.pos_embed,  # the decoder's embeddings are of the encoder's kind, as in the paper
+            cfg.backbone.layer_norm_eps,
+            cfg.backbone.vit_init,
         )
         self.setup_online_probe(self.encoder.out_dim)
 
@@ -141,7 +162,13 @@ class MAE(PretextMethod):
         prediction = self.decoder(self.encode_visible(x, keep), keep, self.encoder.num_patches)
         return prediction, mask, keep
 
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-training crop and flip, per sample, at the input's size."""
+        return random_resized_crop(x, x.shape[-1], self.cfg.crop_scale, (3 / 4, 4 / 3), self.cfg.flip_p)
+
     def pretext_loss(self, x, stage):
+        if stage == "train":
+            x = self.augment(x)
         prediction, mask, _ = self.forward_mae(x)
         per_patch = (prediction.float() - self.targets(x)).pow(2).mean(-1)
         return (per_patch * mask).sum() / mask.sum(), {}

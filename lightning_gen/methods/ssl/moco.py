@@ -2,12 +2,16 @@
 
 ``version`` picks the paper (``conf/method/moco_v1.yaml``, ``moco_v2.yaml``, ``moco_v3.yaml``):
 
-- v1: linear head to C = 128, queue of K keys, τ = 0.07, m = 0.999, MoCo v1 augmentation.
+- v1: linear head to C = 128, queue of K keys, τ = 0.07, m = 0.999, MoCo v1 augmentation, the LR
+  stepped down x0.1 at 60 % and 80 % of training.
 - v2: v1 with a 2-layer MLP head (2048 hidden), τ = 0.2, blur ("aug+") and a cosine LR.
-- v3: no queue; projector (2 layers for ResNets, 3 for ViTs, BN on its output) and a 2-layer
-  predictor (no BN on its output), as the official code builds them; symmetric loss over in-batch
-  keys gathered from all ranks, τ = 1.0 (ResNet) / 0.2 (ViT), m cosine 0.99 -> 1; BatchNorm over
-  the global batch under DDP (``global_bn``, the paper's SyncBN).
+  Both decay every parameter (SGD over ``model.parameters()``) of a ResNet built without zero-initialised
+  residual BNs (torchvision's default), as facebookresearch/moco ``main_moco.py`` does.
+- v3: no queue; projector (2 layers for ResNets, 3 for ViTs, affine-free BN on its output) and a
+  2-layer predictor that ends in the same BN for ViTs and in a plain linear layer for ResNets; no
+  linear layer has a bias, as facebookresearch/moco-v3 ``moco/builder.py`` builds them; symmetric loss
+  over in-batch keys gathered from all ranks, τ = 1.0 (ResNet) / 0.2 (ViT), m cosine 0.99 -> 1;
+  BatchNorm over the global batch under DDP (``global_bn``, the paper's SyncBN).
 
     q = normalize(g_q(f_q(x_q))),  k = normalize(g_k(f_k(x_k))) (no gradient)
     L = CE([q·k, q·queue] / τ, 0)                                  (v1, v2)
@@ -29,7 +33,7 @@ samples of several query sub-batches: ``split_shuffle``. The alternative is Sync
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,18 +43,25 @@ from lightning_gen.config import bounded, choice
 from lightning_gen.distributed import batch_shuffle, batch_unshuffle, gather_no_grad, is_distributed
 from lightning_gen.losses.contrastive import KeyQueue, info_nce, moco_loss
 from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
+from lightning_gen.nets.backbones import BackboneConfig
 from lightning_gen.nets.heads import MLPHead
 from lightning_gen.nets.norm import SplitBatchNorm, convert_batchnorm, set_batchnorm_splits
 from lightning_gen.registry import register_method
 
 
+def _torchvision_resnet() -> BackboneConfig:
+    return BackboneConfig(zero_init_residual=False)  # main_moco.py's models.__dict__[arch](num_classes=dim)
+
+
 @dataclass
 class MoCoConfig(SSLConfig):
     version: str = choice("v2", "v1", "v2", "v3")
+    backbone: BackboneConfig = field(default_factory=_torchvision_resnet)
     optimizer: str = choice("sgd", "adam", "adamw", "sgd", "lars")
     lr: float = 0.03
     lr_scaling: str = choice("linear", "none", "linear", "sqrt")
     weight_decay: float = 1e-4
+    exclude_bias_norm: bool = False  # v1/v2: SGD decays every parameter (v3's LARS: set true)
     temperature: float = bounded(0.2, 0, low_open=True)
     queue_size: int = 65536  # K (v1/v2)
     proj_hidden_dim: int = 2048
@@ -80,9 +91,13 @@ class MoCo(SSLMethod):
         elif cfg.version == "v2":
             self.projector = MLPHead(d, cfg.proj_hidden_dim, cfg.proj_dim, layers=2, bn=False)
         else:
-            layers = cfg.proj_layers or (3 if cfg.backbone.name == "vit" else 2)
+            vit = cfg.backbone.name == "vit"
+            layers = cfg.proj_layers or (3 if vit else 2)
             self.projector = MLPHead(d, cfg.proj_hidden_dim, cfg.proj_dim, layers=layers, last_bn=True)
-            self.predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, layers=2)
+            # MoCo_ViT builds its predictor with the default last_bn=True, MoCo_ResNet with last_bn=False
+            self.predictor = MLPHead(
+                cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, layers=2, last_bn=vit, last_bias=False
+            )
         if cfg.freeze_patch_embed:
             if not hasattr(self.backbone, "patch_embed"):
                 raise ValueError(

@@ -1,9 +1,10 @@
 """SimCLR (Chen et al. 2020): NT-Xent between augmented views, through a projection head.
 
-    h = f(x~),  z = g(h),  L = NT-Xent(z; τ) over all views of all ranks
+    h = f(x~),  z = g(h),  L = Σ_views mean over the view's anchors of NT-Xent(z; τ), all ranks' views
 
 f is the backbone (the representation used downstream), g the projection MLP that is thrown
-away. Positives are found by sample index, so ``views.global_crops.n`` > 2 and local crops
+away: linear-BN-ReLU then linear-BN, the output BN with a learned scale and no shift, as the official
+code's ``projection_head`` (``center=False``). Positives are found by sample index, so ``views.global_crops.n`` > 2 and local crops
 (multi-crop) use the same loss, and ``supervised=true`` turns it into supervised contrastive
 learning (Khosla et al. 2020) by using class labels as the index. The published recipe uses
 LARS (bias/norm excluded from weight decay and from the trust ratio) with lr = 0.3 x B/256 for the
@@ -39,6 +40,9 @@ class SimCLRConfig(SSLConfig):
     supervised: bool = (
         False  # labels as the index: supervised contrastive (unlabeled samples use their own index)
     )
+    # "sum": the loss of each view's anchors (a mean over them) summed over the views, as the official code
+    # adds loss_a + loss_b; "mean": the mean over every anchor, 1 / views of that
+    view_reduction: str = choice("sum", "sum", "mean")
     global_bn: bool = True
 
 
@@ -51,7 +55,16 @@ class SimCLR(SSLMethod):
     def __init__(self, cfg: SimCLRConfig, data=None):
         super().__init__(cfg, data)
         cfg = self.cfg  # a dataclass even when rebuilt from a checkpoint's dict
-        self.projector = MLPHead(self.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers)
+        # google-research/simclr model_util.projection_head: every layer linear + BN, the last BN with a scale
+        # and no shift (center=False) and no ReLU
+        self.projector = MLPHead(
+            self.feature_dim,
+            cfg.proj_hidden_dim,
+            cfg.proj_dim,
+            layers=cfg.proj_layers,
+            last_bn=True,
+            last_bn_scale=True,
+        )
 
     def positive_ids(self, batch) -> torch.Tensor:
         if not self.cfg.supervised:
@@ -64,4 +77,6 @@ class SimCLR(SSLMethod):
         z = self.projector(features)
         ids = self.positive_ids(batch).repeat(len(views))
         loss = nt_xent(z, ids, self.cfg.temperature)
+        if self.cfg.view_reduction == "sum":  # objective.py: loss_a + loss_b, each a mean over its views
+            loss = loss * len(views)
         return loss, features[: len(views[0])]

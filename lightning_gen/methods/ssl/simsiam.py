@@ -11,7 +11,8 @@ Published recipe (``conf/method/simsiam.yaml``, the paper's ImageNet setting): R
 projection MLP (2048-d, BN on every layer including the output), a 2-layer predictor with a 512-d
 bottleneck, SGD (momentum 0.9) lr 0.05 x B/256 with cosine decay and no warm-up, weight decay 1e-4,
 batch 512, MoCo v2's augmentation. The predictor's learning rate is *not* decayed (``fix_predictor_lr``,
-the paper's best variant in its predictor ablation); it keeps lr x B/256 throughout. Under DDP the
+the paper's best variant in its predictor ablation); it keeps lr x B/256 throughout. Weight decay applies
+to every parameter, biases and BatchNorm included, as facebookresearch/simsiam ``main_simsiam.py``'s SGD. Under DDP the
 BatchNorm statistics are those of all ranks (``global_bn``, the paper's SyncBN); the loss is a
 per-sample mean, so nothing else crosses ranks.
 """
@@ -34,6 +35,7 @@ class SimSiamConfig(SSLConfig):
     lr_scaling: str = choice("linear", "none", "linear", "sqrt")
     global_bn: bool = True  # BatchNorm over all ranks under DDP, as the paper (SyncBN)
     weight_decay: float = 1e-4
+    exclude_bias_norm: bool = False  # main_simsiam.py: SGD(weight_decay=1e-4) over every parameter
     proj_hidden_dim: int = 2048
     proj_dim: int = 2048
     proj_layers: int = 3  # 2 in the paper's CIFAR-10 setting

@@ -19,16 +19,19 @@ details, all as in the paper:
   lives in checkpoints, and each rank contributes a disjoint share of its rows to Sinkhorn-Knopp.
 - **Prototypes** are re-normalised to unit norm after every optimizer step (and at initialisation),
   and receive no update during the first ``freeze_prototypes_epochs`` (a stability trick).
+- **Optimizer**: SGD wrapped in apex's LARC (``optimizer: larc``), which decays and adapts *every*
+  parameter, biases, BatchNorm and prototypes included (``exclude_bias_norm: false``), and a ResNet
+  without zero-initialised residual BNs, as facebookresearch/swav ``main_swav.py`` and ``src/resnet50.py``.
 
-Published recipe (``conf/method/swav.yaml``): the paper's batch-256 ImageNet setting: ResNet-50,
-2048-128 projection MLP, K = 3000, τ = 0.1, ε = 0.05, 2 x 224 + 6 x 96 crops, queue of 3840 from
-epoch 15, LARS lr 0.6 x B/256 decayed (cosine) to 1/1000, weight decay 1e-6, prototypes frozen for
-the first epoch.
+Published recipe (``conf/method/swav.yaml``): facebookresearch/swav's ``swav_200ep_bs256_pretrain.sh``,
+the batch-256 ImageNet setting: ResNet-50, 2048-128 projection MLP, K = 3000, τ = 0.1, ε = 0.05,
+2 x 224 + 6 x 96 crops, queue of 3840 from epoch 15, LARC lr 0.6 x B/256 decayed (cosine) to 1/1000,
+weight decay 1e-6, prototypes frozen for the first epoch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,15 +39,24 @@ from torch import nn
 
 from lightning_gen.config import ConfigError, bounded, choice
 from lightning_gen.distributed import gather_no_grad, is_distributed
+from lightning_gen.losses.precision import LOW_PRECISION
 from lightning_gen.losses.swav import FeatureQueue, assign_codes, swapped_prediction_loss
 from lightning_gen.methods.ssl.common import SSLConfig, SSLMethod
+from lightning_gen.nets.backbones import BackboneConfig
 from lightning_gen.nets.heads import MLPHead
 from lightning_gen.registry import register_method
 
 
+def _swav_resnet() -> BackboneConfig:
+    return BackboneConfig(zero_init_residual=False)  # src/resnet50.py's default, which main_swav.py keeps
+
+
 @dataclass
 class SwAVConfig(SSLConfig):
-    optimizer: str = choice("lars", "adam", "adamw", "sgd", "lars")
+    backbone: BackboneConfig = field(default_factory=_swav_resnet)
+    # SGD inside apex's LARC (trust 0.001, clip=False), over every parameter
+    optimizer: str = choice("larc", "adam", "adamw", "sgd", "lars", "larc")
+    exclude_bias_norm: bool = False  # main_swav.py decays and adapts biases, BatchNorm and prototypes too
     lr: float = 0.6
     lr_scaling: str = choice("linear", "none", "linear", "sqrt")
     global_bn: bool = True  # BatchNorm over all ranks under DDP, as the paper's implementation (SyncBN)
@@ -92,7 +104,8 @@ class SwAV(SSLMethod):
         """Unit-norm embeddings of every view, and the backbone features of the first global crop.
         Crops of one resolution go through the network together (one forward per crop size)."""
         features = self.encode_by_size(views)
-        z = F.normalize(self.projector(torch.cat(features)).float(), dim=1)
+        z = self.projector(torch.cat(features))
+        z = F.normalize(z.float() if z.dtype in LOW_PRECISION else z, dim=1)  # float32 under autocast
         return list(z.chunk(len(views))), features[0]
 
     def queue_in_use(self) -> bool:

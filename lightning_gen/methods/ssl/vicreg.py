@@ -6,7 +6,11 @@ Z, Z' (n samples x d dimensions) replace negatives, predictors and momentum netw
     s(Z, Z') = mean over samples and dimensions of (z - z')²                  invariance
     v(Z)     = 1/d Σ_j max(0, γ - sqrt(Var(z_j) + ε))                       variance (no collapse)
     c(Z)     = 1/d Σ_{i≠j} Cov(Z)_ij²                                        covariance (no redundancy)
-    L = λ s(Z, Z') + μ [v(Z) + v(Z')] + ν [c(Z) + c(Z')]
+    L = λ s(Z, Z') + μ [v(Z) + v(Z')] / 2 + ν [c(Z) + c(Z')]
+
+The variance term is the *mean* of the two views' hinges, as facebookresearch/vicreg ``main_vicreg.py``
+computes it (its 25/25/1 coefficients were tuned with that code); the paper's Eq. (6) sums them,
+twice the weight: ``variance_reduction: paper``.
 
 DDP: variance and covariance are taken over the **global** batch. They are statistics of the batch
 (the paper's implementation gathers the embeddings of all GPUs, with gradient, before computing
@@ -14,9 +18,10 @@ them), and a per-rank variance would let each rank's slice collapse differently.
 the embeddings with gradient and computes the same loss; 2 processes give the loss and gradients of
 1 process on the concatenated batch (tested). The invariance term is a plain mean over samples.
 
-Published recipe (``conf/method/vicreg.yaml``, the paper's ImageNet setting): ResNet-50, a 3-layer
+Published recipe (``conf/method/vicreg.yaml``, the official 1000-epoch command): ResNet-50, a 3-layer
 8192-8192-8192 expander, λ = μ = 25, ν = 1, γ = 1, ε = 1e-4, LARS lr 0.2 x B/256 with 10 warm-up
-epochs and cosine decay, weight decay 1e-6, batch 2048, 1000 epochs, BYOL's augmentation.
+epochs and cosine decay, weight decay 1e-6, batch 2048, 1000 epochs, BYOL's augmentation
+(docs/methods/vicreg.md has the line-by-line comparison with the official code).
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ class VICRegConfig(SSLConfig):
     covariance_weight: float = bounded(1.0, 0)  # ν
     variance_target: float = bounded(1.0, 0, low_open=True)  # γ
     variance_eps: float = bounded(1e-4, 0, low_open=True)  # ε
+    # "official": the variance term is the mean of the two views' hinges (main_vicreg.py); "paper": their
+    # sum (Eq. 6), twice the weight for the same μ
+    variance_reduction: str = choice("official", "official", "paper")
 
 
 @register_method("vicreg", VICRegConfig)
@@ -73,6 +81,7 @@ class VICReg(SSLMethod):
             cfg.covariance_weight,
             cfg.variance_target,
             cfg.variance_eps,
+            variance_reduction=cfg.variance_reduction,
         )
         for name, value in terms.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True)
