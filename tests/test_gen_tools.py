@@ -388,6 +388,8 @@ def test_lgen_eval_nll_iwae_elbo_ranking_and_grid(ckpts, tmp_path):
     [
         (["sample", "{vae}", "nearest=0"], "nearest=0"),
         (["sample", "{vae}", "nearest=5000"], "more than the 1222 images"),
+        (["sample", "{vae}", "nearest=3", "extractor=incepton"], "did you mean"),
+        (["sample", "{vae}", "nearest=3", "extractor=timm:resnet50"], "timm:<model name>@<weights file>"),
         (["sample", "{vae}", "traverse=1,4"], "latent indices run from 0 to 3"),
         (["sample", "{diffusion}", "traverse=0"], "use vae, latent_autoencoder"),
         (["sample", "{pixelcnn}", "interpolate=4"], "no latent noise"),

@@ -4,7 +4,8 @@
 
 A generator that copies its training set shows it here: a sample whose nearest training image is
 (almost) the same picture. Pixel distance catches exact and near-exact copies; a feature space (the
-FID extractor's: the domain classifier on digits/MNIST/Fashion-MNIST, InceptionV3 otherwise) also
+FID extractor's by default: the domain classifier on digits/MNIST/Fashion-MNIST, InceptionV3 otherwise;
+``extractor=`` takes any of ``lgen eval gen``'s) also
 catches copies that moved by a pixel or changed contrast, which pixel L2 ranks far away.
 
 The search is exact: every training image is compared with every sample (squared L2 distances as
@@ -30,34 +31,20 @@ from torch import nn
 
 from lightning_gen.config import ConfigError
 
-EXTRACTORS = ("auto", "domain", "inception")
-
 
 def feature_extractor(spec: str, data_info, data_overrides: list[str]) -> tuple[nn.Module, str]:
     """(frozen network: float images in [0, 1] (N, C, H, W) -> features (N, D), its name).
 
-    The same extractors as the FID callback's (``callbacks.fid.extractor``): ``domain`` (the cached
-    classifier of digits/MNIST/Fashion-MNIST, built on first use), ``inception`` (from the local weights
-    file the callback reads), ``auto`` the first on those datasets, else the second."""
-    from lightning_gen.callbacks.fid import DOMAIN_DATASETS, FIDConfig, InceptionFeatures
+    Any extractor ``lgen eval gen`` and the FID callback take (``lightning_gen.eval.extractors``):
+    ``auto`` (the domain classifier on digits/MNIST/Fashion-MNIST, InceptionV3 otherwise), ``domain``,
+    ``inception``, ``dinov2``, ``ckpt:<checkpoint>``, ``timm:<model>@<weights file>``, read from the usual
+    local paths, never downloaded; images are quantised and resized as for the metrics."""
+    from lightning_gen.eval.extractors import load_extractor
 
-    if spec not in EXTRACTORS:
-        raise ConfigError(f"extractor={spec}: use one of {', '.join(EXTRACTORS)}")
-    kind = spec if spec != "auto" else ("domain" if data_info.name in DOMAIN_DATASETS else "inception")
-    if kind == "inception":
-        path = FIDConfig.inception_path
-        return InceptionFeatures(path, antialias=FIDConfig.antialias).eval(), "InceptionV3 pool3"
-    if data_info.name not in DOMAIN_DATASETS:
-        raise ConfigError(
-            f"extractor=domain exists for {', '.join(DOMAIN_DATASETS)}, not {data_info.name}: "
-            "use extractor=inception"
-        )
-    from lightning_gen.eval.fid_extractor import default_path, ensure_extractor, load_extractor
-
-    root = [o for o in data_overrides if o.startswith("data.root=")]
-    path = default_path(data_info.name, data_info.image_size)
-    net, _ = load_extractor(ensure_extractor(data_info.name, data_info.image_size, path, root))
-    return net, f"{data_info.name} {data_info.image_size}px domain classifier"
+    root = next((o.split("=", 1)[1] for o in data_overrides if o.startswith("data.root=")), None)
+    extractor, provenance = load_extractor(spec, data_info, data_root=root, log=lambda *_: None)
+    arch = provenance.get("arch")
+    return extractor, provenance["name"] + (f" ({arch})" if arch and arch != provenance["name"] else "")
 
 
 class NearestNeighbours:
