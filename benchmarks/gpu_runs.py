@@ -67,8 +67,21 @@ FAMILIES = [
     ("colorization_digits", "pretext dense prediction", []),
     ("inpainting_digits", "pretext inpainting (adversarial)", []),
     ("mae_digits", "masked image modelling (ViT)", []),
+    # two-stage experiments: stage 1 (autoencoder, tokenizer, teacher) trains first for as few steps
+    ("ldm_dit_digits", "latent diffusion (DiT on a frozen KL autoencoder)", ["experiment=ldm_dit_digits"]),
+    ("token_ar_digits", "VQ tokenizer + autoregressive Transformer", ["experiment=token_ar_digits"]),
+    ("distill_digits", "few-step distillation of a diffusion teacher", ["experiment=distill_digits"]),
 ]
-GENERATORS = {"vae_digits", "gan_digits", "ddpm_digits", "flow_digits", "dit_flow_digits", "pixelcnn_digits"}
+TWO_STAGE = {"ldm_dit_digits", "token_ar_digits", "distill_digits"}
+GENERATORS = {
+    "vae_digits",
+    "gan_digits",
+    "ddpm_digits",
+    "flow_digits",
+    "dit_flow_digits",
+    "pixelcnn_digits",
+    *TWO_STAGE,
+}
 STEPS = [
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=4",
@@ -94,6 +107,13 @@ CPU = [
     "trainer.limit_train_batches=2",
 ]  # --cpu: plumbing only
 CPU_FID = ["callbacks.fid.num_samples=20", "callbacks.fid.batch_size=20"]
+# stage 1 of a two-stage experiment: a few steps, no FID (its own stage-2 run is what is checked)
+STAGE1 = [
+    "stage1.trainer.max_epochs=1",
+    "stage1.trainer.limit_train_batches=4",
+    "stage1.trainer.limit_val_batches=2",
+    "stage1.trainer.num_sanity_val_steps=0",
+]
 
 
 class SyncDebug(L.Callback):
@@ -144,6 +164,7 @@ def method_runs(out: Path, cpu: bool) -> list[tuple[str, str, list[str]]]:
             f"run_id={run_id}",
         ]
         overrides += FID if generator else []
+        overrides += STAGE1 if name in TWO_STAGE else []
         overrides += (CPU + (CPU_FID if generator else [])) if cpu else []
         runs.append((name, family, overrides))
     return runs

@@ -245,7 +245,8 @@ class Distill(FrozenChildren, GenerativeMethod):
         loss = distillation.progressive_loss(
             self.student_x_hat(self.net, labels, w), teacher, self.process, x, z, i, steps
         )
-        self.log_value("train/round_steps", steps, on_step=True, on_epoch=False)
+        if self.training:
+            self.log_value("train/round_steps", steps, on_step=True, on_epoch=False)
         return loss
 
     # ---------------------------------------------------------------- consistency
@@ -342,7 +343,7 @@ class Distill(FrozenChildren, GenerativeMethod):
         return self.in_sigma(self.teacher_x_hat(labels, w))
 
     # ---------------------------------------------------------------- training
-    def training_step(self, batch, batch_idx):
+    def step(self, batch, stage: str) -> torch.Tensor:
         x = self.teacher.encode(batch["image"])
         z = torch.randn_like(x)
         labels = None
@@ -356,8 +357,15 @@ class Distill(FrozenChildren, GenerativeMethod):
             loss = self.progressive_step(x, z, labels, w).mean()
         else:
             loss = self.consistency_step(x, z, labels, w).mean()
-        self.log_loss("train", loss)
+        self.log_loss(stage, loss)
         return loss
+
+    def training_step(self, batch, batch_idx):
+        return self.step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        # the same loss on held-out images; validation is also where the FID and grid callbacks run
+        return self.step(batch, "val")
 
     # ---------------------------------------------------------------- sampling
     def trained_steps(self) -> list[int]:
