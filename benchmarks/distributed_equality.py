@@ -95,6 +95,7 @@ def use_draws(method, kind: str, drawn: dict, rows: slice, device) -> dict:
     if kind == "mae":
         keep, mask = drawn["mask"]
         method.draw_mask = lambda n, device: (mine(keep), mine(mask))
+        method.augment = lambda x: x  # its crop and flip are per-sample draws of each rank's own stream
     elif kind == "dino":
         method.make_views = lambda batch: [mine(v) for v in drawn["views"]]
         method.progress = lambda: None  # its schedules read the Trainer's progress, which this loop has not
