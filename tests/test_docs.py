@@ -154,3 +154,23 @@ def test_every_table_row_has_its_headers_cells():
         str(p.relative_to(ROOT)): table_rows_with_wrong_cell_counts(p.read_text()) for p in markdown_files()
     }
     assert not {k: v for k, v in bad.items() if v}, "table rows cut short or with extra cells"
+
+
+BENCHMARK_SCRIPT = re.compile(r"benchmarks/[\w-]+\.(?:py|sh)")
+
+
+def test_every_benchmark_script_named_in_docs_configs_and_code_exists():
+    """Experiments, docs and help texts tell users which script reproduces a number: it must be there."""
+    assert BENCHMARK_SCRIPT.findall("see benchmarks/ldm_fashion_mnist.py and benchmarks/x.sh.") == [
+        "benchmarks/ldm_fashion_mnist.py",
+        "benchmarks/x.sh",
+    ]
+    sources = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "conf").rglob("*.yaml")]
+    sources += [*(ROOT / "lightning_gen").rglob("*.py"), *(ROOT / "benchmarks").glob("*.*")]
+    missing = {
+        f"{source.relative_to(ROOT)}: {name}"
+        for source in sources
+        for name in BENCHMARK_SCRIPT.findall(source.read_text(errors="replace"))
+        if not (ROOT / name).is_file()
+    }
+    assert not missing, sorted(missing)
