@@ -119,6 +119,7 @@ def steps_for_budget(experiment: str, extra: list[str], budget_s: float) -> tupl
                 "trainer.limit_val_batches=0",
                 "callbacks.images.enabled=false",
                 f"run_id=calibrate{steps}",
+                "resume=never",  # a rerun measures again, never continues a finished calibration
             ]
         )
         costs.append(seconds)
