@@ -7,11 +7,14 @@
 - "wandb: WARNING The anonymous setting has no effect": Lightning's ``WandbLogger`` passes
   ``anonymous=None`` to ``wandb.init``, and wandb warns for any value of that deprecated argument.
   ``lightning_gen.loggers.WandbLogger`` leaves it out.
-- Three messages whose cause is inside a library, filtered by their exact text (``silence_library_notices``):
+- Four messages whose cause is inside a library, filtered by their exact text (``silence_library_notices``):
   Lightning's tip to install its LitLogger (printed whenever no LitLogger is among the loggers),
-  torch's deprecation of ``isinstance(x, LeafSpec)`` (called inside Lightning's ``_pytree``), and
+  torch's deprecation of ``isinstance(x, LeafSpec)`` (called inside Lightning's ``_pytree``),
   Lightning's model summary saying it cannot size bf16-mixed models (it then counts 32 bits, which
-  is what the summary shows anyway). Every other warning still shows.
+  is what the summary shows anyway), and, outside a SLURM job only, Lightning's hint to prepend
+  ``srun``: it prints it on any machine where SLURM's client is installed, a laptop run included.
+  Inside an allocation (``SLURM_JOB_ID`` set) the hint stays, because there a multi-process run
+  started without ``srun`` is the mistake it warns of. Every other warning still shows.
 - Lightning's warning that modules are in eval mode at the start of training, for a method whose
   frozen modules are in eval mode on purpose (latent diffusion's autoencoder): that method calls
   ``allow_frozen_modules_in_eval`` when training starts.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 
 import lightning as L
@@ -29,6 +33,7 @@ import lightning as L
 LITLOGGER_TIP = "💡 Tip: For seamless cloud logging and experiment tracking"
 LEAFSPEC_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 SUMMARY_PRECISION = r"Precision \S+ is not supported by the model summary"
+SRUN_HINT = r"The `srun` command is available on your system but is not used"
 FROZEN_IN_EVAL = r"Found \d+ module\(s\) in eval mode at the start of training"
 
 
@@ -50,6 +55,8 @@ def silence_library_notices() -> None:
         logger.addFilter(_DropMessage(LITLOGGER_TIP))
     warnings.filterwarnings("ignore", message=LEAFSPEC_DEPRECATION)
     warnings.filterwarnings("ignore", message=SUMMARY_PRECISION)
+    if not os.environ.get("SLURM_JOB_ID"):
+        warnings.filterwarnings("ignore", message=SRUN_HINT)
 
 
 class LogEveryEpoch(L.Callback):

@@ -3,6 +3,7 @@ run prints no noise, and a generative experiment works from any directory with n
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -260,6 +261,7 @@ def test_failed_runs_leave_nothing_and_a_default_run_prints_no_noise(tmp_path):
         "LeafSpec",  # torch deprecation inside Lightning's _pytree
         "log_every_n_steps",  # the digits have 9 batches per epoch, fewer than the logging interval
         "not supported by the model summary",  # bf16-mixed on CPUs with AMX
+        "The `srun` command is available",  # Lightning's SLURM hint, where SLURM's client is installed
     ):
         assert noise not in output, noise
     # One W&B run segment: the failed attempts with this run id left none behind.
@@ -320,3 +322,28 @@ def test_building_the_extractor_leaves_the_training_random_streams_alone():
     torch.manual_seed(999)
     again, _ = train_extractor(datamodule, epochs=1, width=4, seed=7, log=lambda _: None)
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+
+
+@pytest.mark.parametrize("in_job", [False, True])
+def test_lightning_srun_hint_only_inside_a_slurm_job(tmp_path, monkeypatch, in_job):
+    import warnings
+
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from lightning_gen.quiet import silence_library_notices
+
+    # Lightning looks for an `srun` on PATH: an empty executable stands for SLURM's client being installed.
+    srun = tmp_path / "srun"
+    srun.write_text("#!/bin/sh\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    for key in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    if in_job:  # an allocation whose script ran python without srun: there the hint is a real warning
+        monkeypatch.setenv("SLURM_JOB_ID", "42")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence_library_notices()
+        SLURMEnvironment.detect()
+    hints = [w for w in caught if "`srun` command is available" in str(w.message)]
+    assert len(hints) == (1 if in_job else 0)
