@@ -83,4 +83,4 @@ done
 python benchmarks/fashion_mnist_generators.py $(for e in $GENERATORS; do echo runs/${e}_fashion_mnist/final/checkpoints/last.ckpt; done) \
   --n 5000 --guidance 0 1 3 --grids docs/images --out runs/fashion_mnist_generators.json
 python benchmarks/fashion_mnist_gen_metrics.py $(for e in $GENERATORS; do echo runs/${e}_fashion_mnist/final/checkpoints/last.ckpt; done) \
-  --n 10000 --grids docs/images --out runs/fashion_mnist_gen_metrics.json
+  --n 2000 --bpd-n 2000 --grids docs/images --out benchmarks/results/fashion_mnist_gen_metrics.json

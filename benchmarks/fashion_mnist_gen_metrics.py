@@ -5,7 +5,7 @@ of the best and the worst model by FID.
 
     python benchmarks/fashion_mnist_gen_metrics.py \
         runs/{vae,gan,ddpm_cfg,flow,pixelcnn}_fashion_mnist/final/checkpoints/last.ckpt \
-        --n 10000 --grids docs/images --out runs/fashion_mnist_gen_metrics.json
+        --n 2000 --bpd-n 2000 --grids docs/images --out benchmarks/results/fashion_mnist_gen_metrics.json
 
 Every number comes from a command this script runs (in this process) and prints:
 
