@@ -68,6 +68,10 @@ TINY_RUN = [
 ]
 
 
+def steps_text(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
 def table(rows: dict) -> str:
     lines = [
         "| model | sampling | NFE | FID | KID x 1000 | requested class | ms / sample | CPU min |",
@@ -81,7 +85,7 @@ def table(rows: dict) -> str:
             if r is None:
                 continue
             lines.append(
-                f"| {model} | {r['sampler']}, {steps} steps | {r['nfe']} | {r['fid']:.2f} "
+                f"| {model} | {r['sampler']}, {steps_text(steps)} | {r['nfe']} | {r['fid']:.2f} "
                 f"| {1000 * r['kid']:.2f} ± {1000 * r['kid_std']:.2f} | {r['requested_class']:.3f} "
                 f"| {r['ms_per_image']:.1f} | {rows[model]['cpu_minutes']:.1f} |"
             )
@@ -98,7 +102,7 @@ def grid_table(rows: dict) -> str:
     lines = []
     for model, steps_list in ((TEACHER, TEACHER_STEPS), *((s, STUDENT_STEPS) for s in STUDENTS)):
         cells = [
-            f"![{model}, {s} steps](images/{rows[f'{model}, {s} steps']['grid']})"
+            f"![{model}, {steps_text(s)}](images/{rows[f'{model}, {s} steps']['grid']})"
             for s in steps_list
             if f"{model}, {s} steps" in rows
         ]
@@ -106,7 +110,7 @@ def grid_table(rows: dict) -> str:
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
     if not lines:
         return "Not measured yet."
-    head = "| model | " + " | ".join(f"{s} steps" for s in TEACHER_STEPS) + " |"
+    head = "| model | " + " | ".join(steps_text(s) for s in TEACHER_STEPS) + " |"
     return "\n".join([head, "|---|" + "---|" * len(TEACHER_STEPS), *lines])
 
 
