@@ -100,13 +100,14 @@ def table(rows: dict) -> str:
 
 def grid_table(rows: dict) -> str:
     lines = []
-    for model, steps_list in ((TEACHER, TEACHER_STEPS), *((s, STUDENT_STEPS) for s in STUDENTS)):
-        cells = [
+    for model in (TEACHER, *STUDENTS):
+        cells = [  # one column per teacher step count; a student's empty where it was not distilled for it
             f"![{model}, {steps_text(s)}](images/{rows[f'{model}, {s} steps']['grid']})"
-            for s in steps_list
             if f"{model}, {s} steps" in rows
+            else ""
+            for s in TEACHER_STEPS
         ]
-        if cells:
+        if any(cells):
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
     if not lines:
         return "Not measured yet."
