@@ -25,6 +25,7 @@ GENERATORS="vae gan ddpm_cfg flow pixelcnn"
 ROWS=${ROWS:-benchmarks/results/fashion_mnist.jsonl}
 TABLE=${ROWS%.jsonl}_table.md
 PLOT=docs/images/fashion_mnist_probe_vs_cpu.png
+PAGE=docs/results-fashion-mnist.md
 
 SEEDS=""
 if [ "${1:-}" = "--seeds" ]; then SEEDS=${2//,/ }; shift 2; fi
@@ -32,10 +33,10 @@ EXPERIMENTS=${*:-$SSL}
 mkdir -p runs/fashion_mnist_logs docs/images "$(dirname "$ROWS")"
 touch "$ROWS"
 
-refresh() {  # the table and the plot from every row so far; with COMMIT=1 one commit per finished row
-  python benchmarks/fashion_mnist_table.py "$ROWS" --plot "$PLOT" >"$TABLE"
+refresh() {  # the table (also into the page) and the plot from every row so far; COMMIT=1: one commit per row
+  python benchmarks/fashion_mnist_table.py "$ROWS" --plot "$PLOT" --page "$PAGE" >"$TABLE"
   if [ -n "${COMMIT:-}" ]; then
-    git add "$ROWS" "$TABLE" "$PLOT" && git commit -q -m "benchmarks/results/fashion_mnist: $1" || true
+    git add "$ROWS" "$TABLE" "$PLOT" "$PAGE" && git commit -q -m "benchmarks/results/fashion_mnist: $1" || true
   fi
 }
 

@@ -7,7 +7,8 @@ Every finished row (one training run of one seed, its random-init twin, the raw 
 classifier) is one line of the JSONL file, written as soon as it is measured, so a long table survives
 interruptions and rows can be committed one by one. This script groups the lines by row, averages the
 seeds (mean ± sample standard deviation, the number of seeds in the last column; one seed is marked
-"1"), prints the markdown table of docs/results-fashion-mnist.md and draws the all-label probe accuracy
+"1"), prints the markdown table of docs/results-fashion-mnist.md (self-supervised rows best first, the
+best of each column in bold; ``--page`` writes it into the page) and draws the all-label probe accuracy
 of every method against its training CPU time.
 """
 
@@ -84,7 +85,26 @@ def cell(entry: dict, key: str, percent: bool = True) -> str:
     return text
 
 
-def markdown(entries: list[dict]) -> str:
+def is_self_supervised(entry: dict) -> bool:
+    return entry["kind"] == "trained" and not entry["name"].startswith("supervised baseline")
+
+
+def ordered(entries: list[dict]) -> list[dict]:
+    """The page's order: self-supervised rows by all-label probe accuracy (best first), then the references:
+    the supervised baseline, random-init twins, raw pixels."""
+    rank = {"trained": 1, "own classifier": 1, "random init": 2, "raw pixels": 3}
+    return sorted(
+        entries,
+        key=lambda e: (0, -e.get("all", 0.0)) if is_self_supervised(e) else (rank.get(e["kind"], 4), 0.0),
+    )
+
+
+def markdown(entries: list[dict], bold_best: bool = False) -> str:
+    """The table; ``bold_best``: the best self-supervised value of every metric column in bold."""
+    best = {
+        key: max((e[key] for e in entries if is_self_supervised(e) and key in e), default=None)
+        for key in METRICS
+    }
     header = (
         "| features | "
         + " | ".join(COLUMNS)
@@ -93,6 +113,8 @@ def markdown(entries: list[dict]) -> str:
     lines = [header, "|---|" + "---:|" * (len(COLUMNS) + 4)]
     for e in entries:
         cells = [cell(e, k, percent=k != "nmi") for k in METRICS]
+        if bold_best and is_self_supervised(e):
+            cells = [f"**{c}**" if e.get(k) == best[k] else c for c, k in zip(cells, METRICS, strict=True)]
         cells.append(cell(e, "online_probe"))
         cells.append(f"{e['epochs']:.0f}" if "epochs" in e else "")
         cells.append(f"{e['cpu_seconds'] / 60:.1f} min" if "cpu_seconds" in e else "")
@@ -147,9 +169,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", help="the JSONL file fashion_mnist_results.py --append writes")
     parser.add_argument("--plot", help="write the probe-vs-CPU-time plot here (PNG)")
+    parser.add_argument(
+        "--page",
+        help="also write the table into this page, between its <!-- fashion_mnist_ssl:begin/end --> markers",
+    )
     args = parser.parse_args()
     entries = aggregate(read_rows(args.rows))
-    print(markdown(entries))
+    table = markdown(ordered(entries), bold_best=True)
+    print(table)
+    if args.page:
+        from result_rows import replace_between_markers  # beside this script
+
+        page = Path(args.page)
+        page.write_text(replace_between_markers(page.read_text(), "fashion_mnist_ssl", table))
     if args.plot:
         print(f"plot: {plot_probe_vs_cpu(entries, args.plot)}")
     return 0

@@ -53,6 +53,37 @@ def test_table_averages_seeds_and_merges_identical_random_twins():
     assert plain("[BYOL](methods/byol.md) (`byol_fashion_mnist`)") == "BYOL"  # the plot's labels
 
 
+def test_page_order_puts_methods_best_first_and_bolds_each_columns_best_method():
+    from fashion_mnist_table import ordered
+
+    rows = [
+        row("raw pixels (784 values)", kind="raw pixels", all=0.84),
+        row("A", all=0.85, knn20=0.90),
+        row("supervised baseline (`supervised_fashion_mnist`): its encoder's features", all=0.95),
+        row("B", all=0.88),
+        row("`a_fashion_mnist`, random init", kind="random init", all=0.83),
+    ]
+    entries = ordered(aggregate(rows))
+    assert [e["name"][:10] for e in entries] == ["B", "A", "supervised", "`a_fashion", "raw pixels"]
+    lines = markdown(entries, bold_best=True).splitlines()
+    assert lines[2].startswith("| B | **88.0** | **70.0** |")  # ties are bold on every tied row
+    assert lines[3].startswith("| A | 85.0 | **70.0** | **60.0** | **90.0** |")
+    assert "**" not in lines[4] + lines[5] + lines[6]  # references are never bold, even when higher
+
+
+def test_page_option_writes_the_table_between_the_pages_markers(tmp_path):
+    rows, page = tmp_path / "rows.jsonl", tmp_path / "page.md"
+    rows.write_text(json.dumps(row("A", all=0.81)) + "\n")
+    page.write_text(
+        "intro\n<!-- fashion_mnist_ssl:begin -->\nold table\n<!-- fashion_mnist_ssl:end -->\nprose\n"
+    )
+    script = [sys.executable, str(ROOT / "benchmarks/fashion_mnist_table.py"), str(rows), "--page", str(page)]
+    subprocess.run(script, check=True, capture_output=True, cwd=ROOT)
+    text = page.read_text()
+    assert text.startswith("intro\n") and text.endswith("\nprose\n") and "old table" not in text
+    assert "| A | **81.0** |" in text
+
+
 def test_a_later_line_for_the_same_row_and_seed_wins(tmp_path):
     from fashion_mnist_table import read_rows
 
