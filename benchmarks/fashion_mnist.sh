@@ -36,7 +36,7 @@ touch "$ROWS"
 refresh() {  # the table (also into the page) and the plot from every row so far; COMMIT=1: one commit per row
   python benchmarks/fashion_mnist_table.py "$ROWS" --plot "$PLOT" --page "$PAGE" >"$TABLE"
   if [ -n "${COMMIT:-}" ]; then
-    git add "$ROWS" "$TABLE" "$PLOT" "$PAGE" && git commit -q -m "benchmarks/results/fashion_mnist: $1" || true
+    git add "$ROWS" "$TABLE" "$PLOT" "$PAGE" docs/images/fashion_mnist_*_curves.png && git commit -q -m "benchmarks/results/fashion_mnist: $1" || true
   fi
 }
 

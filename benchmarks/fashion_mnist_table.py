@@ -129,6 +129,14 @@ def plain(name: str) -> str:
     return re.sub(r" \([a-z0-9_]+\)", "", name)
 
 
+def reference_label(entry: dict) -> str:
+    """A reference line's label: raw pixels, or whose random init it is (a count where many share it)."""
+    if entry["kind"] != "random init":
+        return plain(entry["name"])
+    twins = [t.strip("`").removesuffix("_fashion_mnist") for t in entry.get("of", [entry["name"]])]
+    return "random init of " + (", ".join(twins) if len(twins) <= 3 else f"{len(twins)} methods' encoder")
+
+
 def plot_probe_vs_cpu(entries: list[dict], path: str | Path) -> Path:
     """All-label probe accuracy against training CPU time, one point per trained method (std as bars),
     the raw pixels and the best random-init twin as horizontal references."""
@@ -141,14 +149,12 @@ def plot_probe_vs_cpu(entries: list[dict], path: str | Path) -> Path:
             x, y = e["cpu_seconds"] / 60, 100 * e["all"]
             yerr = 100 * e["all_std"] if e.get("all_std") else None
             ax.errorbar(x, y, yerr=yerr, fmt="o", capsize=3)
-            ax.annotate(
-                e["name"].split(" (")[0], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points"
-            )
+            ax.annotate(plain(e["name"]), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     for e in entries:
         if e["kind"] in ("raw pixels", "random init") and "all" in e:
             ax.axhline(100 * e["all"], lw=0.8, ls="--" if e["kind"] == "raw pixels" else ":", color="grey")
             ax.annotate(
-                e["name"],
+                reference_label(e),
                 (0, 100 * e["all"]),
                 fontsize=6,
                 color="grey",
