@@ -81,7 +81,8 @@ for e in $GENERATORS; do
     tail -1 runs/fashion_mnist_times.txt
   fi
 done
-python benchmarks/fashion_mnist_generators.py $(for e in $GENERATORS; do echo runs/${e}_fashion_mnist/final/checkpoints/last.ckpt; done) \
+CKPTS=$(for e in $GENERATORS; do echo runs/${e}_fashion_mnist/final/checkpoints/last.ckpt; done)
+python benchmarks/fashion_mnist_generators.py $CKPTS \
   --n 5000 --guidance 0 1 3 --grids docs/images --out runs/fashion_mnist_generators.json
-python benchmarks/fashion_mnist_gen_metrics.py $(for e in $GENERATORS; do echo runs/${e}_fashion_mnist/final/checkpoints/last.ckpt; done) \
+python benchmarks/fashion_mnist_gen_metrics.py $CKPTS \
   --n 2000 --bpd-n 2000 --grids docs/images --out benchmarks/results/fashion_mnist_gen_metrics.json

@@ -7,13 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning.pytorch  # noqa: F401
-import pytest
-
 # Lightning gives its logger a StreamHandler bound to sys.stderr as it is at import. Imported first inside a
 # test that captures output (capsys), that handler would keep the test's stream, closed when the test ends,
 # and every later Lightning log line would print "--- Logging error ---". Importing it here binds the
 # session's stream.
+import lightning.pytorch  # noqa: F401
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
