@@ -86,6 +86,7 @@ def evaluate(train: Features, val: Features, test: Features, fractions=tuple(FRA
 # experiment -> (name on the page, its method page)
 TITLES = {
     "simclr": ("SimCLR", "simclr"),
+    "simclr_long": ("SimCLR, 40 epochs", "simclr"),
     "moco_v1": ("MoCo v1", "moco"),
     "moco_v2": ("MoCo v2", "moco"),
     "moco_v3": ("MoCo v3", "moco"),
@@ -96,6 +97,7 @@ TITLES = {
     "barlow_twins": ("Barlow Twins", "barlow_twins"),
     "vicreg": ("VICReg", "vicreg"),
     "swav": ("SwAV", "swav"),
+    "swav_long": ("SwAV, 25 epochs", "swav"),
     "mae": ("MAE", "mae"),
     "rotation": ("RotNet", "rotation"),
     "relative_patch": ("Relative patch location", "relative_patch"),
