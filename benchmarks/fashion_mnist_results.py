@@ -90,6 +90,7 @@ TITLES = {
     "moco_v1": ("MoCo v1", "moco"),
     "moco_v2": ("MoCo v2", "moco"),
     "moco_v3": ("MoCo v3", "moco"),
+    "moco_v3_long": ("MoCo v3, 36 epochs", "moco"),
     "dino": ("DINO", "dino"),
     "cpc": ("CPC", "cpc"),
     "byol": ("BYOL", "byol"),
