@@ -138,8 +138,8 @@ def reference_label(entry: dict) -> str:
 
 
 def plot_probe_vs_cpu(entries: list[dict], path: str | Path) -> Path:
-    """All-label probe accuracy against training CPU time (log scale), one point per trained method (std as bars),
-    the raw pixels and the best random-init twin as horizontal references."""
+    """All-label probe accuracy against training CPU time (log scale), one point per trained method (std as
+    bars), the raw pixels and every random-init twin as horizontal references."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(8, 5), dpi=110)
